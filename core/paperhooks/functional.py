@@ -1,0 +1,170 @@
+"""The families as plain calls, for users who keep their own ``training_step``.
+
+``HookedModule`` is built on this class; calling it yourself gives the same results in
+your own order::
+
+    hooks = Hooks([LossReweighting(LossReweightingConfig(burnin_steps=0))], seed=0)
+
+    def training_step(self, batch, batch_idx):
+        hooks.begin_step(step=self.global_step, epoch=self.current_epoch)
+        losses = F.cross_entropy(self(batch["input"]), batch["target"], reduction="none")
+        return hooks.weighted_mean(losses, batch)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from paperhooks import dist
+from paperhooks.context import StepContext
+from paperhooks.manager import PluginSet
+from paperhooks.plugin import Plugin
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def per_sample(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-sample losses ``[B]`` from ``[B]`` or per-token ``[B, T]`` (mean over ``token_mask``)."""
+    if losses.dim() == 1:
+        return losses
+    if losses.dim() != 2:
+        raise ValueError(f"losses must have shape [B] or [B, T], got {tuple(losses.shape)}")
+    mask = batch.get("token_mask")
+    if mask is None:
+        return losses.mean(dim=1)
+    mask = mask.to(losses.dtype)
+    return (losses * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+class Hooks:
+    """The active plugins and the step context, with one method per point of the step."""
+
+    def __init__(self, plugins: Sequence[Plugin] | PluginSet = (), *, seed: int = 0, strategy: str = "single") -> None:
+        self.plugins = plugins if isinstance(plugins, PluginSet) else PluginSet(plugins)
+        self.ctx = StepContext(seed=seed, strategy=strategy)
+        c = self.plugins.calls
+        self._perturb = c["perturb_inputs"]
+        self._objective = c["objective_terms"]
+        self._weighting = c["weighting_sample_weights"]
+        self._objweight = self.plugins.owner("objweight_coefficients")
+        self._surgery = c["surgery_combine"]
+
+    @property
+    def needs_manual_optimization(self) -> bool:
+        return bool(self._surgery)
+
+    def begin_step(self, step: int, epoch: int = 0, batch_idx: int = 0) -> StepContext:
+        ctx = self.ctx
+        ctx.step, ctx.epoch, ctx.batch_idx = step, epoch, batch_idx
+        return ctx
+
+    # -- before the forward pass ----------------------------------------------------------
+    def perturb(self, batch: Batch, module: Any) -> Batch:
+        for f in self._perturb:
+            new = f(batch=batch, module=module, ctx=self.ctx)
+            if new is not None:
+                batch = new
+        return batch
+
+    # -- the loss ----------------------------------------------------------------------------
+    def objectives(self, module: Any, batch: Batch, outputs: Mapping[str, torch.Tensor], base: Any) -> dict[str, torch.Tensor]:
+        """Per-sample objectives by name: the module's own ``base`` losses plus plugin terms."""
+        if base is None:
+            named: dict[str, torch.Tensor] = {}
+        elif isinstance(base, Mapping):
+            named = {k: per_sample(v, batch) for k, v in base.items()}
+        else:
+            named = {"loss": per_sample(base, batch)}
+        for f in self._objective:
+            terms = f(module=module, batch=batch, outputs=outputs, ctx=self.ctx)
+            for k, v in (terms or {}).items():
+                v = per_sample(v, batch)
+                named[k] = named[k] + v if k in named else v
+        if not named:
+            raise ValueError("no loss: the module returned no losses and no objective plugin added terms")
+        return named
+
+    def sample_weights(self, losses: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """Product of the plugins' weights for this rank's samples (not yet normalized)."""
+        weights = None
+        losses = losses.detach()
+        for f in self._weighting:
+            w = f(losses=losses, batch=batch, ctx=self.ctx)
+            if w is None:
+                continue
+            if w.shape != losses.shape or not bool((torch.isfinite(w) & (w >= 0)).all()):
+                name = getattr(getattr(f, "__self__", None), "name", f)
+                raise ValueError(
+                    f"plugin {name!r} returned invalid sample weights: need finite, non-negative, shape {tuple(losses.shape)}"
+                )
+            weights = w if weights is None else weights * w
+        return weights
+
+    def reduce(self, objectives: Mapping[str, torch.Tensor], weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Scalar objectives. With weights: ``Σ_i w_i ℓ_i / Σ_j w_j`` over the global batch.
+
+        The local value is multiplied by the world size, because DDP and FSDP average the
+        gradients over ranks: the averaged gradient is then that of the global weighted mean.
+        """
+        if weights is None:
+            return {k: v.mean() for k, v in objectives.items()}
+        total = dist.global_sum(weights)
+        if not bool(total > 0):
+            raise ValueError("sample weights sum to zero over the global batch")
+        scale = dist.world_size() / total
+        return {k: (weights.to(v.dtype) * v).sum() * scale for k, v in objectives.items()}
+
+    def coefficients(self, objectives: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        coefs: dict[str, torch.Tensor | float] = dict.fromkeys(objectives, 1.0)
+        if self._objweight is not None:
+            given = self._objweight(objectives=objectives, ctx=self.ctx) or {}
+            unknown = set(given) - set(objectives)
+            if unknown:
+                raise ValueError(f"objective weights name unknown objectives {sorted(unknown)}; objectives: {sorted(objectives)}")
+            coefs.update(given)
+        return coefs
+
+    def total(self, objectives: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        coefs = self.coefficients(objectives)
+        return sum(coefs[k] * v for k, v in objectives.items())  # type: ignore[return-value]
+
+    def weighted_mean(self, losses: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The sample-weighted mean of ``losses`` over the global batch, as a scalar loss."""
+        losses = per_sample(losses, batch)
+        return self.reduce({"loss": losses}, self.sample_weights(losses, batch))["loss"]
+
+    # -- gradient surgery -------------------------------------------------------------------
+    def surgery_gradients(self, objectives: Mapping[str, torch.Tensor], params: Sequence[torch.nn.Parameter]) -> None:
+        """Write the surgery's update direction into ``p.grad`` (one gradient per objective first)."""
+        coefs = self.coefficients(objectives)
+        names = list(objectives)
+        rows = []
+        for k, name in enumerate(names):
+            grads = torch.autograd.grad(
+                coefs[name] * objectives[name], params, retain_graph=k < len(names) - 1, allow_unused=True
+            )
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]))
+        G = torch.stack(rows)  # [K, P]
+        if dist.is_distributed():
+            G = dist.all_reduce_sum(G) / dist.world_size()  # one collective for all K gradients
+        out: torch.Tensor = G
+        for f in self._surgery:
+            res = f(grads=out, names=names, ctx=self.ctx)
+            if res is not None:
+                out = res
+            if out.dim() == 1:
+                break
+        direction = out if out.dim() == 1 else out.sum(dim=0)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = direction[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def log_items(self) -> dict[str, Any]:
+        items = dict(self.ctx.logged)
+        self.ctx.logged.clear()
+        return items

@@ -1,0 +1,261 @@
+"""``HookedModule``: a LightningModule that runs the hook families in one fixed order.
+
+Subclass it and implement ``forward`` (and ``losses`` if cross-entropy on ``logits`` is not
+your loss); the step order is in the package docstring of :mod:`paperhooks`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paperhooks import pruning
+from paperhooks.functional import Hooks
+from paperhooks.plugin import Plugin
+from paperhooks.recipe import OptimizerSection
+
+CKPT_KEY = "paperhooks"
+
+
+class HookedModule(L.LightningModule):
+    """A LightningModule whose training step is assembled from plugins.
+
+    :param model: the network (``self.model``); ``forward`` calls it.
+    :param plugins: plugin instances, in the order they run.
+    :param optimizer: the built-in optimizer settings (ignored when a plugin builds it).
+    :param seed: seeds the step generators plugins draw shared randomness from.
+    :param strategy: strategy kind (``single``, ``ddp``, ``fsdp2``...), for plugins' benefit.
+    :param recipe: the resolved recipe and plugin versions, stored in checkpoints.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        plugins: Sequence[Plugin] = (),
+        *,
+        optimizer: OptimizerSection | None = None,
+        seed: int = 0,
+        strategy: str = "single",
+        recipe: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.hooks = Hooks(plugins, seed=seed, strategy=strategy)
+        self.optimizer_config = optimizer or OptimizerSection()
+        self.recipe = dict(recipe or {})
+        self.automatic_optimization = not self.hooks.needs_manual_optimization
+        self.masks: dict[str, pruning.Mask] = {}
+        self.sparsity = 0.0
+        self._configured = False
+        self._pending_rng: dict[str, Any] | None = None
+        self._sync_off: Any = None
+        #: gradient clipping under manual optimization (Lightning clips only automatic)
+        self.manual_clip: float | None = None
+
+    # -- the user's contract ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def outputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model outputs for a batch; computed once per step and given to objective plugins."""
+        return {"logits": self(batch["input"])}
+
+    def losses(self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> Any:
+        """Per-sample ``[B]`` (or per-token ``[B, T]``) losses, or a mapping naming several."""
+        return F.cross_entropy(outputs["logits"], batch["target"], reduction="none")
+
+    # -- set-up -----------------------------------------------------------------------------------
+    @property
+    def plugins(self) -> list[Plugin]:
+        return self.hooks.plugins.plugins
+
+    def configure_model(self) -> None:
+        if self._configured:
+            return
+        self._configured = True
+        ctx = self.hooks.ctx
+        for f in self.hooks.plugins.calls["reparam_setup"]:
+            f(module=self, ctx=ctx)
+        if self.hooks.plugins.has("pruning_schedule"):
+            self.masks = pruning.add_masks(self.model)
+        for f in self.hooks.plugins.calls["lifecycle_setup"]:
+            f(module=self, ctx=ctx)
+        metrics: dict[str, nn.Module] = {}
+        for f in self.hooks.plugins.calls["metric_build"]:
+            for name, metric in (f(module=self, ctx=ctx) or {}).items():
+                if name in metrics:
+                    raise ValueError(f"two plugins define the metric {name!r}")
+                metrics[name] = metric
+        self.plugin_metrics = nn.ModuleDict(metrics)
+        if ctx.strategy == "fsdp2":
+            self._shard()
+
+    def _shard(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        for m in self.model.modules():
+            if m is not self.model and any(True for _ in m.parameters(recurse=False)) and not list(m.children()):
+                fully_shard(m, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def on_fit_start(self) -> None:
+        ctx = self.hooks.ctx
+        t = self.trainer
+        ctx.max_steps = t.max_steps if t.max_steps and t.max_steps > 0 else None
+        if ctx.max_steps is None and t.max_epochs:
+            ctx.max_steps = int(t.estimated_stepping_batches)
+        ctx.max_epochs = t.max_epochs
+        if not self.automatic_optimization and ctx.strategy == "ddp":
+            # Gradient surgery computes per-objective gradients with autograd.grad and averages
+            # them in one all-reduce of its own, so DDP's reducer must stay out of the way.
+            self._sync_off = t.strategy.model.no_sync()
+            self._sync_off.__enter__()
+
+    def on_fit_end(self) -> None:
+        if self._sync_off is not None:
+            self._sync_off.__exit__(None, None, None)
+            self._sync_off = None
+        ctx = self.hooks.ctx
+        for f in self.hooks.plugins.calls["lifecycle_fit_end"]:
+            f(module=self, ctx=ctx)
+        dm = getattr(self.trainer, "datamodule", None)
+        for f in self.hooks.plugins.calls["transform_after_fit"]:
+            f(module=self, datamodule=dm, ctx=ctx)
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            _set_rng(self._pending_rng)
+            self._pending_rng = None
+
+    # -- the step ---------------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        hooks = self.hooks
+        hooks.begin_step(self.global_step, self.current_epoch, batch_idx)
+        batch = hooks.perturb(batch, self)  # 1. input perturbation
+        outputs = self.outputs(batch)  # 2. forward
+        base = None if hooks.plugins.replaces_task_loss else self.losses(batch, outputs)  # 3. losses
+        objectives = hooks.objectives(self, batch, outputs, base)  # 4. objective terms
+        total_ps = sum(objectives.values())
+        weights = hooks.sample_weights(total_ps, batch) if hooks._weighting else None  # 5. weights
+        reduced = hooks.reduce(objectives, weights)  # 6. global normalization
+        self._log_step(reduced, outputs, batch)
+        if self.automatic_optimization:
+            return hooks.total(reduced)  # 7. objective weighting; Lightning runs backward
+        opt = self.optimizers()
+        opt.zero_grad()
+        hooks.surgery_gradients(reduced, [p for p in self.parameters() if p.requires_grad])  # 7'. surgery
+        if self.manual_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.manual_clip)
+        opt.step()
+        self._after_optimizer_step()
+        return None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._after_optimizer_step()
+
+    def _after_optimizer_step(self) -> None:
+        """8. reparameterization updates, pruning, then lifecycle step-end hooks."""
+        ctx = self.hooks.ctx
+        ctx.step = self.global_step  # steps completed, this one included
+        calls = self.hooks.plugins.calls
+        for f in calls["reparam_after_step"]:
+            f(module=self, ctx=ctx)
+        if self.masks:
+            self._prune(ctx)
+        for f in calls["lifecycle_step_end"]:
+            f(module=self, ctx=ctx)
+        if ctx.logged:
+            self.log_dict(self.hooks.log_items(), on_step=True, on_epoch=False)
+
+    @torch.no_grad()
+    def _prune(self, ctx: Any) -> None:
+        target = self.hooks.plugins.owner("pruning_schedule")(ctx=ctx)
+        if target is None or target == self.sparsity:
+            return
+        modules = pruning.prunable(self.model)
+        params = {k: modules[k].weight for k in self.masks}
+        scorer = self.hooks.plugins.owner("pruning_scores")
+        scores = (scorer(params=params, module=self, ctx=ctx) if scorer else None) or pruning.magnitude_scores(params)
+        allocator = self.hooks.plugins.owner("pruning_allocate")
+        keep = (allocator(scores=scores, sparsity=target, ctx=ctx) if allocator else None) or pruning.global_allocation(
+            scores, target
+        )
+        for k, m in self.masks.items():
+            m.mask.copy_(keep[k] & m.mask)  # pruned weights stay pruned
+        self.sparsity = pruning.sparsity_of(self.masks)
+        ctx.log("pruning/sparsity", self.sparsity)
+
+    @property
+    def _multi(self) -> bool:
+        # The weighted local objective is this rank's share × world size: its mean over ranks
+        # is the global loss, so the logged value is reduced when there are several ranks.
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def _log_step(self, reduced: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], batch: Any) -> None:
+        for k, v in reduced.items():
+            self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=True, prog_bar=(k == "loss"), sync_dist=self._multi)
+
+    def on_train_epoch_end(self) -> None:
+        for f in self.hooks.plugins.calls["lifecycle_epoch_end"]:
+            f(module=self, ctx=self.hooks.ctx)
+
+    # -- optimizer ----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        cfg = self.optimizer_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+        owner = self.hooks.plugins.owner("optimizer_build")
+        if owner is not None:
+            opt = owner(param_groups=groups, ctx=self.hooks.ctx)
+        elif cfg.name == "sgd":
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        elif cfg.name == "adam":
+            opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+        else:
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        if cfg.scheduler == "cosine":
+            total = int(self.trainer.estimated_stepping_batches)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CKPT_KEY] = {
+            "recipe": self.recipe,
+            "plugins": self.hooks.plugins.state_dict(),
+            "sparsity": self.sparsity,
+            "rng": _get_rng(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CKPT_KEY)
+        if state is None:
+            return
+        self.hooks.plugins.load_state_dict(state["plugins"])
+        self.sparsity = state["sparsity"]
+        self._pending_rng = state["rng"]
+
+
+def _get_rng() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": list(random.getstate()[1]),
+    }
+
+
+def _set_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))

@@ -1,0 +1,159 @@
+"""Turn a validated recipe into a datamodule, a module and a Trainer, and fit.
+
+Every run writes to ``<run_dir>/<name>/version_<k>/``: ``recipe.yaml`` (resolved, with
+plugin versions), ``checkpoints/`` (``last.ckpt``, refreshed during training and written on
+an exception), ``metrics.csv`` and ``metrics.json``. Under DDP the launcher re-runs the
+command for the other ranks; they find the run directory rank 0 chose in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from paperhooks.recipe import Recipe
+
+log = logging.getLogger(__name__)
+RUN_DIR_ENV = "PAPERHOOKS_RUN_DIR"
+
+
+@dataclass
+class Built:
+    recipe: Recipe
+    datamodule: Any
+    module: Any
+    trainer: Any
+    run_dir: Path
+
+
+def _new_run_dir(recipe: Recipe) -> Path:
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+        return Path(inherited)
+    base = Path(recipe.run_dir) / recipe.name
+    base.mkdir(parents=True, exist_ok=True)
+    k = 0
+    while True:
+        path = base / f"version_{k}"
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            k += 1
+    os.environ[RUN_DIR_ENV] = str(path)
+    return path
+
+
+def _strategy(recipe: Recipe) -> Any:
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    t = recipe.trainer
+    kind = t.strategy_kind
+    if kind == "single":
+        return "auto"
+    if kind == "ddp":
+        return DDPStrategy(process_group_backend="gloo" if t.accelerator == "cpu" else None)
+    if kind == "fsdp2":
+        return ModelParallelStrategy(data_parallel_size=t.devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    return kind
+
+
+def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
+    """Everything needed to fit ``recipe``; nothing is trained yet."""
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from paperhooks.tasks import build_datamodule, build_model
+    from paperhooks.taskmodule import TaskModule
+
+    SaveOnException = _save_on_exception_cls()
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    run_dir = run_dir or _new_run_dir(recipe)
+    dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed)
+    model = build_model(recipe.model.name, recipe.model.config, dm.info)
+    plugins = []
+    for e in recipe.plugins:
+        p = e.cls(e.config)
+        p.name = e.name
+        plugins.append(p)
+    t = recipe.trainer
+    stored = {"recipe": recipe.raw, "plugin_versions": recipe.plugin_versions}
+    module = TaskModule(
+        model,
+        dm.info.task,
+        dm.info.num_classes,
+        plugins=plugins,
+        optimizer=recipe.optimizer,
+        seed=recipe.seed,
+        strategy=t.strategy_kind,
+        recipe=stored,
+    )
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0 if t.checkpoint_every_n_steps is None else -1,
+                        every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False),
+        SaveOnException(ckpt_dir / "on_exception.ckpt"),
+    ]
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        devices=t.devices,
+        accelerator=t.accelerator,
+        strategy=_strategy(recipe),
+        precision=t.precision,
+        deterministic=t.deterministic,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val if module.automatic_optimization else None,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_val_batches=t.limit_val_batches,
+        enable_progress_bar=t.enable_progress_bar,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        logger=CSVLogger(run_dir / "logs", name="", version=""),
+        callbacks=callbacks,
+    )
+    if not module.automatic_optimization:
+        module.manual_clip = t.gradient_clip_val
+    if trainer.is_global_zero:
+        _write_recipe(run_dir / "recipe.yaml", {**recipe.raw, "plugin_versions": recipe.plugin_versions})
+    return Built(recipe, dm, module, trainer, run_dir)
+
+
+def _save_on_exception_cls() -> type:
+    from lightning.pytorch.callbacks import Callback
+
+    class SaveOnException(Callback):
+        """Write a checkpoint when training stops on an exception (Ctrl-C, SIGTERM, a crash)."""
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            trainer.save_checkpoint(self.path)
+
+    return SaveOnException
+
+
+def _write_recipe(path: Path, data: dict[str, Any]) -> None:
+    from omegaconf import OmegaConf
+
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
+
+
+def fit(recipe: Recipe, resume: str | None = None, run_dir: Path | None = None) -> tuple[Built, dict[str, float]]:
+    """Fit ``recipe`` (optionally resuming from a checkpoint path); return final metrics."""
+    built = build(recipe, run_dir)
+    kwargs = {"ckpt_path": resume, "weights_only": True} if resume else {}
+    built.trainer.fit(built.module, datamodule=built.datamodule, **kwargs)
+    metrics = {k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1}
+    if built.trainer.is_global_zero:
+        (built.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return built, metrics

@@ -1,0 +1,149 @@
+"""Registered models and datasets: recipes name them, never import dotted paths.
+
+A recipe's ``model.name`` and ``data.name`` pick an entry of :data:`MODELS` and
+:data:`DATASETS`; the rest of the section configures it through the entry's frozen config
+dataclass. Config fields use only ``int``, ``float``, ``str``, ``bool``, ``Literal[...]``,
+``tuple[int, ...]``, ``X | None`` and nested frozen dataclasses, so one generic validator can
+check any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_type_hints
+
+import torch
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.data import PaperhooksDataModule
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about the data before it is built."""
+
+    task: Literal["classification", "regression"]
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One registered model or dataset: its config class, builder and one-line doc."""
+
+    name: str
+    config_cls: type
+    builder: Callable[..., Any]
+    doc: str
+
+
+MODELS: dict[str, Registered] = {}
+DATASETS: dict[str, Registered] = {}
+
+_BUILTIN_MODULES = ("paperhooks.tasks.models", "paperhooks.tasks.data")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _register(table: dict[str, Registered], kind: str, name: str, config_cls: type) -> Callable[[_F], _F]:
+    if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise TypeError(f"{kind} {name!r}: config class {config_cls.__name__} must be a frozen dataclass")
+
+    def deco(builder: _F) -> _F:
+        if name in table:
+            raise ValueError(f"{kind} {name!r} is already registered")
+        doc = (builder.__doc__ or "").strip().splitlines()
+        table[name] = Registered(name, config_cls, builder, doc[0] if doc else "")
+        return builder
+
+    return deco
+
+
+def register_model(name: str, config_cls: type) -> Callable[[_F], _F]:
+    """Decorator: register ``builder(config, info) -> nn.Module`` under ``name``."""
+    return _register(MODELS, "model", name, config_cls)
+
+
+def register_dataset(name: str, config_cls: type) -> Callable[[_F], _F]:
+    """Decorator: register ``builder(config, seed) -> PaperhooksDataModule`` under ``name``."""
+    return _register(DATASETS, "dataset", name, config_cls)
+
+
+def check_field(ok: bool, name: str, allowed: str, value: object) -> None:
+    """Raise ``ValueError("<name> must be <allowed>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
+def _lookup(table: dict[str, Registered], kind: str, name: str) -> Registered:
+    _load_builtins()
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown {kind} {name!r}{hint} (registered: {', '.join(sorted(table))})")
+    return table[name]
+
+
+def config_from_mapping(config_cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build ``config_cls`` from a plain mapping, recursing into nested dataclass fields.
+
+    Lists become tuples. Unknown keys raise ``ValueError`` naming the key and the allowed keys.
+    """
+    hints = get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"unknown key {prefix}{unknown[0]}; allowed keys: {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if isinstance(value, Mapping) and isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            value = config_from_mapping(hint, value, prefix=f"{prefix}{key}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return config_cls(**kwargs)
+
+
+def _coerce(entry: Registered, config: Any) -> Any:
+    if config is None:
+        return entry.config_cls()
+    if isinstance(config, entry.config_cls):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_mapping(entry.config_cls, config)
+    raise TypeError(f"{entry.name!r} expects a {entry.config_cls.__name__}, a mapping or None; got {type(config).__name__}")
+
+
+def build_model(name: str, config: Any, info: DataInfo) -> torch.nn.Module:
+    """Build registered model ``name`` from ``config`` (its config class, a mapping or None)."""
+    entry = _lookup(MODELS, "model", name)
+    return entry.builder(_coerce(entry, config), info)
+
+
+def build_datamodule(name: str, config: Any, seed: int) -> PaperhooksDataModule:
+    """Build registered dataset ``name``; its ``info`` is available before any trainer exists."""
+    entry = _lookup(DATASETS, "dataset", name)
+    return entry.builder(_coerce(entry, config), seed)
+
+
+__all__ = [
+    "DATASETS",
+    "MODELS",
+    "DataInfo",
+    "Registered",
+    "build_datamodule",
+    "build_model",
+    "check_field",
+    "config_from_mapping",
+    "register_dataset",
+    "register_model",
+]

@@ -1,0 +1,46 @@
+"""Helpers shared by the core's tests (importable: tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+TEST_PLUGINS = {
+    "class-weight": "paperhooks_testplugins:ClassWeight",
+    "loss-rank": "paperhooks_testplugins:LossRank",
+    "no-ddp": "paperhooks_testplugins:NoDDP",
+    "conflicting": "paperhooks_testplugins:Conflicting",
+    "step-pruning": "paperhooks_testplugins:StepPruning",
+    "sum-surgery": "paperhooks_testplugins:SumSurgery",
+}
+
+
+def write_distribution(where: Path, dist: str, entries: dict[str, str], version: str = "0.0.1") -> Path:
+    """Make ``where`` hold an installed distribution (a .dist-info with entry points)."""
+    info = where / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entries.items())
+    (info / "entry_points.txt").write_text(f"[paperhooks]\n{lines}\n")
+    return where
+
+
+def paperhooks_cli(*args: str, cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real ``paperhooks`` command as a user would (a subprocess)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "paperhooks.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"paperhooks {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

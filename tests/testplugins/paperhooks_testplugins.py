@@ -1,0 +1,134 @@
+"""Small plugins for the core's own tests: one per family, each easy to check by hand.
+
+They are installed for a test by writing a ``.dist-info`` with an ``entry_points.txt`` on
+``sys.path`` (see ``conftest.py``), which is how ``importlib.metadata`` finds any installed
+distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from paperhooks.plugin import Paper, Plugin, hookimpl
+
+PAPER = Paper(
+    title="A test paper",
+    authors=("A. Author",),
+    year=2024,
+    venue="Tests",
+    arxiv=None,
+    bibtex="@misc{test2024,title={A test paper},author={Author, A.},year={2024}}",
+    code="none found",
+)
+
+ALL_STRATEGIES = {"single": "tested", "ddp": "tested", "fsdp2": "tested", "fsdp": "untested", "deepspeed": "untested"}
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Weight samples of class ``cls`` by ``factor``."""
+
+    cls: int = 0
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.factor < 0:
+            raise ValueError(f"factor must be >= 0, got {self.factor}")
+
+
+class ClassWeight(Plugin):
+    Config = ScaleConfig
+    family = "sample-weighting"
+    paper = PAPER
+    strategies = ALL_STRATEGIES
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        w = torch.ones_like(losses)
+        w[batch["target"] == self.config.cls] = self.config.factor
+        return w
+
+
+class LossRank(Plugin):
+    """Weights ∝ global rank of the loss (needs the global batch): w_i = 1 + rank_i."""
+
+    family = "sample-weighting"
+    paper = PAPER
+    strategies = ALL_STRATEGIES
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.calls = 0
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        self.calls += 1
+        glob, mine = ctx.dist.all_gather_cat(losses)
+        ranks = torch.argsort(torch.argsort(glob, stable=True), stable=True).to(losses.dtype)
+        return 1.0 + ranks[mine]
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+class NoDDP(Plugin):
+    family = "sample-weighting"
+    paper = PAPER
+    strategies = {"single": "tested", "ddp": "unsupported", "fsdp2": "unsupported"}
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        return None
+
+
+class Conflicting(Plugin):
+    family = "sample-weighting"
+    paper = PAPER
+    incompatible_with = {"class-weight": "both rescale classes"}
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        return None
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    final: float = 0.5
+    every: int = 2
+
+
+class StepPruning(Plugin):
+    """Sparsity rises linearly to ``final`` over training, updated every ``every`` steps."""
+
+    Config = SparsityConfig
+    family = "pruning"
+    paper = PAPER
+    strategies = {"single": "tested", "ddp": "tested", "fsdp2": "unsupported"}
+
+    @hookimpl
+    def pruning_schedule(self, ctx):
+        if ctx.step % self.config.every:
+            return None
+        return self.config.final * ctx.progress
+
+
+class SumSurgery(Plugin):
+    """Returns the set unchanged but records the gradients' Gram matrix (as a logged scalar)."""
+
+    family = "gradient-surgery"
+    paper = PAPER
+    strategies = {"single": "tested", "ddp": "tested", "fsdp2": "unsupported"}
+
+    @hookimpl
+    def surgery_combine(self, grads, names, ctx):
+        ctx.log("surgery/cos", torch.nn.functional.cosine_similarity(grads[0], grads[-1], dim=0))
+        return None
+
+
+class Broken(Plugin):
+    family = "sample-weighting"
