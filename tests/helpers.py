@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -28,17 +26,6 @@ def write_distribution(where: Path, dist: str, entries: dict[str, str], version:
     lines = "\n".join(f"{k} = {v}" for k, v in entries.items())
     (info / "entry_points.txt").write_text(f"[paperhooks]\n{lines}\n")
     return where
-
-
-def paperhooks_cli(*args: str, cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real ``paperhooks`` command as a user would (a subprocess)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "paperhooks.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"paperhooks {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def write_recipe(path: Path, text: str) -> Path:

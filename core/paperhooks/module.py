@@ -56,6 +56,7 @@ class HookedModule(L.LightningModule):
         self._configured = False
         self._pending_rng: dict[str, Any] | None = None
         self._sync_off: Any = None
+        self._rng_at_step_start: tuple[Any, ...] | None = None
         #: gradient clipping under manual optimization (Lightning clips only automatic)
         self.manual_clip: float | None = None
 
@@ -137,6 +138,7 @@ class HookedModule(L.LightningModule):
 
     # -- the step ---------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self._rng_at_step_start = _get_rng_raw()  # an exception mid-step saves this state
         hooks = self.hooks
         hooks.begin_step(self.global_step, self.current_epoch, batch_idx)
         batch = hooks.perturb(batch, self)  # 1. input perturbation
@@ -164,6 +166,7 @@ class HookedModule(L.LightningModule):
 
     def _after_optimizer_step(self) -> None:
         """8. reparameterization updates, pruning, then lifecycle step-end hooks."""
+        self._rng_at_step_start = None
         ctx = self.hooks.ctx
         ctx.step = self.global_step  # steps completed, this one included
         calls = self.hooks.plugins.calls
@@ -234,7 +237,7 @@ class HookedModule(L.LightningModule):
             "recipe": self.recipe,
             "plugins": self.hooks.plugins.state_dict(),
             "sparsity": self.sparsity,
-            "rng": _get_rng(),
+            "rng": _rng_to_plain(self._rng_at_step_start or _get_rng_raw()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -246,13 +249,14 @@ class HookedModule(L.LightningModule):
         self._pending_rng = state["rng"]
 
 
-def _get_rng() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": list(random.getstate()[1]),
-    }
+def _get_rng_raw() -> tuple[Any, ...]:
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _rng_to_plain(raw: tuple[Any, ...]) -> dict[str, Any]:
+    """RNG states as tensors and ints only, so checkpoints load with ``weights_only=True``."""
+    t, n, p = raw
+    return {"torch": t, "numpy": n[1].tolist(), "numpy_pos": int(n[2]), "python": list(p[1])}
 
 
 def _set_rng(state: Mapping[str, Any]) -> None:

@@ -65,13 +65,12 @@ def _strategy(recipe: Recipe) -> Any:
 def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
     """Everything needed to fit ``recipe``; nothing is trained yet."""
     import lightning.pytorch as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     from paperhooks.tasks import build_datamodule, build_model
     from paperhooks.taskmodule import TaskModule
 
-    SaveOnException = _save_on_exception_cls()
+    RunCheckpoints = _checkpoint_callback_cls()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     run_dir = run_dir or _new_run_dir(recipe)
     dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed)
@@ -94,11 +93,7 @@ def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
         recipe=stored,
     )
     ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0 if t.checkpoint_every_n_steps is None else -1,
-                        every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False),
-        SaveOnException(ckpt_dir / "on_exception.ckpt"),
-    ]
+    callbacks = [RunCheckpoints(ckpt_dir, t.checkpoint_every_n_steps)]
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
@@ -117,6 +112,7 @@ def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
         num_sanity_val_steps=t.num_sanity_val_steps,
         use_distributed_sampler=False,
         enable_model_summary=False,
+        enable_checkpointing=False,
         logger=CSVLogger(run_dir / "logs", name="", version=""),
         callbacks=callbacks,
     )
@@ -127,19 +123,37 @@ def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
     return Built(recipe, dm, module, trainer, run_dir)
 
 
-def _save_on_exception_cls() -> type:
+def _checkpoint_callback_cls() -> type:
     from lightning.pytorch.callbacks import Callback
 
-    class SaveOnException(Callback):
-        """Write a checkpoint when training stops on an exception (Ctrl-C, SIGTERM, a crash)."""
+    class RunCheckpoints(Callback):
+        """``last.ckpt`` after every ``every`` optimizer steps and after the final step, plus
+        ``stepN.ckpt`` copies when ``keep``; ``on_exception.ckpt`` when training stops on an
+        exception (Ctrl-C, SIGTERM, a crash).
 
-        def __init__(self, path: Path) -> None:
-            self.path = path
+        Saving at the end of a batch (not of an epoch) records the exact place in the data, so
+        resuming from any of these files continues as if training had never stopped.
+        """
+
+        def __init__(self, directory: Path, every: int | None) -> None:
+            self.directory = directory
+            self.every = every
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            step = trainer.global_step
+            final = trainer.max_steps > 0 and step >= trainer.max_steps
+            last_batch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1 and batch_idx + 1 == trainer.num_training_batches
+            periodic = self.every is not None and step % self.every == 0 and step != getattr(self, "_saved", -1)
+            if periodic:
+                trainer.save_checkpoint(self.directory / f"step{step}.ckpt", weights_only=False)
+            if periodic or final or last_batch or (self.every is None and batch_idx + 1 == trainer.num_training_batches):
+                trainer.save_checkpoint(self.directory / "last.ckpt", weights_only=False)
+                self._saved = step
 
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.directory / "on_exception.ckpt", weights_only=False)
 
-    return SaveOnException
+    return RunCheckpoints
 
 
 def _write_recipe(path: Path, data: dict[str, Any]) -> None:

@@ -51,9 +51,15 @@ class ClassWeight(Plugin):
         return w
 
 
+@dataclass(frozen=True)
+class LossRankConfig:
+    crash_at: int = -1  # raise at this step, to test what a crash leaves behind
+
+
 class LossRank(Plugin):
     """Weights ∝ global rank of the loss (needs the global batch): w_i = 1 + rank_i."""
 
+    Config = LossRankConfig
     family = "sample-weighting"
     paper = PAPER
     strategies = ALL_STRATEGIES
@@ -64,6 +70,8 @@ class LossRank(Plugin):
 
     @hookimpl
     def weighting_sample_weights(self, losses, batch, ctx):
+        if ctx.step == self.config.crash_at:
+            raise RuntimeError(f"crash at step {ctx.step}")
         self.calls += 1
         glob, mine = ctx.dist.all_gather_cat(losses)
         ranks = torch.argsort(torch.argsort(glob, stable=True), stable=True).to(losses.dtype)

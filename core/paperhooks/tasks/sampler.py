@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -148,22 +147,23 @@ def collate(batch: Any) -> dict[str, torch.Tensor]:
 
 
 def lightning_progress(trainer: Any, batches_per_epoch: int) -> tuple[int, int]:
-    """``(current_epoch, batches done in total)`` of a Lightning trainer, from its optimizer steps.
+    """``(epoch, batches done in total)`` of a Lightning trainer's fit, for :class:`ShardedBatchSampler`.
 
-    Lightning steps the optimizer every ``accumulate_grad_batches`` batches and once more on
-    an epoch's last batch, and runs ``limit_train_batches`` of the ``batches_per_epoch``; so
-    each finished epoch accounts for ``ceil(limited / accumulate)`` steps. Equals
-    ``global_step * accumulate_grad_batches`` when the accumulation divides the epoch.
+    Counted from the batches the fit loop has processed (restored from a checkpoint on
+    resume), in epochs of ``limit_train_batches`` of ``batches_per_epoch`` batches. This
+    does not depend on optimizer steps (accumulation, manual optimization), and stays right
+    where ``trainer.current_epoch`` does not: a run stopped by ``max_steps`` mid-epoch saves
+    its epoch as finished, yet the resumed run must first finish that epoch's batches.
     """
-    epoch, accum = trainer.current_epoch, max(1, trainer.accumulate_grad_batches)
     nb, limit = batches_per_epoch, trainer.limit_train_batches
     if isinstance(limit, int):
         nb = min(nb, limit)
     elif isinstance(limit, float):
         nb = int(nb * limit)
-    steps_in_epoch = trainer.global_step - epoch * math.ceil(nb / accum) if nb else 0
-    return epoch, epoch * batches_per_epoch + min(nb, max(0, steps_in_epoch) * accum)
-
+    if nb <= 0:
+        return trainer.current_epoch, trainer.current_epoch * batches_per_epoch
+    epoch, in_epoch = divmod(trainer.fit_loop.epoch_loop.batch_progress.total.processed, nb)
+    return epoch, epoch * batches_per_epoch + in_epoch
 
 
 def per_rank_batch_size(global_batch_size: int, trainer: Any | None) -> int:

@@ -1,0 +1,43 @@
+"""N processes compute what one process computes on the global batch.
+
+Each run goes through the real command line (a subprocess), as users run it. The global
+batch is ``data.batch_size``; each of 2 ranks holds half of it. After the same number of
+steps, the weights of the 2-process run equal those of the 1-process run up to float
+summation order (tolerance 1e-6; observed differences are ~1e-8).
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import write_recipe
+
+from paperhooks.testing import assert_states_close, final_state, fit_cli, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+seed: 3
+name: dist
+model: {name: mlp, hidden: [32]}
+data: {name: digits, batch_size: 64}
+optimizer: {name: sgd, lr: 0.1, momentum: 0.9}
+trainer: {max_steps: 6, enable_progress_bar: false, limit_val_batches: 0}
+plugins:
+  - {name: loss-reweighting, burnin_steps: 2}
+  - {name: loss-rank}
+  - {name: class-weight, cls: 3, factor: 3.0}
+"""
+
+
+def test_two_processes_equal_one_process_on_global_batch(tmp_path, test_plugins):
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE)
+    one = final_state(fit_cli(recipe, ["name=one"], cwd=tmp_path))
+    plain = final_state(fit_cli(recipe, ["name=plain", "plugins=[]"], cwd=tmp_path))
+    # the plugins change training, so the equalities below are not vacuous
+    assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-4
+    for strategy in ("ddp", "fsdp2"):
+        run = fit_cli(recipe, [f"name={strategy}", "trainer.devices=2", f"trainer.strategy={strategy}"], cwd=tmp_path)
+        assert_states_close(one, final_state(run), atol=1e-6, rtol=1e-5)
+        # the stateful plugin ran at every step, and rank 0's state is what was saved
+        plugins = load_checkpoint(run)["paperhooks"]["plugins"]
+        assert plugins[1] == {"name": "loss-rank", "state": {"calls": 6}}, strategy
