@@ -57,6 +57,7 @@ class HookedModule(L.LightningModule):
         self._pending_rng: dict[str, Any] | None = None
         self._sync_off: Any = None
         self._rng_at_step_start: tuple[Any, ...] | None = None
+        self._step_at_start = 0
         #: gradient clipping under manual optimization (Lightning clips only automatic)
         self.manual_clip: float | None = None
 
@@ -140,6 +141,7 @@ class HookedModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self._rng_at_step_start = _get_rng_raw()  # an exception mid-step saves this state
         hooks = self.hooks
+        self._step_at_start = self.global_step
         hooks.begin_step(self.global_step, self.current_epoch, batch_idx)
         batch = hooks.perturb(batch, self)  # 1. input perturbation
         outputs = self.outputs(batch)  # 2. forward
@@ -168,7 +170,8 @@ class HookedModule(L.LightningModule):
         """8. reparameterization updates, pruning, then lifecycle step-end hooks."""
         self._rng_at_step_start = None
         ctx = self.hooks.ctx
-        ctx.step = self.global_step  # steps completed, this one included
+        # steps completed, this one included (Lightning counts it only after this hook returns)
+        ctx.step = self._step_at_start + 1
         calls = self.hooks.plugins.calls
         for f in calls["reparam_after_step"]:
             f(module=self, ctx=ctx)

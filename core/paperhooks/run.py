@@ -168,6 +168,11 @@ def fit(recipe: Recipe, resume: str | None = None, run_dir: Path | None = None) 
     kwargs = {"ckpt_path": resume, "weights_only": True} if resume else {}
     built.trainer.fit(built.module, datamodule=built.datamodule, **kwargs)
     metrics = {k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1}
+    if recipe.trainer.limit_val_batches != 0:
+        # the final metrics are always those of the final weights, also when max_steps
+        # stopped training in the middle of an epoch
+        built.trainer.validate(built.module, datamodule=built.datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1})
     if built.trainer.is_global_zero:
         (built.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return built, metrics

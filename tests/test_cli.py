@@ -1,0 +1,83 @@
+"""The ``paperhooks`` command, run as users run it (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import write_recipe
+
+from paperhooks.testing import paperhooks_cli
+
+RECIPE = """
+seed: 0
+name: cli
+model: {name: mlp, hidden: [16]}
+data: {name: digits, batch_size: 64}
+trainer: {max_steps: 3, enable_progress_bar: false}
+plugins:
+  - {name: loss-reweighting, burnin_steps: 1}
+  - {name: class-weight, factor: 2.0}
+"""
+
+
+def test_help_does_not_import_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from paperhooks.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert "usage: paperhooks" in out and "fit" in out and out.strip().endswith("NO-TORCH")
+
+
+def test_plugins_lists_installed_plugins_with_family_and_paper(tmp_path, test_plugins):
+    rows = json.loads(paperhooks_cli("plugins", "--json", cwd=tmp_path).stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["loss-reweighting"]["family"] == "sample-weighting"
+    assert by_name["loss-reweighting"]["distribution"] == "paperhooks-loss-reweighting"
+    assert "Dynamic Loss-Based Sample Reweighting" in by_name["loss-reweighting"]["paper"]
+    assert by_name["class-weight"]["distribution"] == "paperhooks-testplugins"
+    table = paperhooks_cli("plugins", cwd=tmp_path).stdout
+    assert "loss-reweighting" in table and "sample-weighting" in table
+
+
+def test_a_plugin_that_fails_to_import_does_not_break_the_listing(tmp_path, test_plugins):
+    from helpers import write_distribution
+
+    write_distribution(test_plugins, "paperhooks-broken", {"broken": "no_such_module_xyz:Plugin"})
+    rows = {r["name"]: r for r in json.loads(paperhooks_cli("plugins", "--json", cwd=tmp_path).stdout)}
+    assert "paperhooks-broken 0.0.1 failed to import: ModuleNotFoundError" in rows["broken"]["error"]
+    assert rows["loss-reweighting"]["error"] == ""
+
+
+def test_validate_cite_explain(tmp_path, test_plugins):
+    path = write_recipe(tmp_path / "r.yaml", RECIPE)
+    assert "ok: " in paperhooks_cli("validate", str(path), cwd=tmp_path).stdout
+    cite = paperhooks_cli("cite", str(path), cwd=tmp_path).stdout
+    assert "@inproceedings" in cite or "@article" in cite or "@misc" in cite
+    assert "% loss-reweighting:" in cite and "% class-weight:" in cite
+    explain = paperhooks_cli("explain", str(path), cwd=tmp_path).stdout
+    assert "weighting_sample_weights: loss-reweighting -> class-weight" in explain
+
+
+def test_bad_recipe_exits_2_with_a_message_not_a_traceback(tmp_path, test_plugins):
+    path = write_recipe(tmp_path / "r.yaml", RECIPE)
+    proc = paperhooks_cli("validate", str(path), "plugins.loss-reweighting.kl_reg=oops", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "paperhooks: error: plugins[0] (loss-reweighting).kl_reg must be float" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fit_prints_a_metrics_table_and_writes_the_run_directory(tmp_path, test_plugins):
+    path = write_recipe(tmp_path / "r.yaml", RECIPE)
+    proc = paperhooks_cli("fit", str(path), "trainer.max_steps=4", cwd=tmp_path)
+    assert "run directory: runs/cli/version_0" in proc.stdout
+    assert "val/acc" in proc.stdout and "loss-reweighting/ess" in proc.stdout
+    run = tmp_path / "runs" / "cli" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "logs" / "metrics.csv").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert "max_steps: 4" in (run / "recipe.yaml").read_text()
