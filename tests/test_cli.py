@@ -78,6 +78,7 @@ def test_fit_prints_a_metrics_table_and_writes_the_run_directory(tmp_path, test_
     assert "val/acc" in proc.stdout and "loss-reweighting/ess" in proc.stdout
     run = tmp_path / "runs" / "cli" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "logs" / "metrics.csv").exists()
+    assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["val/acc"] <= 1.0
     assert "max_steps: 4" in (run / "recipe.yaml").read_text()

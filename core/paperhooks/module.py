@@ -115,6 +115,8 @@ class HookedModule(L.LightningModule):
         if ctx.max_steps is None and t.max_epochs:
             ctx.max_steps = int(t.estimated_stepping_batches)
         ctx.max_epochs = t.max_epochs
+        wrapped = getattr(t.strategy, "model", None)
+        ctx._no_sync = getattr(wrapped, "no_sync", None)  # DDP's; None on one process and FSDP2
         if not self.automatic_optimization and ctx.strategy == "ddp":
             # Gradient surgery computes per-objective gradients with autograd.grad and averages
             # them in one all-reduce of its own, so DDP's reducer must stay out of the way.

@@ -1,8 +1,8 @@
 """Turn a validated recipe into a datamodule, a module and a Trainer, and fit.
 
 Every run writes to ``<run_dir>/<name>/version_<k>/``: ``recipe.yaml`` (resolved, with
-plugin versions), ``checkpoints/`` (``last.ckpt``, refreshed during training and written on
-an exception), ``metrics.csv`` and ``metrics.json``. Under DDP the launcher re-runs the
+plugin versions), ``checkpoints/`` (``last.ckpt``, refreshed during training, and ``on_exception.ckpt``),
+``logs/metrics.csv``, TensorBoard events in ``logs/tensorboard/``, and ``metrics.json``. Under DDP the launcher re-runs the
 command for the other ranks; they find the run directory rank 0 chose in the environment.
 """
 
@@ -65,7 +65,7 @@ def _strategy(recipe: Recipe) -> Any:
 def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
     """Everything needed to fit ``recipe``; nothing is trained yet."""
     import lightning.pytorch as L
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from paperhooks.tasks import build_datamodule, build_model
     from paperhooks.taskmodule import TaskModule
@@ -113,7 +113,10 @@ def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
         use_distributed_sampler=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        logger=CSVLogger(run_dir / "logs", name="", version=""),
+        logger=[
+            CSVLogger(run_dir / "logs", name="", version=""),
+            TensorBoardLogger(run_dir / "logs", name="", version="tensorboard", default_hp_metric=False),
+        ],
         callbacks=callbacks,
     )
     if not module.automatic_optimization:
