@@ -18,6 +18,7 @@ from paperhooks.tasks import (
     DigitsConfig,
     LabelNoise,
     MLPConfig,
+    PaperhooksDataModule,
     ShardedBatchSampler,
     build_datamodule,
     build_model,
@@ -304,18 +305,36 @@ def test_lightning_fit_uses_the_sharded_loaders() -> None:
     assert model.val_rows == len(dm.val_set)
 
 
+def _expected(dm: PaperhooksDataModule, epoch: int) -> list[list[int]]:
+    sampler = ShardedBatchSampler(len(dm.train_set), dm.batch_size, dm.seed, 0, 1, True, True)
+    sampler.set_epoch(epoch)
+    return batches(sampler)
+
+
 @pytest.mark.filterwarnings("ignore:.*ckpt_path.*callbacks:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*dataloader is not resumable")
 def test_lightning_mid_epoch_resume_yields_the_remaining_batches(tmp_path: Path) -> None:
-    # 22 batches per epoch with accumulation 4: epochs end on a partial accumulation
+    # 22 batches per epoch with accumulation 4: epochs end on a partial accumulation, so
+    # step 9 is 6 steps of epoch 0 (22 batches) and 3 steps (12 batches) into epoch 1
     dm = build_datamodule("digits", None, seed=3)
-    full = Recorder(dm.info)
+    part, resumed = Recorder(dm.info), Recorder(dm.info)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=9, save_top_k=-1, filename="{step}")
-    _trainer(max_epochs=2, accumulate_grad_batches=4, enable_checkpointing=True, callbacks=[ckpt],
-             limit_val_batches=0).fit(full, datamodule=dm)
-    resumed = Recorder(dm.info)
+    _trainer(max_steps=9, accumulate_grad_batches=4, enable_checkpointing=True, callbacks=[ckpt],
+             limit_val_batches=0).fit(part, datamodule=dm)
     _trainer(max_epochs=2, accumulate_grad_batches=4, limit_val_batches=0).fit(
         resumed, datamodule=dm, ckpt_path=tmp_path / "step=9.ckpt"
     )
-    assert len(full.seen) == 44
-    assert resumed.seen == full.seen[22 + 3 * 4 :]  # 6 steps in epoch 0, 3 steps into epoch 1
+    assert part.seen == _expected(dm, 0) + _expected(dm, 1)[:12]
+    assert resumed.seen == _expected(dm, 1)[12:]
+
+
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable")
+def test_lightning_resume_after_max_steps_finishes_the_interrupted_epoch(tmp_path: Path) -> None:
+    # Lightning saves an epoch stopped by max_steps as finished (current_epoch + 1); the data
+    # order must still continue inside the interrupted epoch.
+    dm = build_datamodule("digits", None, seed=3)
+    part, resumed = Recorder(dm.info), Recorder(dm.info)
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    _trainer(max_steps=5, limit_val_batches=0, enable_checkpointing=True, callbacks=[last]).fit(part, datamodule=dm)
+    _trainer(max_steps=25, limit_val_batches=0).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "last.ckpt")
+    assert part.seen + resumed.seen == _expected(dm, 0) + _expected(dm, 1)[:3]

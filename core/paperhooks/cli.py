@@ -47,7 +47,26 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=3")
         if name == "fit":
             s.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint file (e.g. RUN/checkpoints/last.ckpt)")
+    _add_run_commands(sub)
     return p
+
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """``export``, ``push``, ``compare`` and ``docs`` (implemented in share, compare, docgen)."""
+    s = sub.add_parser("export", help="write a run as a model folder: safetensors, recipe, metrics, model card")
+    s.add_argument("run", help="a run directory (runs/NAME/version_K)")
+    s.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
+    s = sub.add_parser("push", help="export a run and upload it to the Hugging Face Hub")
+    s.add_argument("run", help="a run directory (runs/NAME/version_K)")
+    s.add_argument("repo_id", metavar="REPO_ID", help="OWNER/NAME of the model repository (created if missing)")
+    s.add_argument("--private", action="store_true", help="create the repository private")
+    s.add_argument("--token", help="Hub token (default: the saved login or HF_TOKEN)")
+    s = sub.add_parser("compare", help="plot runs' metrics as PNGs and tabulate their final metrics")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or folders of version_* runs")
+    s.add_argument("--out", metavar="DIR", default="compare", help="output folder (default ./compare)")
+    s.add_argument("--metrics", metavar="M1,M2", help="only these metrics (e.g. val/acc,train/loss)")
+    s = sub.add_parser("docs", help="generate the reference pages of the docs from the code and installed plugins")
+    s.add_argument("--out", metavar="DIR", default="docs/generated", help="output folder (default docs/generated)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,6 +160,8 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # paperhooks' sampler resumes mid-epoch exactly (tests/test_resume.py), whatever Lightning guesses
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -157,6 +178,39 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"plugins": _plugins, "validate": _validate, "cite": _cite, "explain": _explain, "fit": _fit}
+
+
+def _export(args: argparse.Namespace) -> int:
+    from paperhooks.share import export
+
+    print(f"exported {args.run} to {export(args.run, args.out)}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from paperhooks.share import push
+
+    print(f"pushed {args.run} to {push(args.run, args.repo_id, private=args.private, token=args.token)}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from paperhooks.compare import compare
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    print(f"wrote {compare(args.runs, args.out, metrics)}")
+    return 0
+
+
+def _docs(args: argparse.Namespace) -> int:
+    from paperhooks.docgen import generate
+
+    written = generate(args.out)
+    print(f"generated the reference pages in {args.out} ({len(written)} rewritten)")
+    return 0
+
+
+_COMMANDS.update({"export": _export, "push": _push, "compare": _compare, "docs": _docs})
 
 if __name__ == "__main__":
     sys.exit(main())

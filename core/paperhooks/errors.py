@@ -10,8 +10,8 @@ class PaperhooksError(Exception):
     """Base class of every error paperhooks raises on purpose."""
 
 
-class RecipeError(PaperhooksError):
-    """The recipe cannot be used as written."""
+class RecipeError(PaperhooksError, ValueError):
+    """The recipe cannot be used as written (also a ``ValueError``)."""
 
 
 class UnknownPluginError(RecipeError):

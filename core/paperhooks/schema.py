@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 from paperhooks.errors import ConfigKeyError, ConfigTypeError, did_you_mean
@@ -59,7 +59,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigTypeError(f"{where} must be one of {type_name(tp)}, got {value!r}{did_you_mean(str(value), map(str, get_args(tp)))}")
     if origin is tuple:
-        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
             raise ConfigTypeError(f"{where} must be a {type_name(tp)}, got {value!r}")
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:

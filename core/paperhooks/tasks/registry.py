@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
@@ -93,24 +93,10 @@ def _lookup(table: dict[str, Registered], kind: str, name: str) -> Registered:
 
 
 def config_from_mapping(config_cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build ``config_cls`` from a plain mapping, recursing into nested dataclass fields.
+    """Build ``config_cls`` from a plain mapping with the recipe validator (errors name the key)."""
+    from paperhooks.schema import build
 
-    Works on plain dicts and OmegaConf containers; sequences become tuples. Unknown keys raise ``ValueError`` naming the key and the allowed keys.
-    """
-    hints = get_type_hints(config_cls)
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"unknown key {prefix}{unknown[0]}; allowed keys: {', '.join(sorted(fields))}")
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        nested = [t for t in (hints[key], *get_args(hints[key])) if isinstance(t, type) and dataclasses.is_dataclass(t)]
-        if isinstance(value, Mapping) and nested:
-            value = config_from_mapping(nested[0], value, prefix=f"{prefix}{key}.")
-        elif isinstance(value, Sequence) and not isinstance(value, str):
-            value = tuple(value)
-        kwargs[key] = value
-    return config_cls(**kwargs)
+    return build(config_cls, values, prefix.rstrip(".") or config_cls.__name__)
 
 
 def _coerce(entry: Registered, config: Any) -> Any:

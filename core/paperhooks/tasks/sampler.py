@@ -145,7 +145,6 @@ def collate(batch: Any) -> dict[str, torch.Tensor]:
     return batch if isinstance(batch, dict) else default_collate(batch)
 
 
-
 def lightning_progress(trainer: Any, batches_per_epoch: int) -> tuple[int, int]:
     """``(epoch, batches done in total)`` of a Lightning trainer's fit, for :class:`ShardedBatchSampler`.
 
