@@ -87,6 +87,12 @@ def test_unsupported_strategy_names_plugin_and_strategy(tmp_path, test_plugins):
         load(tmp_path, text, ["trainer.devices=2"])
 
 
+def test_core_refuses_a_family_it_cannot_run_under_a_strategy(tmp_path, test_plugins):
+    text = BASE + "plugins: [{name: sum-surgery}]"
+    with pytest.raises(UnsupportedStrategyError, match="'sum-surgery' \\(gradient-surgery\\) cannot run under strategy 'fsdp2'"):
+        load(tmp_path, text, ["trainer.devices=2", "trainer.strategy=fsdp2"])
+
+
 def test_cuda_only_strategy_refused_on_cpu(tmp_path):
     with pytest.raises(UnsupportedStrategyError, match="'fsdp' needs CUDA.*use 'ddp' or 'fsdp2'"):
         load(tmp_path, BASE, ["trainer.strategy=fsdp", "trainer.devices=2"])

@@ -254,6 +254,16 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
     return recipe
 
 
+#: (family, strategy kind) pairs the core itself cannot run yet, and why
+CORE_UNSUPPORTED = {
+    ("gradient-surgery", "fsdp2"): "the per-objective gradient engine does not reduce inner products over FSDP2 shards yet",
+    ("gradient-surgery", "fsdp"): "the per-objective gradient engine does not support sharded parameters yet",
+    ("gradient-surgery", "deepspeed"): "DeepSpeed ZeRO mishandles several backward passes per step",
+    ("pruning", "fsdp2"): "global mask selection over FSDP2 shards is not implemented yet",
+    ("pruning", "fsdp"): "global mask selection over sharded parameters is not implemented yet",
+}
+
+
 def check_strategy(recipe: Recipe) -> None:
     """Refuse plugins that declare the strategy unsupported, and strategies that need CUDA."""
     t = recipe.trainer
@@ -263,6 +273,9 @@ def check_strategy(recipe: Recipe) -> None:
             f"trainer.strategy {kind!r} needs CUDA (trainer.accelerator is 'cpu'); on CPU use 'ddp' or 'fsdp2'"
         )
     for e in recipe.plugins:
+        why = CORE_UNSUPPORTED.get((e.cls.family, kind))
+        if why:
+            raise UnsupportedStrategyError(f"plugin {e.name!r} ({e.cls.family}) cannot run under strategy {kind!r}: {why}")
         support = e.cls.strategies.get(kind, "untested")
         if support == "unsupported":
             ok = [k for k, v in e.cls.strategies.items() if v != "unsupported"]
