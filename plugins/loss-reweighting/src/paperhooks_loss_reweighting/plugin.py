@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from paperhooks import dist
@@ -43,7 +43,7 @@ class LossReweightingConfig:
         ``burnout_steps``, default 1000), while the losses are still dominated by the random init.
     """
 
-    strategy: str = "linupper"
+    strategy: Literal["linupper", "quadratic", "extremes", "upper"] = "linupper"
     kl_reg: float = 1.0
     delta: float = 1.0
     burnin_steps: int = 1000
@@ -88,6 +88,7 @@ class LossReweighting(Plugin):
     """
 
     Config = LossReweightingConfig
+    name = "loss-reweighting"
     family: ClassVar[str] = "sample-weighting"
     paper: ClassVar[Paper] = Paper(
         title="Dynamic Loss-Based Sample Reweighting for Improved Large Language Model Pretraining",
