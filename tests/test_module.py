@@ -130,7 +130,7 @@ def test_misspelled_hook_is_an_error_not_silence():
 
 
 def test_hook_outside_the_family_is_refused():
-    with pytest.raises(PluginLoadError, match="'wrong' of family 'sample-weighting' implements surgery_combine"):
+    with pytest.raises(PluginLoadError, match="'wrong' of family sample-weighting implements surgery_combine"):
         PluginSet([named(WrongFamily(), "wrong")])
 
 

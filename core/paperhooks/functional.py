@@ -87,16 +87,19 @@ class Hooks:
             raise ValueError("no loss: the module returned no losses and no objective plugin added terms")
         return named
 
-    def sample_weights(self, losses: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    def sample_weights(
+        self, losses: torch.Tensor, batch: Batch, outputs: Mapping[str, torch.Tensor] | None = None, module: Any = None
+    ) -> torch.Tensor | None:
         """Product of the plugins' weights for this rank's samples (not yet normalized)."""
         weights = None
         losses = losses.detach()
+        outputs = outputs or {}
         for f in self._weighting:
-            w = f(losses=losses, batch=batch, ctx=self.ctx)
+            w = f(losses=losses, batch=batch, outputs=outputs, module=module, ctx=self.ctx)
             if w is None:
                 continue
             if w.shape != losses.shape or not bool((torch.isfinite(w) & (w >= 0)).all()):
-                name = getattr(getattr(f, "__self__", None), "name", f)
+                name = f.plugin.name
                 raise ValueError(
                     f"plugin {name!r} returned invalid sample weights: need finite, non-negative, shape {tuple(losses.shape)}"
                 )

@@ -60,6 +60,24 @@ def check_combination(plugins: Sequence[tuple[str, type]]) -> None:
         )
 
 
+class Impl:
+    """One plugin's implementation of a hook, called with keyword arguments.
+
+    The core passes every argument of the spec; an implementation may name only some of
+    them (as pluggy allows), and receives just those.
+    """
+
+    __slots__ = ("plugin", "function", "argnames")
+
+    def __init__(self, plugin: Plugin, function: Callable[..., Any], argnames: tuple[str, ...]) -> None:
+        self.plugin, self.function, self.argnames = plugin, function, argnames
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if len(kwargs) == len(self.argnames):
+            return self.function(**kwargs)
+        return self.function(**{k: kwargs[k] for k in self.argnames})
+
+
 class PluginSet:
     """Active plugins of one run, in recipe order, with the call lists of every hook."""
 
@@ -80,22 +98,24 @@ class PluginSet:
         except pluggy.PluginValidationError as e:
             raise PluginLoadError(f"a plugin implements a hook paperhooks does not specify: {e}") from None
         self._pm = pm
-        self.calls: dict[str, list[Callable[..., Any]]] = {}
+        self.calls: dict[str, list[Impl]] = {}
         for name in spec_names():
-            impls = [impl.function for impl in getattr(pm.hook, name).get_hookimpls()]
+            impls = [Impl(impl.plugin, impl.function, impl.argnames) for impl in getattr(pm.hook, name).get_hookimpls()]
             self.calls[name] = impls[::-1] if name in REVERSED else impls
         self.replaces_task_loss = any(p.replaces_task_loss for p in self.plugins)
 
     @staticmethod
     def _check_family(p: Plugin) -> None:
-        prefix = FAMILIES.get(p.family)
-        if prefix is None:
-            raise PluginLoadError(f"plugin {p.name!r}: family {p.family!r} is not one of {', '.join(FAMILIES)}")
+        families = (p.family, *p.extra_families)
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            raise PluginLoadError(f"plugin {p.name!r}: family {unknown[0]!r} is not one of {', '.join(FAMILIES)}")
+        prefixes = (*(FAMILIES[f] for f in families), "lifecycle_")
         for hook in _hook_names(type(p)):
-            if not (hook.startswith(prefix) or hook.startswith("lifecycle_")):
+            if not hook.startswith(prefixes):
                 raise PluginLoadError(
-                    f"plugin {p.name!r} of family {p.family!r} implements {hook}; "
-                    f"its hooks must start with {prefix!r} or 'lifecycle_'"
+                    f"plugin {p.name!r} of family {' + '.join(families)} implements {hook}; "
+                    f"its hooks must start with one of {', '.join(map(repr, prefixes))}"
                 )
 
     def __iter__(self) -> Iterator[Plugin]:
@@ -117,7 +137,7 @@ class PluginSet:
         out = {}
         for hook, impls in self.calls.items():
             if impls:
-                out[hook] = [getattr(f, "__self__", None).name for f in impls]
+                out[hook] = [f.plugin.name for f in impls]
         return out
 
     def state_dict(self) -> list[dict[str, Any]]:

@@ -150,7 +150,7 @@ class HookedModule(L.LightningModule):
         base = None if hooks.plugins.replaces_task_loss else self.losses(batch, outputs)  # 3. losses
         objectives = hooks.objectives(self, batch, outputs, base)  # 4. objective terms
         total_ps = sum(objectives.values())
-        weights = hooks.sample_weights(total_ps, batch) if hooks._weighting else None  # 5. weights
+        weights = hooks.sample_weights(total_ps, batch, outputs, self) if hooks._weighting else None  # 5. weights
         reduced = hooks.reduce(objectives, weights)  # 6. global normalization
         self._log_step(reduced, outputs, batch)
         if self.automatic_optimization:

@@ -79,6 +79,9 @@ class Plugin:
 
     Config: ClassVar[type] = NoConfig
     family: ClassVar[str] = ""
+    #: further families whose hooks this plugin implements (rare: e.g. a weighting method that
+    #: also adds a loss term); ``family`` stays the one it is listed under
+    extra_families: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[Paper | None] = None
     strategies: ClassVar[Mapping[str, Support]] = {
         "single": "tested",

@@ -218,11 +218,6 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
     for key in ("name", "run_dir"):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigTypeError(f"{key} must be str, got {raw[key]!r}")
-    model = _registered("model", raw.get("model"), MODELS)
-    data = _registered("data", raw.get("data"), DATASETS)
-    optimizer = schema.build(OptimizerSection, raw.get("optimizer") or {}, "optimizer")
-    trainer = schema.build(TrainerSection, raw.get("trainer") or {}, "trainer")
-
     plugins_raw = raw.get("plugins") or []
     if not isinstance(plugins_raw, list):
         raise ConfigTypeError("plugins must be a list of mappings, each with a 'name'")
@@ -236,6 +231,11 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
         cls = discovery.load(name, found)
         config = schema.build(cls.Config, values, f"plugins[{i}] ({name})")
         entries.append(PluginEntry(name, cls, config, found[name].distribution, found[name].version))
+    # plugins load first: a plugin package may register the model or dataset its paper needs
+    model = _registered("model", raw.get("model"), MODELS)
+    data = _registered("data", raw.get("data"), DATASETS)
+    optimizer = schema.build(OptimizerSection, raw.get("optimizer") or {}, "optimizer")
+    trainer = schema.build(TrainerSection, raw.get("trainer") or {}, "trainer")
     recipe = Recipe(
         seed=seed,
         name=raw.get("name", "run"),

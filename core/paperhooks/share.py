@@ -1,0 +1,290 @@
+"""Export a run as a Hugging Face model folder, and push that folder to the Hub.
+
+``paperhooks export RUN`` writes ``RUN/export/``:
+
+- ``model.safetensors``: the weights of the recipe's model, as a freshly built model expects
+  them. Parametrizations (pruning masks, reparameterizations) are folded in, so the file
+  holds the *effective* weights (e.g. ``original ⊙ mask``) under the plain names;
+- ``recipe.yaml``: the run's resolved recipe with ``plugin_versions`` (``run_dir`` dropped);
+- ``metrics.json``: the run's final metrics;
+- ``README.md``: a model card that lists the plugins and their versions and cites every
+  paper used.
+
+``paperhooks push RUN OWNER/REPO`` exports (unless an up-to-date export exists) and uploads
+the folder with ``huggingface_hub``. :func:`load_model` builds the model back from a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from paperhooks.errors import PaperhooksError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from paperhooks.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+FILES = (WEIGHTS, "recipe.yaml", "metrics.json", "README.md")
+
+
+class ShareError(PaperhooksError):
+    """A run cannot be exported or pushed (missing files, Hub errors)."""
+
+
+# -- reading a run ------------------------------------------------------------------------------
+def read_run_recipe(run: Path) -> dict[str, Any]:
+    """The run's ``recipe.yaml`` as plain data (``plugin_versions`` included)."""
+    from omegaconf import OmegaConf
+
+    path = run / "recipe.yaml"
+    if not path.is_file():
+        raise ShareError(f"{run} is not a run directory: it has no recipe.yaml")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+def read_metrics(run: Path) -> dict[str, float]:
+    path = run / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _validated(raw: Mapping[str, Any]) -> Recipe:
+    from paperhooks.recipe import validate
+
+    return validate({k: v for k, v in raw.items() if k != "plugin_versions"})
+
+
+def _build_module(recipe: Recipe) -> nn.Module:
+    """The run's TaskModule as ``run.build`` makes it, set up (parametrizations registered)."""
+    from paperhooks.taskmodule import TaskModule
+    from paperhooks.tasks import build_datamodule, build_model
+
+    info = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed).info
+    model = build_model(recipe.model.name, recipe.model.config, info)
+    plugins = []
+    for e in recipe.plugins:
+        p = e.cls(e.config)
+        p.name = e.name
+        plugins.append(p)
+    module = TaskModule(model, info.task, info.num_classes, plugins=plugins, optimizer=recipe.optimizer, seed=recipe.seed)
+    module.configure_model()
+    return module
+
+
+def effective_state_dict(run: Path, checkpoint: str = "last.ckpt") -> dict[str, torch.Tensor]:
+    """The model's weights from ``RUN/checkpoints/<checkpoint>``, parametrizations folded in.
+
+    The module is rebuilt from the run's recipe, so every parametrization a plugin registers
+    is there to receive its checkpointed tensors; ``remove_parametrizations(...,
+    leave_parametrized=True)`` then replaces each by the tensor it computes.
+    """
+    import torch
+    from torch.nn.utils import parametrize
+
+    path = run / "checkpoints" / checkpoint
+    if not path.is_file():
+        raise ShareError(f"{run} has no checkpoints/{checkpoint}; has the run trained a step?")
+    module = _build_module(_validated(read_run_recipe(run)))
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ShareError(
+            f"{path} does not match the model its recipe builds: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model = module.model
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            for name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    # Clones: safetensors refuses tensors that share memory (tied weights load back fine).
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+# -- export ------------------------------------------------------------------------------------
+def export(run: str | Path, out: str | Path | None = None, repo_id: str | None = None) -> Path:
+    """Write the export folder of ``run`` (default ``RUN/export``); return its path."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    run = Path(run)
+    out = Path(out) if out is not None else run / "export"
+    raw = read_run_recipe(run)
+    tensors = effective_state_dict(run)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt", "model": str(raw["model"]["name"])})
+    shared = {k: v for k, v in raw.items() if k != "run_dir"}  # a local path means nothing elsewhere
+    (out / "recipe.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(shared)))
+    if (run / "metrics.json").is_file():
+        shutil.copyfile(run / "metrics.json", out / "metrics.json")
+    else:
+        (out / "metrics.json").write_text("{}\n")
+    (out / "README.md").write_text(model_card(shared, read_metrics(run), repo_id=repo_id, run_name=_run_name(run)))
+    log.info("exported %s to %s", run, out)
+    return out
+
+
+def _run_name(run: Path) -> str:
+    return f"{run.parent.name}/{run.name}"
+
+
+def load_model(folder: str | Path) -> nn.Module:
+    """The model of an export folder (``recipe.yaml`` + ``model.safetensors``), weights loaded."""
+    from safetensors.torch import load_file
+
+    from paperhooks.tasks import build_datamodule, build_model
+
+    folder = Path(folder)
+    recipe = _validated(read_run_recipe(folder))
+    info = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed).info
+    model = build_model(recipe.model.name, recipe.model.config, info)
+    model.load_state_dict(load_file(folder / WEIGHTS))
+    return model.eval()
+
+
+# -- the model card ----------------------------------------------------------------------------
+def venue_year(paper: Any) -> str:
+    """``"ICLR 2025"`` from a :class:`~paperhooks.plugin.Paper`, whether or not its venue names the year."""
+    return paper.venue if str(paper.year) in paper.venue else f"{paper.venue} {paper.year}"
+
+
+def _plugin_rows(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each recipe plugin with its recorded version and the installed class's paper and family."""
+    from paperhooks import discovery
+
+    versions = raw.get("plugin_versions") or {}
+    found = discovery.entry_points()
+    rows = []
+    for entry in raw.get("plugins") or []:
+        name = entry["name"]
+        cls = discovery.load(name, found)
+        rows.append({"name": name, "version": versions.get(name, "unknown"), "family": cls.family, "paper": cls.paper})
+    return rows
+
+
+def model_card(raw: Mapping[str, Any], metrics: Mapping[str, float], repo_id: str | None = None, run_name: str = "") -> str:
+    """A Hugging Face model card (front matter + Markdown) for an exported run."""
+    from huggingface_hub import ModelCardData
+    from omegaconf import OmegaConf
+
+    plugins = _plugin_rows(raw)
+    model, data = raw["model"]["name"], raw["data"]["name"]
+    tags = ["paperhooks", "pytorch-lightning", f"model:{model}", f"dataset:{data}"]
+    tags += sorted({p["family"] for p in plugins}) + [p["name"] for p in plugins]
+    front = ModelCardData(library_name="paperhooks", tags=list(dict.fromkeys(tags)), metrics=sorted(metrics)).to_yaml()
+
+    lines = [f"---\n{front}\n---", "", f"# {raw.get('name', 'run')}", ""]
+    used = ", ".join(f"`{p['name']}`" for p in plugins) or "no paper plugins"
+    lines += [
+        f"Model `{model}` trained on `{data}` with [paperhooks](https://pypi.org/project/paperhooks/) "
+        f"using {used}" + (f" (run `{run_name}`)." if run_name else "."),
+        "",
+        "## Plugins",
+        "",
+    ]
+    if plugins:
+        lines += ["| plugin | family | distribution | paper |", "|---|---|---|---|"]
+        for p in plugins:
+            paper = p["paper"]
+            title = "none" if paper is None else f"{paper.title} ({venue_year(paper)})"
+            if paper is not None and paper.arxiv:
+                title = f"[{title}](https://arxiv.org/abs/{paper.arxiv})"
+            lines.append(f"| `{p['name']}` | {p['family']} | `{p['version']}` | {title} |")
+    else:
+        lines.append("This run used no plugins.")
+    lines += ["", "## Final metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items())]
+    else:
+        lines.append("The run recorded no final metrics.")
+    pins = " ".join(sorted({f"'{p['version']}'" for p in plugins if "==" in str(p["version"])}))
+    source = f'snapshot_download("{repo_id}")' if repo_id else '"path/to/this/folder"'
+    lines += [
+        "",
+        "## Use",
+        "",
+        "`model.safetensors` holds the effective weights (pruning masks and other",
+        "parametrizations folded in) of the model `recipe.yaml` builds:",
+        "",
+        "```python",
+        *(["from huggingface_hub import snapshot_download"] if repo_id else []),
+        "from paperhooks.share import load_model",
+        "",
+        f"model = load_model({source})",
+        "```",
+        "",
+        "Train it again:",
+        "",
+        "```bash",
+        f"pip install paperhooks {pins}".rstrip(),
+        f"paperhooks fit {'hf://' + repo_id + '/recipe.yaml' if repo_id else 'recipe.yaml'}",
+        "```",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        OmegaConf.to_yaml(OmegaConf.create(dict(raw))).rstrip(),
+        "```",
+        "",
+        "## Citations",
+        "",
+    ]
+    seen: set[str] = set()
+    for p in plugins:
+        paper = p["paper"]
+        if paper is None or paper.bibtex in seen:
+            continue
+        seen.add(paper.bibtex)
+        lines += [f"`{p['name']}`: {paper.title}. {', '.join(paper.authors)}. {venue_year(paper)}.", ""]
+        lines += ["```bibtex", paper.bibtex.strip(), "```", ""]
+    if not seen:
+        lines.append("This run used no paper plugins.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- push --------------------------------------------------------------------------------------
+def _stale(run: Path, folder: Path) -> bool:
+    weights = folder / WEIGHTS
+    if not all((folder / f).is_file() for f in FILES):
+        return True
+    ckpt = run / "checkpoints" / "last.ckpt"
+    return ckpt.is_file() and ckpt.stat().st_mtime > weights.stat().st_mtime
+
+
+def push(run: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Export ``run`` (unless ``RUN/export`` is up to date) and upload it to ``repo_id``; return its URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    run = Path(run)
+    folder = run / "export"
+    if _stale(run, folder):
+        export(run, folder, repo_id=repo_id)
+    else:  # the card's snippets name the repository
+        card = model_card(read_run_recipe(folder), read_metrics(folder), repo_id=repo_id, run_name=_run_name(run))
+        (folder / "README.md").write_text(card)
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=url.repo_id,
+            folder_path=folder,
+            repo_type="model",
+            allow_patterns=list(FILES),
+            commit_message=f"paperhooks export of {_run_name(run)}",
+        )
+    except HfHubHTTPError as e:
+        raise ShareError(f"cannot push {run} to {repo_id}: {e}") from None
+    return str(url)
+
+
+__all__ = ["ShareError", "effective_state_dict", "export", "load_model", "model_card", "push", "venue_year"]
