@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -15,6 +14,11 @@ TEST_PLUGINS = {
     "conflicting": "paperhooks_testplugins:Conflicting",
     "step-pruning": "paperhooks_testplugins:StepPruning",
     "sum-surgery": "paperhooks_testplugins:SumSurgery",
+    # deliberately bad, for the conformance kit's own tests
+    "bad-forgetful": "paperhooks_testplugins:ForgetfulCounter",
+    "bad-local-softmax": "paperhooks_testplugins:LocalSoftmax",
+    "bad-list-config": "paperhooks_testplugins:ListConfigPlugin",
+    "bad-inf-objective": "paperhooks_testplugins:InfObjective",
 }
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 from helpers import write_recipe
-
 from paperhooks.testing import paperhooks_cli
 
 RECIPE = """

@@ -9,8 +9,8 @@ summation order (tolerance 1e-6; observed differences are ~1e-8).
 from __future__ import annotations
 
 import pytest
-from helpers import write_recipe
 
+from helpers import write_recipe
 from paperhooks.testing import assert_states_close, final_state, fit_cli, load_checkpoint
 
 pytestmark = pytest.mark.slow

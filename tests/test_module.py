@@ -8,15 +8,15 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
-from paperhooks_testplugins import ClassWeight, ScaleConfig, StepPruning, SumSurgery
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from paperhooks import Hooks, HookedModule, hookimpl
+from paperhooks import HookedModule, Hooks, hookimpl
 from paperhooks.errors import IncompatiblePluginsError, PluginLoadError
 from paperhooks.manager import PluginSet, spec_names
 from paperhooks.plugin import Plugin
 from paperhooks.recipe import OptimizerSection
+from paperhooks_testplugins import ClassWeight, ScaleConfig, StepPruning, SumSurgery
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
-from helpers import write_recipe
 
+from helpers import write_recipe
 from paperhooks import recipe as R
 from paperhooks.run import fit
 from paperhooks.testing import assert_nested_equal, assert_states_close, load_checkpoint

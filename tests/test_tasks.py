@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
 from paperhooks.tasks import (
     DATASETS,
     MODELS,

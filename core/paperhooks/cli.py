@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "fit":
             s.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint file (e.g. RUN/checkpoints/last.ckpt)")
     _add_run_commands(sub)
+    from paperhooks.new import (
+        add_arguments as add_new_arguments,  # stdlib only: --help stays torch-free
+    )
+
+    text = "render a new plugin package (paperhooks-NAME) from the template"
+    add_new_arguments(sub.add_parser("new", help=text, description=text))
     return p
 
 
@@ -211,6 +217,15 @@ def _docs(args: argparse.Namespace) -> int:
 
 
 _COMMANDS.update({"export": _export, "push": _push, "compare": _compare, "docs": _docs})
+
+
+def _new(args: argparse.Namespace) -> int:
+    from paperhooks.new import command
+
+    return command(args)
+
+
+_COMMANDS["new"] = _new
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -100,6 +100,9 @@ def list_plugins() -> list[Listed]:
         except PluginLoadError as e:
             rows.append(Listed(name, item.distribution, item.version, "", "", str(e)))
             continue
-        paper = f"{cls.paper.title} ({cls.paper.venue} {cls.paper.year})" if cls.paper else ""
+        paper = ""
+        if cls.paper:
+            venue = cls.paper.venue if str(cls.paper.year) in cls.paper.venue else f"{cls.paper.venue} {cls.paper.year}"
+            paper = f"{cls.paper.title} ({venue})"
         rows.append(Listed(name, item.distribution, item.version, cls.family, paper, ""))
     return rows

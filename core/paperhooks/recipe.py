@@ -16,13 +16,22 @@ imports a dotted path or evaluates code. Everything is validated before any trai
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from paperhooks import schema
-from paperhooks.errors import ConfigKeyError, ConfigTypeError, RecipeError, UnsupportedStrategyError, did_you_mean
+from paperhooks.errors import (
+    ConfigKeyError,
+    ConfigTypeError,
+    RecipeError,
+    UnsupportedStrategyError,
+    did_you_mean,
+)
+
+log = logging.getLogger(__name__)
 
 StrategyName = Literal["auto", "single", "ddp", "fsdp2", "fsdp", "deepspeed"]
 
@@ -125,6 +134,7 @@ TOP_KEYS = {
     "optimizer": "mapping",
     "trainer": "mapping",
     "plugins": "list of mappings with name",
+    "plugin_versions": "mapping written by runs (name: distribution==version)",
 }
 
 
@@ -231,6 +241,7 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
         cls = discovery.load(name, found)
         config = schema.build(cls.Config, values, f"plugins[{i}] ({name})")
         entries.append(PluginEntry(name, cls, config, found[name].distribution, found[name].version))
+    _check_versions(raw.get("plugin_versions"), entries)
     # plugins load first: a plugin package may register the model or dataset its paper needs
     model = _registered("model", raw.get("model"), MODELS)
     data = _registered("data", raw.get("data"), DATASETS)
@@ -262,6 +273,19 @@ CORE_UNSUPPORTED = {
     ("pruning", "fsdp2"): "global mask selection over FSDP2 shards is not implemented yet",
     ("pruning", "fsdp"): "global mask selection over sharded parameters is not implemented yet",
 }
+
+
+def _check_versions(recorded: Any, entries: Sequence[PluginEntry]) -> None:
+    """A run's recipe records plugin versions; say so when the installed ones differ."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, Mapping):
+        raise ConfigTypeError(f"plugin_versions must be a mapping name: distribution==version, got {recorded!r}")
+    for e in entries:
+        want = recorded.get(e.name)
+        have = f"{e.distribution}=={e.version}"
+        if want is not None and want != have:
+            log.warning("recipe was run with %s; installed is %s", want, have)
 
 
 def check_strategy(recipe: Recipe) -> None:

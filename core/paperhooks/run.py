@@ -62,36 +62,46 @@ def _strategy(recipe: Recipe) -> Any:
     return kind
 
 
-def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
-    """Everything needed to fit ``recipe``; nothing is trained yet."""
-    import lightning.pytorch as L
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    from paperhooks.tasks import build_datamodule, build_model
-    from paperhooks.taskmodule import TaskModule
-
-    RunCheckpoints = _checkpoint_callback_cls()
-    L.seed_everything(recipe.seed, workers=True, verbose=False)
-    run_dir = run_dir or _new_run_dir(recipe)
-    dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed)
-    model = build_model(recipe.model.name, recipe.model.config, dm.info)
+def make_plugins(recipe: Recipe) -> list[Any]:
+    """Fresh plugin instances for the recipe's entries, in recipe order."""
     plugins = []
     for e in recipe.plugins:
         p = e.cls(e.config)
         p.name = e.name
         plugins.append(p)
-    t = recipe.trainer
-    stored = {"recipe": recipe.raw, "plugin_versions": recipe.plugin_versions}
-    module = TaskModule(
-        model,
-        dm.info.task,
-        dm.info.num_classes,
-        plugins=plugins,
+    return plugins
+
+
+def build_module(recipe: Recipe, info: Any) -> Any:
+    """The recipe's TaskModule (model + plugins + optimizer settings), without a Trainer."""
+    from paperhooks.taskmodule import TaskModule
+    from paperhooks.tasks import build_model
+
+    return TaskModule(
+        build_model(recipe.model.name, recipe.model.config, info),
+        info.task,
+        info.num_classes,
+        plugins=make_plugins(recipe),
         optimizer=recipe.optimizer,
         seed=recipe.seed,
-        strategy=t.strategy_kind,
-        recipe=stored,
+        strategy=recipe.trainer.strategy_kind,
+        recipe={"recipe": recipe.raw, "plugin_versions": recipe.plugin_versions},
     )
+
+
+def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
+    """Everything needed to fit ``recipe``; nothing is trained yet."""
+    import lightning.pytorch as L
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from paperhooks.tasks import build_datamodule
+
+    RunCheckpoints = _checkpoint_callback_cls()
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    run_dir = run_dir or _new_run_dir(recipe)
+    dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed)
+    module = build_module(recipe, dm.info)
+    t = recipe.trainer
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [RunCheckpoints(ckpt_dir, t.checkpoint_every_n_steps)]
     trainer = L.Trainer(

@@ -60,22 +60,15 @@ def read_metrics(run: Path) -> dict[str, float]:
 def _validated(raw: Mapping[str, Any]) -> Recipe:
     from paperhooks.recipe import validate
 
-    return validate({k: v for k, v in raw.items() if k != "plugin_versions"})
+    return validate(raw)
 
 
 def _build_module(recipe: Recipe) -> nn.Module:
     """The run's TaskModule as ``run.build`` makes it, set up (parametrizations registered)."""
-    from paperhooks.taskmodule import TaskModule
-    from paperhooks.tasks import build_datamodule, build_model
+    from paperhooks.run import build_module
+    from paperhooks.tasks import build_datamodule
 
-    info = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed).info
-    model = build_model(recipe.model.name, recipe.model.config, info)
-    plugins = []
-    for e in recipe.plugins:
-        p = e.cls(e.config)
-        p.name = e.name
-        plugins.append(p)
-    module = TaskModule(model, info.task, info.num_classes, plugins=plugins, optimizer=recipe.optimizer, seed=recipe.seed)
+    module = build_module(recipe, build_datamodule(recipe.data.name, recipe.data.config, recipe.seed).info)
     module.configure_model()
     return module
 
