@@ -48,9 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "fit":
             s.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint file (e.g. RUN/checkpoints/last.ckpt)")
     _add_run_commands(sub)
-    from paperhooks.new import (
-        add_arguments as add_new_arguments,  # stdlib only: --help stays torch-free
-    )
+    # paperhooks.new imports only the standard library at import: --help stays torch-free
+    from paperhooks.new import add_arguments as add_new_arguments
 
     text = "render a new plugin package (paperhooks-NAME) from the template"
     add_new_arguments(sub.add_parser("new", help=text, description=text))

@@ -146,9 +146,11 @@ class Hooks:
         names = list(objectives)
         rows = []
         for k, name in enumerate(names):
-            grads = torch.autograd.grad(
-                coefs[name] * objectives[name], params, retain_graph=k < len(names) - 1, allow_unused=True
-            )
+            value = coefs[name] * objectives[name]
+            if not value.requires_grad:  # a constant term: its gradient is zero
+                rows.append(torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device))
+                continue
+            grads = torch.autograd.grad(value, params, retain_graph=k < len(names) - 1, allow_unused=True)
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]))
         G = torch.stack(rows)  # [K, P]
         if dist.is_distributed():

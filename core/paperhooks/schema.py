@@ -84,7 +84,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
     else:
-        raise TypeError(f"unsupported config field type {tp!r} at {where}")
+        raise ConfigTypeError(
+            f"{where}: the config declares an unsupported field type {tp!r}; recipe fields may be "
+            "int, float, str, bool, Literal, tuple[...], X | None or nested frozen dataclasses"
+        )
     raise ConfigTypeError(f"{where} must be {type_name(tp)}, got {type(value).__name__} {value!r}")
 
 

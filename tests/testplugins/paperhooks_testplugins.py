@@ -7,7 +7,7 @@ distribution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -140,3 +140,64 @@ class SumSurgery(Plugin):
 
 class Broken(Plugin):
     family = "sample-weighting"
+
+
+# -- deliberately bad plugins, which the conformance kit must reject (tests/test_conformance.py) --
+ALL_KINDS = {**ALL_STRATEGIES, "fsdp2": "untested"}
+
+
+class ForgetfulCounter(Plugin):
+    """Up-weights the class ``calls % 10`` but forgets ``calls`` in its checkpoint: resume differs."""
+
+    family = "sample-weighting"
+    paper = PAPER
+    strategies = ALL_KINDS
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.calls = 0
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        self.calls += 1
+        return torch.where(batch["target"] == self.calls % 10, 3.0, 1.0)
+
+
+class LocalSoftmax(Plugin):
+    """Softmax of this rank's losses only: on 2 processes it is not the global batch's weights."""
+
+    family = "sample-weighting"
+    paper = PAPER
+    strategies = ALL_KINDS
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        return torch.softmax(4.0 * losses, dim=0) * losses.numel()
+
+
+@dataclass(frozen=True)
+class ListConfig:
+    sizes: list[int] = field(default_factory=lambda: [1, 2])  # recipes hold tuples, not lists
+
+
+class ListConfigPlugin(Plugin):
+    Config = ListConfig
+    family = "sample-weighting"
+    paper = PAPER
+    strategies = ALL_KINDS
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        return None
+
+
+class InfObjective(Plugin):
+    """Adds a term that overflows float32: training goes to NaN within a few steps."""
+
+    family = "objective"
+    paper = PAPER
+    strategies = ALL_KINDS
+
+    @hookimpl
+    def objective_terms(self, module, batch, outputs, ctx):
+        return {"blowup": 1e30 * outputs["logits"].square().sum(dim=1)}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -36,6 +36,11 @@ STEP = 10_000
 
 class ConformanceError(AssertionError):
     """A plugin does not have a property every plugin of its family must have."""
+
+
+def fail(name: str, message: str) -> NoReturn:
+    """Raise :class:`ConformanceError` ``"plugin 'name': message"``."""
+    raise ConformanceError(f"plugin {name!r}: {message}")
 
 
 def expect(ok: bool, plugin: Plugin, message: str) -> None:
@@ -97,8 +102,8 @@ def check_sample_weighting(plugin: Plugin, *, reads_losses: bool = True, step: i
     """Weights are ``[B]``, finite, non-negative and not all zero; NaN losses are refused.
 
     :param reads_losses: ``False`` for plugins whose weights do not depend on the losses
-        (class or group weights): then NaN losses need not raise, and the weights must not
-        change when the losses do.
+        (class or group weights): then NaN losses need not raise, and the weights must stay
+        the same when the losses change.
     """
     hook = the_call(plugin, "weighting_sample_weights")
     g = torch.Generator().manual_seed(0)
@@ -109,11 +114,17 @@ def check_sample_weighting(plugin: Plugin, *, reads_losses: bool = True, step: i
         "all-equal losses": torch.full((16,), 2.3),
         "a batch of one sample": torch.tensor([0.7]),
     }
+    module = tiny_module()
+
+    def call(losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> Any:
+        outputs = {k: v.detach() for k, v in module.outputs(batch).items()}
+        return hook(losses=losses, batch=batch, outputs=outputs, module=module, ctx=context(step))
+
     acted = False
     for case, losses in cases.items():
         batch = tiny_batch(losses.numel())
         given = losses.clone()
-        w = hook(losses=given, batch=batch, ctx=context(step))
+        w = call(given, batch)
         expect(torch.equal(given, losses), plugin, f"changed the losses in place ({case})")
         if w is None:
             continue
@@ -131,7 +142,7 @@ def check_sample_weighting(plugin: Plugin, *, reads_losses: bool = True, step: i
     batch = tiny_batch(16)
     if reads_losses:
         try:
-            hook(losses=bad, batch=batch, ctx=context(step))
+            call(bad, batch)
         except Exception as e:  # noqa: BLE001 - any error type, as long as it names the plugin
             names = {label(plugin), type(plugin).__name__}
             expect(any(n and n in str(e) for n in names), plugin,
@@ -139,8 +150,7 @@ def check_sample_weighting(plugin: Plugin, *, reads_losses: bool = True, step: i
         else:
             expect(False, plugin, "NaN losses gave no error; raise one that names the plugin")
     else:
-        a = hook(losses=losses, batch=batch, ctx=context(step))
-        b = hook(losses=bad, batch=batch, ctx=context(step))
+        a, b = call(losses, batch), call(2 * losses + 1, batch)
         expect(a is not None and b is not None and torch.equal(a, b), plugin,
                "declares reads_losses=False, but its weights change with the losses")
 
@@ -431,4 +441,6 @@ __all__ = [
     "check_reparameterization",
     "check_sample_weighting",
     "conflicting_gradients",
+    "expect",
+    "fail",
 ]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+
 from paperhooks.context import StepContext
 from paperhooks_loss_reweighting import LossReweighting, LossReweightingConfig
 

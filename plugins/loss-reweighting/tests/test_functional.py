@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.testing import assert_close
+
 from paperhooks.context import StepContext
 from paperhooks_loss_reweighting import (
     STRATEGIES,
@@ -22,7 +24,6 @@ from paperhooks_loss_reweighting import (
     sample_weights,
     weight_entropy,
 )
-from torch.testing import assert_close
 
 LOSSES_123 = torch.tensor([1.0, 2.0, 3.0])
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
+
 from paperhooks import dist
 from paperhooks.plugin import Paper, Plugin, Support, hookimpl
-
 from paperhooks_loss_reweighting import functional as F
 
 if TYPE_CHECKING:
