@@ -41,8 +41,12 @@ def test_unknown_plugin_suggests_installed_name(tmp_path, test_plugins):
 
 
 def test_unknown_known_paper_plugin_gives_pip_line(tmp_path):
-    with pytest.raises(UnknownPluginError, match="pip install paperhooks-srat"):
-        load(tmp_path, BASE + "plugins: [{name: srat}]")
+    from paperhooks._known import KNOWN_PLUGINS
+    from paperhooks.discovery import entry_points
+
+    name = sorted(KNOWN_PLUGINS - set(entry_points()))[0]  # a paper plugin that is not installed
+    with pytest.raises(UnknownPluginError, match=f"pip install paperhooks-{name}"):
+        load(tmp_path, BASE + f"plugins: [{{name: {name}}}]")
 
 
 def test_unknown_plugin_key_names_key_and_allowed(tmp_path, test_plugins):
