@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import huggingface_hub.constants  # noqa: F401 - imported before any test sets HF_HUB_OFFLINE
 import pytest
 
 from paperhooks import recipe as R
@@ -149,13 +150,10 @@ def test_recipe_from_hugging_face_hub_cache(tmp_path, monkeypatch):
     (cache / "models--someone--recipes" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import importlib
-
     import huggingface_hub.constants as C
 
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
-    importlib.reload  # noqa: B018 - constants are read at call time through the module
     r = R.load("hf://someone/recipes/digits.yaml", ["seed=4"])
     assert r.seed == 4 and r.model.name == "mlp"
     with pytest.raises(RecipeError, match="cannot fetch recipe hf://someone/recipes/missing.yaml"):
