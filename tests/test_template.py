@@ -293,3 +293,35 @@ def test_copier_update_brings_template_changes_and_keeps_the_authors_code(tmp_pa
     assert "`paperhooks cite recipes/tpl-update.yaml`" in (dst / "README.md").read_text()
     assert "PAPER_CONSTANT = 0.5  # the author's code" in functional.read_text()
     assert yaml.safe_load((dst / ".copier-answers.yml").read_text())["_commit"] == "v0.2.0"
+
+
+def test_rendered_plugin_installs_and_is_found_in_a_fresh_virtual_environment(installed):
+    """``python -m venv`` + ``pip install`` of the rendered package, then the fresh venv's CLI.
+
+    The fresh environment reuses this environment's packages (torch, the core) through a
+    ``site.addsitedir`` line, so nothing heavy is reinstalled; the plugin itself is installed
+    into the fresh venv by pip, as an author would.
+    """
+    import site
+    import sysconfig
+    import venv
+
+    env_dir = installed / "fresh-venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    fresh_python = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(fresh_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in dict.fromkeys(ours))
+    Path(purelib, "_paperhooks_parent_env.pth").write_text(lines)
+    install = [sys.executable, "-m", "pip", "--python", str(fresh_python), "install", "-q", "--no-deps",
+               "--no-build-isolation", str(installed / "plugin")]
+    proc = subprocess.run(install, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(Path(purelib).glob("paperhooks_tpl_installed-0.1.0.dist-info"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    listing = subprocess.run([str(fresh_python), "-m", "paperhooks.cli", "plugins", "--json"], cwd=installed,
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    (row,) = [r for r in json.loads(listing.stdout) if r["name"] == "tpl-installed"]
+    assert (row["family"], row["error"]) == ("sample-weighting", "")
