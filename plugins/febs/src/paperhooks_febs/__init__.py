@@ -1,0 +1,35 @@
+"""paperhooks plugins ``febs`` and ``febs-metric``: FairSeg's Fair Error-Bound Scaling (ICLR 2024)."""
+
+from paperhooks_febs.functional import (
+    SMOOTH,
+    dice,
+    equity_scaled,
+    febs_dice,
+    febs_value_and_grad,
+    febs_weights,
+    group_losses,
+    group_sums,
+    hard_dice_per_sample,
+    per_sample_sums,
+)
+from paperhooks_febs.metric import EquityScaledConfig, EquityScaledMetric, GroupPerformance
+from paperhooks_febs.plugin import FEBS, TERM, FEBSConfig
+
+__all__ = [
+    "FEBS",
+    "SMOOTH",
+    "TERM",
+    "EquityScaledConfig",
+    "EquityScaledMetric",
+    "FEBSConfig",
+    "GroupPerformance",
+    "dice",
+    "equity_scaled",
+    "febs_dice",
+    "febs_value_and_grad",
+    "febs_weights",
+    "group_losses",
+    "group_sums",
+    "hard_dice_per_sample",
+    "per_sample_sums",
+]
