@@ -216,40 +216,41 @@ class PCGrad(Surgery):
     """Project each gradient off the others it conflicts with (Yu et al., 2020), in row order."""
 
     @hookimpl
-    def surgery_combine(self, grads, names, ctx):
-        out = grads.clone()
-        for i in range(grads.shape[0]):
-            for j in range(grads.shape[0]):
-                dot = torch.dot(out[i], grads[j])
+    def surgery_combine(self, grads, ctx):
+        G = grads.rows
+        out = G.clone()
+        for i in range(G.shape[0]):
+            for j in range(G.shape[0]):
+                dot = torch.dot(out[i], G[j])
                 if i != j and dot < 0:
-                    out[i] = out[i] - dot / grads[j].square().sum().clamp_min(1e-12) * grads[j]
-        return out
+                    out[i] = out[i] - dot / G[j].square().sum().clamp_min(1e-12) * G[j]
+        return grads.with_rows(out)
 
 
 class Ascent(Surgery):
     @hookimpl
-    def surgery_combine(self, grads, names, ctx):
-        return -grads.sum(dim=0)
+    def surgery_combine(self, grads, ctx):
+        return grads.combine(-torch.ones(len(grads)))
 
 
 class FirstOnly(Surgery):
     """Follows the first objective's gradient: an ascent direction for the sum when they conflict."""
 
     @hookimpl
-    def surgery_combine(self, grads, names, ctx):
-        return grads[0] - 2.0 * grads[1:].sum(dim=0)
+    def surgery_combine(self, grads, ctx):
+        return grads.combine([1.0] + [-2.0] * (len(grads) - 1))
 
 
 class Normalizes(Surgery):
     @hookimpl
-    def surgery_combine(self, grads, names, ctx):
-        return grads / grads.norm(dim=1, keepdim=True)  # a zero gradient gives NaN
+    def surgery_combine(self, grads, ctx):
+        return grads.with_rows(grads.rows / grads.rows.norm(dim=1, keepdim=True))  # a zero gradient gives NaN
 
 
 class InPlaceSurgery(Surgery):
     @hookimpl
-    def surgery_combine(self, grads, names, ctx):
-        grads[1:] *= 0.5
+    def surgery_combine(self, grads, ctx):
+        grads.rows[1:] *= 0.5
         return None
 
 

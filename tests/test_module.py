@@ -83,6 +83,7 @@ def test_the_set_of_hook_specs_is_pinned():
             "objective_terms",
             "objweight_coefficients",
             "surgery_combine",
+            "surgery_parameters",
             "reparam_setup",
             "reparam_after_step",
             "pruning_schedule",
@@ -112,7 +113,7 @@ class WrongFamily(Plugin):
     family = "sample-weighting"
 
     @hookimpl
-    def surgery_combine(self, grads, names, ctx):
+    def surgery_combine(self, grads, ctx):
         return None
 
 
@@ -290,9 +291,9 @@ class ProjectFirst(Plugin):
     family = "gradient-surgery"
 
     @hookimpl
-    def surgery_combine(self, grads, names, ctx):
-        assert list(names) == ["ce", "l2"] and grads.shape[0] == 2
-        return grads[0]
+    def surgery_combine(self, grads, ctx):
+        assert list(grads.names) == ["ce", "l2"] and len(grads) == 2
+        return grads.combine([1.0, 0.0])
 
 
 def test_surgery_direction_replaces_the_gradient():

@@ -11,8 +11,8 @@ recipe order at every point)::
     L_k = Σ_i w_i ℓ_ik / Σ_j w_j   (global sums)     # 6. normalized over the global batch
     c = objweight_coefficients(L)                    # 7. objective weighting, one owner
     if surgery:                                      #    gradient surgery (manual optimization):
-        G = [∇L_k], all-reduced once                 #      one gradient per objective
-        d = surgery_combine(G) chained; p.grad = d
+        G = GradientSet([∇(c_k L_k)])                #      one gradient per objective, global
+        d = surgery_combine(G) chained; p.grad = d   #      (paperhooks.gradients)
     else:
         backward(Σ_k c_k L_k)                        #    automatic optimization
     optimizer.step()                                 #    optimizer_build, one owner

@@ -12,6 +12,7 @@ STEP_ORDER = (
     ("objective_terms", "2-4. forward, module losses, objective terms (added by name)"),
     ("weighting_sample_weights", "5. sample weights (multiplied, normalized over the global batch)"),
     ("objweight_coefficients", "6. objective coefficients (one owner)"),
+    ("surgery_parameters", "7. gradient surgery: the parameters it acts on (intersection)"),
     ("surgery_combine", "7. gradient surgery (chained; manual optimization)"),
     ("optimizer_build", "   optimizer (one owner)"),
     ("reparam_setup", "   set-up: reparameterizations (stacked)"),

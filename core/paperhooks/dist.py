@@ -11,9 +11,18 @@ All helpers work on the default process group, which under ``ddp`` and under FSD
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 import torch
 import torch.distributed as tdist
+
+#: Bytes this process handed to each kind of collective through these helpers (payload
+#: sizes, exact, counted only when a process group is running). Benchmarks read and reset it.
+traffic: Counter[str] = Counter()
+
+
+def _count(op: str, tensor: torch.Tensor) -> None:
+    traffic[op] += tensor.numel() * tensor.element_size()
 
 
 def is_distributed() -> bool:
@@ -34,6 +43,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of ``tensor`` over ranks (a new tensor; the input is left alone; no gradient)."""
     out = tensor.detach().clone()
     if is_distributed():
+        _count("all_reduce", out)
         tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
     return out
 
@@ -42,6 +52,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().clone()
     if is_distributed():
+        _count("all_reduce", out)
         tdist.all_reduce(out, op=tdist.ReduceOp.MAX)
     return out
 
@@ -50,6 +61,7 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().clone()
     if is_distributed():
+        _count("all_reduce", out)
         tdist.all_reduce(out, op=tdist.ReduceOp.MIN)
     return out
 
@@ -61,7 +73,12 @@ def global_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def global_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of all elements on all ranks, counting every element once (no gradient)."""
-    both = torch.stack([tensor.detach().sum().to(torch.float64), torch.tensor(tensor.numel(), dtype=torch.float64, device=tensor.device)])
+    both = torch.stack(
+        [
+            tensor.detach().sum().to(torch.float64),
+            torch.tensor(tensor.numel(), dtype=torch.float64, device=tensor.device),
+        ]
+    )
     both = all_reduce_sum(both)
     return (both[0] / both[1]).to(tensor.dtype if tensor.is_floating_point() else torch.float64)
 
@@ -84,6 +101,7 @@ def all_gather_cat(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
     padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in sizes_l]
+    _count("all_gather", padded)
     tdist.all_gather(parts, padded)
     out = torch.cat([p[:s] for p, s in zip(parts, sizes_l, strict=True)])
     start = sum(sizes_l[: tdist.get_rank()])
@@ -94,11 +112,58 @@ def all_gather_cat(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """``tensor`` as rank ``src`` holds it, on every rank (in place; also returned)."""
     if is_distributed():
+        _count("broadcast", tensor)
         tdist.broadcast(tensor, src=src)
     return tensor
 
 
-def step_generator(seed: int, step: int, stream: str = "", device: torch.device | str = "cpu") -> torch.Generator:
+_SCATTER_OK: bool | None = None
+# torch 2.14 renamed reduce_scatter_tensor
+_reduce_scatter = getattr(tdist, "reduce_scatter_single", None) or tdist.reduce_scatter_tensor
+
+
+@torch.no_grad()
+def reduce_scatter_columns(matrix: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum ``[K, P]`` over ranks, keeping on rank r only columns ``[r·c, (r+1)·c)``.
+
+    ``c = ceil(P / R)``; the last rank's slice is padded with zero columns. Returns the local
+    ``[K, c]`` block and ``c``. One reduce-scatter where the backend has it (NCCL, and gloo
+    in recent torch); otherwise an all-reduce followed by slicing (same values, more bytes).
+    """
+    global _SCATTER_OK
+    k, p = matrix.shape
+    world, r = world_size(), rank()
+    c = -(-p // world)
+    padded = torch.zeros(world * c, k, dtype=matrix.dtype, device=matrix.device)
+    padded[:p] = matrix.detach().T
+    out = torch.empty(c, k, dtype=matrix.dtype, device=matrix.device)
+    if _SCATTER_OK is not False:
+        try:
+            _reduce_scatter(out, padded, op=tdist.ReduceOp.SUM)
+            _count("reduce_scatter", padded)
+            _SCATTER_OK = True
+            return out.T.contiguous(), c
+        except (RuntimeError, NotImplementedError, ValueError):
+            if _SCATTER_OK:
+                raise
+            _SCATTER_OK = False
+    _count("all_reduce", padded)
+    tdist.all_reduce(padded, op=tdist.ReduceOp.SUM)
+    return padded[r * c : (r + 1) * c].T.contiguous(), c
+
+
+@torch.no_grad()
+def all_gather_columns(vector: torch.Tensor, c: int, p: int) -> torch.Tensor:
+    """Inverse of the column split: every rank's ``[c]`` slice, concatenated and trimmed to ``[P]``."""
+    parts = [torch.empty_like(vector) for _ in range(world_size())]
+    _count("all_gather", vector)
+    tdist.all_gather(parts, vector.contiguous())
+    return torch.cat(parts)[:p]
+
+
+def step_generator(
+    seed: int, step: int, stream: str = "", device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator seeded from (seed, step, stream): identical on every rank, and on resume.
 
     Plugins draw any randomness that must agree across ranks (a random mask, a random
@@ -112,6 +177,9 @@ def step_generator(seed: int, step: int, stream: str = "", device: torch.device 
 
 __all__ = [
     "all_gather_cat",
+    "all_gather_columns",
+    "reduce_scatter_columns",
+    "traffic",
     "all_reduce_max",
     "all_reduce_min",
     "all_reduce_sum",

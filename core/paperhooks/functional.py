@@ -20,6 +20,7 @@ import torch
 
 from paperhooks import dist
 from paperhooks.context import StepContext
+from paperhooks.gradients import Direction, Engine, write_grads
 from paperhooks.manager import PluginSet
 from paperhooks.plugin import Plugin
 
@@ -42,7 +43,9 @@ def per_sample(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
 class Hooks:
     """The active plugins and the step context, with one method per point of the step."""
 
-    def __init__(self, plugins: Sequence[Plugin] | PluginSet = (), *, seed: int = 0, strategy: str = "single") -> None:
+    def __init__(
+        self, plugins: Sequence[Plugin] | PluginSet = (), *, seed: int = 0, strategy: str = "single"
+    ) -> None:
         self.plugins = plugins if isinstance(plugins, PluginSet) else PluginSet(plugins)
         self.ctx = StepContext(seed=seed, strategy=strategy)
         c = self.plugins.calls
@@ -51,6 +54,7 @@ class Hooks:
         self._weighting = c["weighting_sample_weights"]
         self._objweight = self.plugins.owner("objweight_coefficients")
         self._surgery = c["surgery_combine"]
+        self.engine = Engine()
 
     @property
     def needs_manual_optimization(self) -> bool:
@@ -70,7 +74,9 @@ class Hooks:
         return batch
 
     # -- the loss ----------------------------------------------------------------------------
-    def objectives(self, module: Any, batch: Batch, outputs: Mapping[str, torch.Tensor], base: Any) -> dict[str, torch.Tensor]:
+    def objectives(
+        self, module: Any, batch: Batch, outputs: Mapping[str, torch.Tensor], base: Any
+    ) -> dict[str, torch.Tensor]:
         """Per-sample objectives by name: the module's own ``base`` losses plus plugin terms."""
         if base is None:
             named: dict[str, torch.Tensor] = {}
@@ -84,11 +90,17 @@ class Hooks:
                 v = per_sample(v, batch)
                 named[k] = named[k] + v if k in named else v
         if not named:
-            raise ValueError("no loss: the module returned no losses and no objective plugin added terms")
+            raise ValueError(
+                "no loss: the module returned no losses and no objective plugin added terms"
+            )
         return named
 
     def sample_weights(
-        self, losses: torch.Tensor, batch: Batch, outputs: Mapping[str, torch.Tensor] | None = None, module: Any = None
+        self,
+        losses: torch.Tensor,
+        batch: Batch,
+        outputs: Mapping[str, torch.Tensor] | None = None,
+        module: Any = None,
     ) -> torch.Tensor | None:
         """Product of the plugins' weights for this rank's samples (not yet normalized)."""
         weights = None
@@ -106,7 +118,9 @@ class Hooks:
             weights = w if weights is None else weights * w
         return weights
 
-    def reduce(self, objectives: Mapping[str, torch.Tensor], weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def reduce(
+        self, objectives: Mapping[str, torch.Tensor], weights: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """Scalar objectives. With weights: ``Σ_i w_i ℓ_i / Σ_j w_j`` over the global batch.
 
         The local value is multiplied by the world size, because DDP and FSDP average the
@@ -120,13 +134,17 @@ class Hooks:
         scale = dist.world_size() / total
         return {k: (weights.to(v.dtype) * v).sum() * scale for k, v in objectives.items()}
 
-    def coefficients(self, objectives: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+    def coefficients(
+        self, objectives: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor | float]:
         coefs: dict[str, torch.Tensor | float] = dict.fromkeys(objectives, 1.0)
         if self._objweight is not None:
             given = self._objweight(objectives=objectives, ctx=self.ctx) or {}
             unknown = set(given) - set(objectives)
             if unknown:
-                raise ValueError(f"objective weights name unknown objectives {sorted(unknown)}; objectives: {sorted(objectives)}")
+                raise ValueError(
+                    f"objective weights name unknown objectives {sorted(unknown)}; objectives: {sorted(objectives)}"
+                )
             coefs.update(given)
         return coefs
 
@@ -140,34 +158,49 @@ class Hooks:
         return self.reduce({"loss": losses}, self.sample_weights(losses, batch))["loss"]
 
     # -- gradient surgery -------------------------------------------------------------------
-    def surgery_gradients(self, objectives: Mapping[str, torch.Tensor], params: Sequence[torch.nn.Parameter]) -> None:
-        """Write the surgery's update direction into ``p.grad`` (one gradient per objective first)."""
+    @property
+    def surgery_layout(self) -> str:
+        """``"columns"`` when every surgery plugin works on column slices, else ``"full"``."""
+        plugins = [f.plugin for f in self._surgery]
+        return (
+            "columns"
+            if plugins and all(getattr(p, "columns_ok", False) for p in plugins)
+            else "full"
+        )
+
+    def surgery_gradients(
+        self, objectives: Mapping[str, torch.Tensor], module: torch.nn.Module
+    ) -> Direction:
+        """Write the surgery's update direction into ``p.grad`` (one gradient per objective first).
+
+        ``objectives`` are the reduced scalar objectives of this rank (whose gradients, averaged
+        over ranks, are the global ones). Returns the direction (its ``weights`` are the
+        objective coefficients of the update when it is a linear combination).
+        """
         coefs = self.coefficients(objectives)
-        names = list(objectives)
-        rows = []
-        for k, name in enumerate(names):
-            value = coefs[name] * objectives[name]
-            if not value.requires_grad:  # a constant term: its gradient is zero
-                rows.append(torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device))
+        values = {k: coefs[k] * v for k, v in objectives.items()}
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        names = [n for n, _ in named]
+        chosen = set(names)
+        for f in self.plugins.calls["surgery_parameters"]:
+            picked = f(module=module, names=names)
+            if picked is None:
                 continue
-            grads = torch.autograd.grad(value, params, retain_graph=k < len(names) - 1, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]))
-        G = torch.stack(rows)  # [K, P]
-        if dist.is_distributed():
-            G = dist.all_reduce_sum(G) / dist.world_size()  # one collective for all K gradients
-        out: torch.Tensor = G
-        for f in self._surgery:
-            res = f(grads=out, names=names, ctx=self.ctx)
-            if res is not None:
-                out = res
-            if out.dim() == 1:
-                break
-        direction = out if out.dim() == 1 else out.sum(dim=0)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = direction[offset : offset + n].view_as(p).clone()
-            offset += n
+            unknown = set(picked) - set(names)
+            if unknown:
+                raise ValueError(
+                    f"plugin {f.plugin.name!r} selected unknown parameters {sorted(unknown)[:5]} for gradient surgery"
+                )
+            chosen &= set(picked)
+        if not chosen:
+            raise ValueError(
+                "gradient surgery: the plugins' surgery_parameters selected no parameter"
+            )
+        direction = self.engine.run(
+            values, named, chosen, self._surgery, self.ctx, layout=self.surgery_layout
+        )  # type: ignore[arg-type]
+        write_grads(direction.vector, [p for _, p in named])
+        return direction
 
     def log_items(self) -> dict[str, Any]:
         items = dict(self.ctx.logged)

@@ -157,7 +157,7 @@ class HookedModule(L.LightningModule):
             return hooks.total(reduced)  # 7. objective weighting; Lightning runs backward
         opt = self.optimizers()
         opt.zero_grad()
-        hooks.surgery_gradients(reduced, [p for p in self.parameters() if p.requires_grad])  # 7'. surgery
+        hooks.surgery_gradients(reduced, self)  # 7'. surgery
         if self.manual_clip:
             self.clip_gradients(opt, gradient_clip_val=self.manual_clip)
         opt.step()

@@ -94,6 +94,10 @@ class Plugin:
     incompatible_with: ClassVar[Mapping[str, str]] = {}
     #: True when the plugin provides the training loss itself (the module's own losses are skipped)
     replaces_task_loss: ClassVar[bool] = False
+    #: gradient surgery: True when ``surgery_combine`` uses only inner products, linear
+    #: combinations and element-wise operations of the GradientSet (no ``view``, no gradient
+    #: vectors kept in state), so it also works on a column slice under DDP
+    columns_ok: ClassVar[bool] = False
 
     #: entry-point name, set by the core when the plugin is loaded
     name: str = ""

@@ -267,7 +267,7 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
 
 #: (family, strategy kind) pairs the core itself cannot run yet, and why
 CORE_UNSUPPORTED = {
-    ("gradient-surgery", "fsdp2"): "the per-objective gradient engine does not reduce inner products over FSDP2 shards yet",
+    ("gradient-surgery", "fsdp2"): "the per-objective gradient engine (paperhooks.gradients) takes K gradients with autograd.grad, which FSDP2's sharded parameters do not support yet",
     ("gradient-surgery", "fsdp"): "the per-objective gradient engine does not support sharded parameters yet",
     ("gradient-surgery", "deepspeed"): "DeepSpeed ZeRO mishandles several backward passes per step",
     ("pruning", "fsdp2"): "global mask selection over FSDP2 shards is not implemented yet",

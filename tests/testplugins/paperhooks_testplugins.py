@@ -133,8 +133,9 @@ class SumSurgery(Plugin):
     strategies = {"single": "tested", "ddp": "tested", "fsdp2": "unsupported"}
 
     @hookimpl
-    def surgery_combine(self, grads, names, ctx):
-        ctx.log("surgery/cos", torch.nn.functional.cosine_similarity(grads[0], grads[-1], dim=0))
+    def surgery_combine(self, grads, ctx):
+        g = grads.gram()
+        ctx.log("surgery/cos", g[0, -1] / (g[0, 0] * g[-1, -1]).sqrt().clamp_min(1e-30))
         return None
 
 

@@ -167,7 +167,9 @@ def conflicting_gradients(k: int, p: int, seed: int) -> torch.Tensor:
 
 
 def check_gradient_surgery(plugin: Plugin, *, seeds: Sequence[int] = range(5), step: int = STEP) -> None:
-    """Finite, valid shape, input untouched, and ``⟨d, Σ_k g_k⟩ ≥ 0`` for the direction d."""
+    """Finite, valid result type, input untouched, and ``⟨d, Σ_k g_k⟩ ≥ 0`` for the direction d."""
+    from paperhooks.gradients import Block, Direction, GradientSet
+
     hook = the_call(plugin, "surgery_combine")
     p = 12
     cases = []
@@ -181,14 +183,20 @@ def check_gradient_surgery(plugin: Plugin, *, seeds: Sequence[int] = range(5), s
     for case, G in cases:
         given = G.clone()
         names = [f"objective{i}" for i in range(G.shape[0])]
-        out = hook(grads=given, names=names, ctx=context(step))
+        losses = torch.linspace(1.0, 2.0, G.shape[0], dtype=torch.float64)
+        gset = GradientSet(given, names, losses, blocks=[Block("weight", 0, p, torch.Size([3, 4]))])
+        out = hook(grads=gset, ctx=context(step))
         expect(torch.equal(given, G), plugin, f"changed its input gradients in place ({case})")
         if out is None:
             d = G.sum(dim=0)
+        elif isinstance(out, Direction):
+            expect(out.vector.shape == G.shape[1:], plugin, f"returned a direction of shape {tuple(out.vector.shape)}, "
+                   f"need {tuple(G.shape[1:])} ({case})")
+            d = out.vector
         else:
-            expect(isinstance(out, torch.Tensor) and out.shape in (G.shape, G.shape[1:]), plugin,
-                   f"must return [K, P] = {tuple(G.shape)} or [P], got {getattr(out, 'shape', type(out))} ({case})")
-            d = out if out.dim() == 1 else out.sum(dim=0)
+            expect(isinstance(out, GradientSet), plugin,
+                   f"must return a GradientSet, a Direction or None, got {type(out).__name__} ({case})")
+            d = out.rows.sum(dim=0)
         expect(_finite(d), plugin, f"the direction is not finite ({case})")
         total = G.sum(dim=0)
         inner = torch.dot(d.double(), total.double()).item()

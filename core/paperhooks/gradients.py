@@ -1,0 +1,484 @@
+"""The per-objective gradient engine of the gradient-surgery family.
+
+The core, not each plugin, computes one gradient per objective and hands surgery plugins a
+:class:`GradientSet`: the K gradients of the *global* objectives (the ones a single process
+would compute on the global batch) with the operations surgery methods are made of, inner
+products and the Gram matrix, norms, linear combinations, projections. A plugin never calls
+``backward`` and never sees the gradient of the summed loss, only the K per-objective ones.
+
+How the K gradients are obtained (:func:`per_objective_gradients`)
+    One forward pass, then either one batched vector-Jacobian product over the K objectives
+    (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over the backward pass) or, where
+    an operation of the model has no batching rule, K backward passes through the one retained
+    graph. ``engine="auto"`` tries the batched form once and falls back for the rest of the run.
+
+Many processes: the *layout* of a set
+    ``"full"``
+        Every rank holds every column of the globally averaged ``G`` (``[K, P]``). Under DDP
+        that costs one all-reduce of ``K×P`` (DDP's own reducer is kept out with
+        ``no_sync``). Any plugin works on this layout, including those that read one
+        parameter's block (:meth:`GradientSet.view`) or keep gradient vectors in their state.
+    ``"columns"``
+        Rank r holds a contiguous slice of the columns of the averaged ``G``: under DDP one
+        reduce-scatter of ``K×P`` gives it, each rank then owns ``P/R`` columns. Inner products
+        are partial sums over the local columns, all-reduced as a ``K×K`` matrix, which is
+        exact (the columns partition the parameter vector). Linear combinations and
+        element-wise operations are local. The final direction is all-gathered once (``P``), or,
+        when it is a linear combination of the original gradients, each rank combines its
+        *unreduced* gradients with the same weights and one all-reduce of ``P`` gives it.
+        The engine picks this layout when every surgery plugin of the recipe declares
+        ``columns_ok = True`` (it uses only the operations above).
+
+Reducing only the ``K×K`` Gram matrix of the per-rank gradients, as some implementations do,
+is *not* exact under DDP: the Gram matrix of an average is not the average of the Gram
+matrices. The reduce-scatter is what makes the inner products exact at a fraction of the
+all-reduce's traffic.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from paperhooks import dist
+
+Layout = Literal["full", "columns"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Where one parameter's gradient lives in the flat vector: ``[start, stop)`` and its shape."""
+
+    name: str
+    start: int
+    stop: int
+    shape: torch.Size
+
+
+class Direction:
+    """The update direction a surgery chain ends with.
+
+    ``vector`` holds this rank's columns (all of them in the full layout). ``weights`` is set
+    when the direction is ``Σ_k weights_k g_k`` over the *original* K gradients; the engine then
+    applies the same weights to parameters outside the surgery set.
+    """
+
+    def __init__(
+        self, vector: torch.Tensor, weights: torch.Tensor | None, source: GradientSet
+    ) -> None:
+        self.vector = vector
+        self.weights = weights
+        self.source = source
+
+    def __repr__(self) -> str:
+        w = None if self.weights is None else [round(float(x), 4) for x in self.weights]
+        return f"Direction(P_local={self.vector.numel()}, weights={w})"
+
+
+class GradientSet:
+    """K per-objective gradients of the global objectives, identical on every rank.
+
+    Rows are objectives (``names``), columns are this rank's coordinates of the flattened
+    trainable parameters (all coordinates in the ``"full"`` layout). ``losses`` are the
+    objectives' global values (detached), in row order.
+
+    Every method returns a new set or a :class:`Direction`; the set itself is never changed, so
+    the chain of plugins cannot corrupt another plugin's input.
+    """
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        names: Sequence[str],
+        losses: torch.Tensor,
+        *,
+        layout: Layout = "full",
+        blocks: Sequence[Block] = (),
+        mix: torch.Tensor | None = None,
+        _gram: torch.Tensor | None = None,
+    ) -> None:
+        if rows.dim() != 2 or rows.shape[0] != len(names):
+            raise ValueError(f"rows must be [K={len(names)}, P], got {tuple(rows.shape)}")
+        self.rows = rows
+        self.names = tuple(names)
+        self.losses = losses
+        self.layout: Layout = layout
+        self.blocks = tuple(blocks)
+        # rows == mix @ G_original while the set is a linear image of the original gradients
+        self.mix = (
+            mix
+            if mix is not None
+            else torch.eye(len(names), dtype=torch.float64, device=rows.device)
+        )
+        self._gram = _gram
+
+    # -- shape ------------------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.rows.shape[0]
+
+    def __len__(self) -> int:
+        return self.k
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(
+                f"no objective {name!r} in the gradient set; objectives: {list(self.names)}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"GradientSet(names={list(self.names)}, P_local={self.rows.shape[1]}, layout={self.layout!r})"
+
+    # -- inner products (global) ------------------------------------------------------------------
+    def _sum_columns(self, partial: torch.Tensor) -> torch.Tensor:
+        """Complete a sum over columns: local in the full layout, all-reduced over column shards."""
+        if self.layout == "columns" and dist.is_distributed():
+            return dist.all_reduce_sum(partial)
+        return partial
+
+    def gram(self) -> torch.Tensor:
+        """``[K, K]`` matrix of inner products ``⟨g_i, g_j⟩`` (float64, exact over shards)."""
+        if self._gram is None:
+            r = self.rows.double()
+            self._gram = self._sum_columns(r @ r.T)
+        return self._gram
+
+    def norms(self) -> torch.Tensor:
+        """``[K]`` Euclidean norms ``‖g_k‖`` (float64)."""
+        return self.gram().diagonal().clamp_min(0).sqrt()
+
+    def dot(self, vector: torch.Tensor | Direction) -> torch.Tensor:
+        """``[K]`` inner products ``⟨g_k, v⟩`` with a vector in the same columns (float64)."""
+        v = vector.vector if isinstance(vector, Direction) else vector
+        return self._sum_columns(self.rows.double() @ v.double())
+
+    # -- building new sets and directions -----------------------------------------------------
+    def combine(self, weights: torch.Tensor | Sequence[float]) -> Direction:
+        """The direction ``Σ_k w_k g_k``."""
+        w = torch.as_tensor(weights, dtype=torch.float64, device=self.rows.device).reshape(-1)
+        if w.numel() != self.k:
+            raise ValueError(
+                f"combine needs {self.k} weights (one per objective {list(self.names)}), got {w.numel()}"
+            )
+        vector = w.to(self.rows.dtype) @ self.rows
+        return Direction(vector, w @ self.mix, self)
+
+    def sum(self) -> Direction:
+        """The plain sum ``Σ_k g_k`` (what training without surgery follows)."""
+        return self.combine(torch.ones(self.k, dtype=torch.float64))
+
+    def transform(self, matrix: torch.Tensor, names: Sequence[str] | None = None) -> GradientSet:
+        """A new set with rows ``A @ G`` (``A`` is ``[J, K]``); inner products stay exact and cheap."""
+        a = torch.as_tensor(matrix, dtype=torch.float64, device=self.rows.device)
+        if a.dim() != 2 or a.shape[1] != self.k:
+            raise ValueError(f"transform needs a [J, {self.k}] matrix, got {tuple(a.shape)}")
+        names = (
+            tuple(names)
+            if names is not None
+            else (
+                self.names if a.shape[0] == self.k else tuple(f"row{j}" for j in range(a.shape[0]))
+            )
+        )
+        gram = None if self._gram is None else a @ self._gram @ a.T
+        losses = self.losses if a.shape[0] == self.k else torch.full((a.shape[0],), float("nan"))
+        return GradientSet(
+            a.to(self.rows.dtype) @ self.rows,
+            names,
+            losses,
+            layout=self.layout,
+            blocks=self.blocks,
+            mix=a @ self.mix,
+            _gram=gram,
+        )
+
+    def select(self, names: Sequence[str]) -> GradientSet:
+        """The rows of the named objectives (e.g. leave out a held-out batch's gradient)."""
+        idx = [self.index(n) for n in names]
+        a = torch.zeros(len(idx), self.k, dtype=torch.float64, device=self.rows.device)
+        a[range(len(idx)), idx] = 1.0
+        out = self.transform(a, names)
+        out.losses = self.losses[idx]
+        return out
+
+    def project_out(self, i: int, j: int) -> GradientSet:
+        """Row i minus its projection on row j: ``g_i − ⟨g_i, g_j⟩/‖g_j‖² g_j`` (a zero g_j is left alone)."""
+        g = self.gram()
+        a = torch.eye(self.k, dtype=torch.float64, device=self.rows.device)
+        if g[j, j] > 0:
+            a[i, j] -= g[i, j] / g[j, j]
+        return self.transform(a)
+
+    def with_rows(self, rows: torch.Tensor, names: Sequence[str] | None = None) -> GradientSet:
+        """A set with arbitrary new local rows (element-wise edits); it is no longer a known
+        linear image of the original gradients, so a direction from it carries no weights."""
+        if rows.shape[1] != self.rows.shape[1]:
+            raise ValueError(
+                f"new rows must keep the local width {self.rows.shape[1]}, got {tuple(rows.shape)}"
+            )
+        out = GradientSet(
+            rows,
+            names if names is not None else self.names[: rows.shape[0]],
+            self.losses,
+            layout=self.layout,
+            blocks=self.blocks,
+        )
+        out.mix = torch.full(
+            (rows.shape[0], self.mix.shape[1]),
+            float("nan"),
+            dtype=torch.float64,
+            device=rows.device,
+        )
+        return out
+
+    def direction(self, vector: torch.Tensor) -> Direction:
+        """Wrap an arbitrary local vector as the direction (no weights known)."""
+        if vector.shape != self.rows.shape[1:]:
+            raise ValueError(
+                f"a direction must have the local width {self.rows.shape[1]}, got {tuple(vector.shape)}"
+            )
+        return Direction(vector, None, self)
+
+    # -- per-parameter access (full layout only) --------------------------------------------------
+    def view(self, name: str) -> torch.Tensor:
+        """``[K, *shape]`` block of one parameter (full layout only)."""
+        if self.layout != "full":
+            raise RuntimeError(
+                "GradientSet.view needs the full layout; a plugin that reads parameter blocks must keep columns_ok = False"
+            )
+        for b in self.blocks:
+            if b.name == name:
+                return self.rows[:, b.start : b.stop].reshape(self.k, *b.shape)
+        raise KeyError(
+            f"no parameter {name!r} in the gradient set; parameters: {[b.name for b in self.blocks]}"
+        )
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+
+# -- solvers shared by surgery plugins ------------------------------------------------------------
+def min_norm_2(v1v1: torch.Tensor, v1v2: torch.Tensor, v2v2: torch.Tensor) -> torch.Tensor:
+    """γ ∈ [0, 1] minimizing ``‖γ u + (1 − γ) v‖²`` from ``⟨u,u⟩, ⟨u,v⟩, ⟨v,v⟩``.
+
+    Setting the derivative to zero gives ``γ* = (⟨v,v⟩ − ⟨u,v⟩) / ‖u − v‖²`` (Sener & Koltun,
+    2018, Algorithm 1 line 3), clipped to [0, 1]; ``u = v`` gives γ = 1/2.
+    """
+    denom = v1v1 + v2v2 - 2 * v1v2
+    if float(denom) <= 0:
+        return torch.as_tensor(0.5, dtype=torch.float64)
+    return ((v2v2 - v1v2) / denom).clamp(0.0, 1.0).to(torch.float64)
+
+
+def min_norm_weights(gram: torch.Tensor, *, max_iter: int = 250, tol: float = 1e-5) -> torch.Tensor:
+    """MGDA's weights: ``α = argmin_{α ∈ Δ_K} ‖Σ_k α_k g_k‖²``, from the Gram matrix alone.
+
+    Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization" (NeurIPS 2018),
+    Algorithm 2 (MGDA-UB's Frank–Wolfe solver): start from the best pair (the two-objective
+    closed form of :func:`min_norm_2` over all pairs), then repeat: the vertex
+    ``t = argmin_k (C α)_k``, the exact line search between α and ``e_t``, until the change
+    ``‖α' − α‖₁ < tol``. Works on the ``K×K`` matrix only, so it costs nothing per parameter
+    and is identical on every rank.
+    """
+    c = gram.detach().to(torch.float64)
+    k = c.shape[0]
+    if k == 1:
+        return torch.ones(1, dtype=torch.float64)
+    best, alpha = None, None
+    for i in range(k):
+        for j in range(i + 1, k):
+            g = min_norm_2(c[i, i], c[i, j], c[j, j])
+            cost = g * g * c[i, i] + 2 * g * (1 - g) * c[i, j] + (1 - g) ** 2 * c[j, j]
+            if best is None or cost < best:
+                best = cost
+                alpha = torch.zeros(k, dtype=torch.float64)
+                alpha[i], alpha[j] = g, 1 - g
+    assert alpha is not None
+    for _ in range(max_iter):
+        grad = c @ alpha
+        t = int(torch.argmin(grad))
+        v1v1 = alpha @ grad
+        v1v2 = grad[t]
+        v2v2 = c[t, t]
+        g = min_norm_2(v1v1, v1v2, v2v2)
+        new = g * alpha
+        new[t] += 1 - g
+        if float((new - alpha).abs().sum()) < tol:
+            alpha = new
+            break
+        alpha = new
+    return alpha
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+class Engine:
+    """Computes the K gradients, reduces them over ranks, runs the chain, writes ``p.grad``."""
+
+    def __init__(self, mode: Literal["auto", "batched", "loop"] = "auto") -> None:
+        self.mode = mode
+        self._batched_ok: bool | None = None if mode == "auto" else mode == "batched"
+
+    def per_objective_gradients(
+        self, values: Sequence[torch.Tensor], params: Sequence[torch.nn.Parameter]
+    ) -> torch.Tensor:
+        """``[K, P]`` local gradients of each scalar in ``values`` with respect to ``params``."""
+        p_total = sum(p.numel() for p in params)
+        ref = params[0]
+        live = [i for i, v in enumerate(values) if v.requires_grad]
+        out = torch.zeros(len(values), p_total, dtype=ref.dtype, device=ref.device)
+        if not live:
+            return out
+        if self._batched_ok is not False and len(live) > 1:
+            try:
+                stacked = torch.stack([values[i] for i in live])
+                eye = torch.eye(len(live), dtype=stacked.dtype, device=stacked.device)
+                grads = torch.autograd.grad(
+                    stacked,
+                    params,
+                    grad_outputs=eye,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                    retain_graph=self._batched_ok is None,
+                )
+                out[live] = torch.cat(
+                    [_flat(g, p, len(live)) for g, p in zip(grads, params, strict=True)], dim=1
+                )
+                self._batched_ok = True
+                return out
+            except RuntimeError as err:
+                if self._batched_ok:
+                    raise
+                warnings.warn(
+                    f"batched per-objective gradients unavailable ({str(err).splitlines()[0][:160]}); "
+                    "using one backward pass per objective",
+                    stacklevel=2,
+                )
+                self._batched_ok = False
+        for n, i in enumerate(live):
+            grads = torch.autograd.grad(
+                values[i], params, retain_graph=n < len(live) - 1, allow_unused=True
+            )
+            out[i] = torch.cat([_flat(g, p) for g, p in zip(grads, params, strict=True)])
+        return out
+
+    def run(
+        self,
+        values: Mapping[str, torch.Tensor],
+        named_params: Sequence[tuple[str, torch.nn.Parameter]],
+        surgery_names: set[str],
+        chain: Sequence[Callable[..., GradientSet | Direction | None]],
+        ctx: object,
+        layout: Layout = "full",
+    ) -> Direction:
+        names = list(values)
+        params = [p for _, p in named_params]
+        local = self.per_objective_gradients(
+            [values[n] for n in names], params
+        )  # [K, P] this rank's batch
+        losses = (
+            dist.all_reduce_sum(torch.stack([values[n].detach().to(torch.float64) for n in names]))
+            / dist.world_size()
+        )
+
+        # split the columns: the surgery set first, the rest after
+        s_idx, o_idx, blocks, offset, pos = [], [], [], 0, 0
+        for name, p in named_params:
+            n = p.numel()
+            cols = range(pos, pos + n)
+            if name in surgery_names:
+                s_idx.extend(cols)
+                blocks.append(Block(name, offset, offset + n, p.shape))
+                offset += n
+            else:
+                o_idx.extend(cols)
+            pos += n
+        everything = not o_idx
+        s_local = local if everything else local[:, s_idx]
+        o_local = None if everything else local[:, o_idx]
+
+        world = dist.world_size()
+        distributed = dist.is_distributed()
+        if not distributed or layout == "full":
+            s_rows = dist.all_reduce_sum(s_local) / world if distributed else s_local
+            gset = GradientSet(s_rows, names, losses, layout="full", blocks=blocks)
+            chunk = None
+        else:
+            s_rows, chunk = dist.reduce_scatter_columns(s_local)
+            gset = GradientSet(s_rows / world, names, losses, layout="columns", blocks=blocks)
+
+        result: GradientSet | Direction = gset
+        for f in chain:
+            res = f(grads=result, ctx=ctx)
+            if res is None:
+                continue
+            if not isinstance(res, GradientSet | Direction):
+                name = getattr(getattr(f, "plugin", None), "name", "?")
+                raise TypeError(
+                    f"surgery plugin {name!r} returned {type(res).__name__}; return a GradientSet, a Direction "
+                    "(e.g. grads.combine(weights)) or None"
+                )
+            result = res
+            if isinstance(result, Direction):
+                break
+        direction = result if isinstance(result, Direction) else result.sum()
+        if not torch.isfinite(direction.vector).all():
+            raise FloatingPointError(
+                "gradient surgery produced a non-finite direction "
+                f"(objectives {names}, global losses {losses.tolist()})"
+            )
+
+        weights = direction.weights
+        if weights is not None and bool(torch.isnan(weights).any()):
+            weights = None
+        # assemble the full update on every rank
+        if distributed and layout == "columns":
+            if weights is not None:
+                # Σ_k w_k ḡ_k = mean over ranks of Σ_k w_k g_k^(r): one all-reduce of P
+                full_s = dist.all_reduce_sum(weights.to(s_local.dtype) @ s_local) / world
+            else:
+                full_s = dist.all_gather_columns(direction.vector, chunk, s_local.shape[1])
+        else:
+            full_s = direction.vector
+        if o_local is None:
+            return Direction(full_s, weights, gset)
+        w_other = weights if weights is not None else torch.ones(len(names), dtype=torch.float64)
+        o_dir = w_other.to(o_local.dtype) @ o_local
+        if distributed:
+            o_dir = dist.all_reduce_sum(o_dir) / world
+        full = torch.empty(local.shape[1], dtype=local.dtype, device=local.device)
+        full[s_idx] = full_s
+        full[o_idx] = o_dir
+        return Direction(full, weights, gset)
+
+
+def _flat(g: torch.Tensor | None, p: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    if batch is None:
+        return (g if g is not None else torch.zeros_like(p)).reshape(-1)
+    if g is None:
+        return torch.zeros(batch, p.numel(), dtype=p.dtype, device=p.device)
+    return g.reshape(batch, -1)
+
+
+def write_grads(vector: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = vector[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+__all__ = [
+    "Block",
+    "Direction",
+    "Engine",
+    "GradientSet",
+    "min_norm_2",
+    "min_norm_weights",
+    "write_grads",
+]
