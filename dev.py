@@ -2,13 +2,13 @@
 """Developer bootstrap for paperhooks. Standard library only; run it with Python 3.11+.
 
     python3.11 dev.py setup          create .venv and install core + every plugin (editable)
-    python3.11 dev.py test [ARGS]    setup, then run the whole test suite (ARGS go to pytest)
+    python3.11 dev.py test [ARGS]    setup, then run the whole test suite on 2 workers (ARGS go to pytest)
     python3.11 dev.py demo [K=V]     setup, then train the demo twice: uniform vs loss-reweighting
                                      (K=V overrides go to both runs, e.g. seed=1)
 
 ``setup`` creates ``.venv`` next to this file (if it is missing) and runs::
 
-    pip install -c constraints.txt -e .[dev] -e plugins/<each plugin with a pyproject.toml> pytest ruff nox
+    pip install -c constraints.txt -e .[dev] -e plugins/<each plugin with a pyproject.toml> pytest pytest-xdist ruff nox
 
 It records a hash of ``constraints.txt``, every ``pyproject.toml`` and the Python version in
 ``.venv/.paperhooks-setup``; while that hash is unchanged, ``setup`` does nothing. ``--force``
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".paperhooks-setup"
 CONSTRAINTS = ROOT / "constraints.txt"
-TOOLS = ("pytest", "ruff", "nox")
+TOOLS = ("pytest", "pytest-xdist", "ruff", "nox")
 MIN_PYTHON = (3, 11)
 
 #: the two arms of the demo, in the order they are printed
@@ -65,11 +65,20 @@ def has_dev_extra() -> bool:
     return "dev" in extras
 
 
+def _extras(pyproject: Path) -> dict:
+    import tomllib
+
+    with open(pyproject, "rb") as f:
+        return tomllib.load(f).get("project", {}).get("optional-dependencies", {})
+
+
 def install_args() -> list[str]:
     core = ".[dev]" if has_dev_extra() else "."
     args = ["-c", str(CONSTRAINTS.relative_to(ROOT)), "-e", core]
     for d in plugin_dirs():
-        args += ["-e", str(d.relative_to(ROOT))]
+        # a plugin's own test dependencies (e.g. a reference library) come with its ``test`` extra
+        extra = "[test]" if "test" in _extras(d / "pyproject.toml") else ""
+        args += ["-e", str(d.relative_to(ROOT)) + extra]
     return args + list(TOOLS)
 
 
@@ -141,8 +150,20 @@ def _works(py: Path) -> bool:
         return False
 
 
+def parallel_args(pytest_args: list[str], python: Path) -> list[str]:
+    """``-n 2 --dist worksteal`` (pytest-xdist) unless the caller chose ``-n`` or ``-p no:xdist``.
+
+    Most of the suite's time is subprocesses importing Lightning and small CPU fits, so two
+    workers use both cores of a CI machine; the tests share no files (each has its tmp_path).
+    """
+    if any(a.startswith("-n") or a.startswith("--numprocesses") or "no:xdist" in a for a in pytest_args):
+        return []
+    probe = subprocess.run([str(python), "-c", "import xdist"], capture_output=True)
+    return ["-n", "2", "--dist", "worksteal"] if probe.returncode == 0 else []
+
+
 def test(pytest_args: list[str], python: Path) -> int:
-    cmd = [str(python), "-m", "pytest", *pytest_args]
+    cmd = [str(python), "-m", "pytest", *parallel_args(pytest_args, python), *pytest_args]
     say("running " + " ".join(["python", *cmd[1:]]))
     rc = subprocess.call(cmd, cwd=ROOT)
     if rc == 5:

@@ -14,6 +14,9 @@ TEST_PLUGINS = {
     "conflicting": "paperhooks_testplugins:Conflicting",
     "step-pruning": "paperhooks_testplugins:StepPruning",
     "sum-surgery": "paperhooks_testplugins:SumSurgery",
+    "mgda-surgery": "paperhooks_testplugins:MgdaSurgery",
+    "mgda-surgery-full": "paperhooks_testplugins:MgdaSurgeryFull",
+    "logit-penalty": "paperhooks_testplugins:LogitPenalty",
     # deliberately bad, for the conformance kit's own tests
     "bad-forgetful": "paperhooks_testplugins:ForgetfulCounter",
     "bad-local-softmax": "paperhooks_testplugins:LocalSoftmax",

@@ -41,3 +41,35 @@ def test_two_processes_equal_one_process_on_global_batch(tmp_path, test_plugins)
         # the stateful plugin ran at every step, and rank 0's state is what was saved
         plugins = load_checkpoint(run)["paperhooks"]["plugins"]
         assert plugins[1] == {"name": "loss-rank", "state": {"calls": 6}}, strategy
+
+
+SURGERY = """
+seed: 3
+name: surgery
+model: {name: mlp, hidden: [32]}
+data: {name: digits, batch_size: 64}
+optimizer: {name: sgd, lr: 0.1, momentum: 0.9}
+trainer: {max_steps: 5, enable_progress_bar: false, limit_val_batches: 0}
+plugins:
+  - {name: logit-penalty}
+  - {name: mgda-surgery}
+"""
+
+
+def test_gradient_surgery_on_two_processes_equals_one_process(tmp_path, test_plugins):
+    """MGDA over two objectives (cross-entropy and a logit penalty): DDP with the column split
+    (reduce-scatter + Gram all-reduce), DDP with the full all-reduce, and FSDP2 (K backward
+    passes, FSDP2's own reduce-scatter, inner products summed over shards) all end where one
+    process ends on the global batch."""
+    recipe = write_recipe(tmp_path / "s.yaml", SURGERY)
+    one = final_state(fit_cli(recipe, ["name=one"], cwd=tmp_path))
+    plain = final_state(fit_cli(recipe, ["name=plain", "plugins=[{name: logit-penalty}]"], cwd=tmp_path))
+    assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-4  # MGDA changed training
+    runs = {
+        "ddp-columns": ["trainer.strategy=ddp"],
+        "ddp-full": ["trainer.strategy=ddp", "plugins=[{name: logit-penalty}, {name: mgda-surgery-full}]"],
+        "fsdp2": ["trainer.strategy=fsdp2"],
+    }
+    for name, overrides in runs.items():
+        run = fit_cli(recipe, [f"name={name}", "trainer.devices=2", *overrides], cwd=tmp_path)
+        assert_states_close(one, final_state(run), atol=1e-6, rtol=1e-5)

@@ -276,6 +276,7 @@ def test_two_processes_give_the_one_process_direction_in_both_layouts(tmp_path):
         net, x, y = W.model_and_batch(None)
         named = list(net.named_parameters())
         chosen = {n for n, _ in named} if surgery == "all" else {"2.weight", "2.bias"}
+        named = [x for x in named if x[0] in chosen] + [x for x in named if x[0] not in chosen]
         seen = {}
 
         def record(grads, ctx, seen=seen):

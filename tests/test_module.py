@@ -86,6 +86,7 @@ def test_the_set_of_hook_specs_is_pinned():
             "surgery_parameters",
             "reparam_setup",
             "reparam_after_step",
+            "reparam_merge",
             "pruning_schedule",
             "pruning_scores",
             "pruning_allocate",

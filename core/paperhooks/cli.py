@@ -19,6 +19,7 @@ STEP_ORDER = (
     ("lifecycle_setup", "   set-up: lifecycle"),
     ("metric_build", "   set-up: metrics (union)"),
     ("reparam_after_step", "8. after the optimizer step: reparameterization updates"),
+    ("reparam_merge", "export: undo wrapper modules before parametrizations are folded"),
     ("pruning_schedule", "8. pruning schedule (one owner)"),
     ("pruning_scores", "8. pruning criterion (one owner)"),
     ("pruning_allocate", "8. pruning allocation (one owner)"),

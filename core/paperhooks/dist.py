@@ -95,6 +95,7 @@ def all_gather_cat(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
         return t.clone(), slice(0, t.shape[0])
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(tdist.get_world_size())]
+    _count("all_gather", n)
     tdist.all_gather(sizes, n)
     sizes_l = [int(s.item()) for s in sizes]
     longest = max(sizes_l)

@@ -196,6 +196,10 @@ class Hooks:
             raise ValueError(
                 "gradient surgery: the plugins' surgery_parameters selected no parameter"
             )
+        # the surgery parameters first, the rest after (in module order within each)
+        named = [np for np in named if np[0] in chosen] + [np for np in named if np[0] not in chosen]
+        if self.ctx.strategy == "fsdp2":  # shards: FSDP2 reduces each backward pass itself
+            return self.engine.run_sharded(values, named, chosen, self._surgery, self.ctx)  # type: ignore[arg-type]
         direction = self.engine.run(
             values, named, chosen, self._surgery, self.ctx, layout=self.surgery_layout
         )  # type: ignore[arg-type]

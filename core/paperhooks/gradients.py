@@ -28,6 +28,18 @@ Many processes: the *layout* of a set
         *unreduced* gradients with the same weights and one all-reduce of ``P`` gives it.
         The engine picks this layout when every surgery plugin of the recipe declares
         ``columns_ok = True`` (it uses only the operations above).
+    ``"columns"`` under FSDP2
+        Every rank holds a shard of every parameter. The K gradients come from K backward passes
+        through the one retained graph, each reduce-scattered by FSDP2 itself, so rank r holds
+        its shard of each global gradient: the same column layout, with nothing gathered. The
+        direction is written back shard by shard. Plugins with ``columns_ok = False`` are
+        refused under FSDP2 before training.
+
+Parameters outside the surgery set (``surgery_parameters``, e.g. task-specific heads) get
+``Σ_k w_k ∇L_k`` when the direction is a combination with weights ``w``, i.e. the gradient of
+``Σ_k w_k L_k``, as Sener & Koltun's and MORE's code back-propagate it; TorchJD's
+``mtl_backward`` and LibMTL give each head its plain ``∇L_k`` instead. Directions without
+weights (element-wise edits) leave those parameters the plain sum.
 
 Reducing only the ``K×K`` Gram matrix of the per-rank gradients, as some implementations do,
 is *not* exact under DDP: the Gram matrix of an average is not the average of the Gram
@@ -42,6 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from paperhooks import dist
@@ -145,8 +158,8 @@ class GradientSet:
     def gram(self) -> torch.Tensor:
         """``[K, K]`` matrix of inner products ``⟨g_i, g_j⟩`` (float64, exact over shards)."""
         if self._gram is None:
-            r = self.rows.double()
-            self._gram = self._sum_columns(r @ r.T)
+            # the product in the rows' dtype (no float64 copy of K×P), accumulated K×K in float64
+            self._gram = self._sum_columns((self.rows @ self.rows.T).double())
         return self._gram
 
     def norms(self) -> torch.Tensor:
@@ -156,7 +169,7 @@ class GradientSet:
     def dot(self, vector: torch.Tensor | Direction) -> torch.Tensor:
         """``[K]`` inner products ``⟨g_k, v⟩`` with a vector in the same columns (float64)."""
         v = vector.vector if isinstance(vector, Direction) else vector
-        return self._sum_columns(self.rows.double() @ v.double())
+        return self._sum_columns((self.rows @ v.to(self.rows.dtype)).double())
 
     # -- building new sets and directions -----------------------------------------------------
     def combine(self, weights: torch.Tensor | Sequence[float]) -> Direction:
@@ -264,56 +277,57 @@ class GradientSet:
 
 
 # -- solvers shared by surgery plugins ------------------------------------------------------------
-def min_norm_2(v1v1: torch.Tensor, v1v2: torch.Tensor, v2v2: torch.Tensor) -> torch.Tensor:
+def min_norm_2(v1v1: float, v1v2: float, v2v2: float) -> float:
     """γ ∈ [0, 1] minimizing ``‖γ u + (1 − γ) v‖²`` from ``⟨u,u⟩, ⟨u,v⟩, ⟨v,v⟩``.
 
     Setting the derivative to zero gives ``γ* = (⟨v,v⟩ − ⟨u,v⟩) / ‖u − v‖²`` (Sener & Koltun,
     2018, Algorithm 1 line 3), clipped to [0, 1]; ``u = v`` gives γ = 1/2.
     """
+    v1v1, v1v2, v2v2 = float(v1v1), float(v1v2), float(v2v2)
     denom = v1v1 + v2v2 - 2 * v1v2
-    if float(denom) <= 0:
-        return torch.as_tensor(0.5, dtype=torch.float64)
-    return ((v2v2 - v1v2) / denom).clamp(0.0, 1.0).to(torch.float64)
+    if denom <= 0:
+        return 0.5
+    return min(max((v2v2 - v1v2) / denom, 0.0), 1.0)
 
 
 def min_norm_weights(gram: torch.Tensor, *, max_iter: int = 250, tol: float = 1e-5) -> torch.Tensor:
     """MGDA's weights: ``α = argmin_{α ∈ Δ_K} ‖Σ_k α_k g_k‖²``, from the Gram matrix alone.
 
     Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization" (NeurIPS 2018),
-    Algorithm 2 (MGDA-UB's Frank–Wolfe solver): start from the best pair (the two-objective
-    closed form of :func:`min_norm_2` over all pairs), then repeat: the vertex
-    ``t = argmin_k (C α)_k``, the exact line search between α and ``e_t``, until the change
-    ``‖α' − α‖₁ < tol``. Works on the ``K×K`` matrix only, so it costs nothing per parameter
-    and is identical on every rank.
+    Algorithm 2 (MGDA-UB's Frank–Wolfe solver; defaults 250 iterations, tolerance 1e-5 as in
+    their ``MinNormSolver``): start from the best pair (the two-objective closed form of
+    :func:`min_norm_2` over all pairs), then repeat: the vertex ``t = argmin_k (C α)_k``, the
+    exact line search between α and ``e_t``, until the change ``‖α' − α‖₁ < tol``. Works on the
+    ``K×K`` matrix only (in float64 NumPy on the host: a few microseconds per iteration), so it
+    costs nothing per parameter and is identical on every rank. Returns float64 on ``gram``'s
+    device.
     """
-    c = gram.detach().to(torch.float64)
+    c = gram.detach().to(torch.float64).cpu().numpy()
     k = c.shape[0]
+    alpha = np.zeros(k)
     if k == 1:
-        return torch.ones(1, dtype=torch.float64)
-    best, alpha = None, None
-    for i in range(k):
-        for j in range(i + 1, k):
-            g = min_norm_2(c[i, i], c[i, j], c[j, j])
-            cost = g * g * c[i, i] + 2 * g * (1 - g) * c[i, j] + (1 - g) ** 2 * c[j, j]
-            if best is None or cost < best:
-                best = cost
-                alpha = torch.zeros(k, dtype=torch.float64)
-                alpha[i], alpha[j] = g, 1 - g
-    assert alpha is not None
-    for _ in range(max_iter):
-        grad = c @ alpha
-        t = int(torch.argmin(grad))
-        v1v1 = alpha @ grad
-        v1v2 = grad[t]
-        v2v2 = c[t, t]
-        g = min_norm_2(v1v1, v1v2, v2v2)
-        new = g * alpha
-        new[t] += 1 - g
-        if float((new - alpha).abs().sum()) < tol:
+        alpha[0] = 1.0
+    else:
+        best = np.inf
+        for i in range(k):
+            for j in range(i + 1, k):
+                g = min_norm_2(c[i, i], c[i, j], c[j, j])
+                cost = g * g * c[i, i] + 2 * g * (1 - g) * c[i, j] + (1 - g) ** 2 * c[j, j]
+                if cost < best:
+                    best = cost
+                    alpha[:] = 0.0
+                    alpha[i], alpha[j] = g, 1 - g
+        for _ in range(max_iter):
+            grad = c @ alpha
+            t = int(np.argmin(grad))
+            g = min_norm_2(alpha @ grad, grad[t], c[t, t])
+            new = g * alpha
+            new[t] += 1 - g
+            change = float(np.abs(new - alpha).sum())
             alpha = new
-            break
-        alpha = new
-    return alpha
+            if change < tol:
+                break
+    return torch.from_numpy(alpha).to(gram.device)
 
 
 # -- the engine ---------------------------------------------------------------------------------------
@@ -321,6 +335,10 @@ class Engine:
     """Computes the K gradients, reduces them over ranks, runs the chain, writes ``p.grad``."""
 
     def __init__(self, mode: Literal["auto", "batched", "loop"] = "auto") -> None:
+        """``mode``: ``"batched"`` (one vmapped backward), ``"loop"`` (K backward passes), or
+        ``"auto"``: batched on CUDA (falling back to the loop for good if an operation has no
+        batching rule), the loop on CPU, where vmap's overhead measured slower
+        (``benchmarks/surgery.py``)."""
         self.mode = mode
         self._batched_ok: bool | None = None if mode == "auto" else mode == "batched"
 
@@ -334,6 +352,8 @@ class Engine:
         out = torch.zeros(len(values), p_total, dtype=ref.dtype, device=ref.device)
         if not live:
             return out
+        if self._batched_ok is None and ref.device.type != "cuda":
+            self._batched_ok = False
         if self._batched_ok is not False and len(live) > 1:
             try:
                 stacked = torch.stack([values[i] for i in live])
@@ -364,7 +384,12 @@ class Engine:
             grads = torch.autograd.grad(
                 values[i], params, retain_graph=n < len(live) - 1, allow_unused=True
             )
-            out[i] = torch.cat([_flat(g, p) for g, p in zip(grads, params, strict=True)])
+            offset = 0
+            for g, p in zip(grads, params, strict=True):
+                n = p.numel()
+                if g is not None:
+                    out[i, offset : offset + n].copy_(g.reshape(-1))
+                offset += n
         return out
 
     def run(
@@ -386,21 +411,17 @@ class Engine:
             / dist.world_size()
         )
 
-        # split the columns: the surgery set first, the rest after
-        s_idx, o_idx, blocks, offset, pos = [], [], [], 0, 0
+        # the caller orders the surgery parameters first: the split is two slices, no gather
+        blocks, offset = [], 0
         for name, p in named_params:
-            n = p.numel()
-            cols = range(pos, pos + n)
-            if name in surgery_names:
-                s_idx.extend(cols)
-                blocks.append(Block(name, offset, offset + n, p.shape))
-                offset += n
-            else:
-                o_idx.extend(cols)
-            pos += n
-        everything = not o_idx
-        s_local = local if everything else local[:, s_idx]
-        o_local = None if everything else local[:, o_idx]
+            if name not in surgery_names:
+                break
+            blocks.append(Block(name, offset, offset + p.numel(), p.shape))
+            offset += p.numel()
+        _check_surgery_first(named_params, surgery_names)
+        ps = offset
+        s_local = local[:, :ps]
+        o_local = local[:, ps:] if ps < local.shape[1] else None
 
         world = dist.world_size()
         distributed = dist.is_distributed()
@@ -412,26 +433,7 @@ class Engine:
             s_rows, chunk = dist.reduce_scatter_columns(s_local)
             gset = GradientSet(s_rows / world, names, losses, layout="columns", blocks=blocks)
 
-        result: GradientSet | Direction = gset
-        for f in chain:
-            res = f(grads=result, ctx=ctx)
-            if res is None:
-                continue
-            if not isinstance(res, GradientSet | Direction):
-                name = getattr(getattr(f, "plugin", None), "name", "?")
-                raise TypeError(
-                    f"surgery plugin {name!r} returned {type(res).__name__}; return a GradientSet, a Direction "
-                    "(e.g. grads.combine(weights)) or None"
-                )
-            result = res
-            if isinstance(result, Direction):
-                break
-        direction = result if isinstance(result, Direction) else result.sum()
-        if not torch.isfinite(direction.vector).all():
-            raise FloatingPointError(
-                "gradient surgery produced a non-finite direction "
-                f"(objectives {names}, global losses {losses.tolist()})"
-            )
+        direction = _chain(gset, chain, ctx, names)
 
         weights = direction.weights
         if weights is not None and bool(torch.isnan(weights).any()):
@@ -447,14 +449,105 @@ class Engine:
             full_s = direction.vector
         if o_local is None:
             return Direction(full_s, weights, gset)
-        w_other = weights if weights is not None else torch.ones(len(names), dtype=torch.float64)
+        w_other = weights if weights is not None else torch.ones(len(names), dtype=torch.float64, device=o_local.device)
         o_dir = w_other.to(o_local.dtype) @ o_local
         if distributed:
             o_dir = dist.all_reduce_sum(o_dir) / world
-        full = torch.empty(local.shape[1], dtype=local.dtype, device=local.device)
-        full[s_idx] = full_s
-        full[o_idx] = o_dir
+        return Direction(torch.cat([full_s, o_dir]), weights, gset)
+
+
+    def run_sharded(
+        self,
+        values: Mapping[str, torch.Tensor],
+        named_params: Sequence[tuple[str, torch.nn.Parameter]],
+        surgery_names: set[str],
+        chain: Sequence[Callable[..., GradientSet | Direction | None]],
+        ctx: object,
+    ) -> Direction:
+        """The engine under FSDP2: every rank holds a shard of every parameter.
+
+        K backward passes through the one retained graph; FSDP2 reduce-scatters each, so rank r
+        ends with its shard of each *global* per-objective gradient, already averaged, and
+        nothing is gathered. The set's columns are the local shards (layout ``"columns"``):
+        inner products are partial sums all-reduced as one ``K×K`` matrix, combinations are
+        local, and the direction is written back shard by shard into ``p.grad``.
+        """
+        names = list(values)
+        params = [p for _, p in named_params]
+        locals_ = [_local(p) for p in params]
+        rows = []
+        for k, name in enumerate(names):
+            for p in params:
+                p.grad = None
+            v = values[name]
+            if v.requires_grad:
+                v.backward(retain_graph=k < len(names) - 1)
+            rows.append(torch.cat([_local(p.grad).reshape(-1) if p.grad is not None else torch.zeros_like(t).reshape(-1)
+                                   for p, t in zip(params, locals_, strict=True)]))
+        local = torch.stack(rows)  # [K, P_local]: shards of the global gradients
+        losses = dist.all_reduce_sum(torch.stack([values[n].detach().to(torch.float64) for n in names])) / dist.world_size()
+        _check_surgery_first(named_params, surgery_names)
+        ps = sum(t.numel() for (name, _), t in zip(named_params, locals_, strict=True) if name in surgery_names)
+        gset = GradientSet(local[:, :ps], names, losses, layout="columns")
+        direction = _chain(gset, chain, ctx, names)
+        weights = direction.weights
+        if weights is not None and bool(torch.isnan(weights).any()):
+            weights = None
+        full = direction.vector
+        if ps < local.shape[1]:
+            w = weights if weights is not None else torch.ones(len(names), dtype=torch.float64, device=local.device)
+            full = torch.cat([full, w.to(local.dtype) @ local[:, ps:]])
+        offset = 0
+        for p, t in zip(params, locals_, strict=True):
+            n = t.numel()
+            piece = full[offset : offset + n].view_as(t)
+            if p.grad is None:
+                p.grad = _like_param(p, torch.zeros_like(t))
+            _local(p.grad).copy_(piece)
+            offset += n
         return Direction(full, weights, gset)
+
+
+def _check_surgery_first(named_params: Sequence[tuple[str, torch.nn.Parameter]], surgery_names: set[str]) -> None:
+    seen_other = False
+    for name, _ in named_params:
+        if name in surgery_names and seen_other:
+            raise ValueError("Engine: order the surgery parameters first (Hooks.surgery_gradients does)")
+        seen_other |= name not in surgery_names
+
+
+def _chain(gset: GradientSet, chain: Sequence[Callable[..., GradientSet | Direction | None]], ctx: object, names: list[str]) -> Direction:
+    result: GradientSet | Direction = gset
+    for f in chain:
+        res = f(grads=result, ctx=ctx)
+        if res is None:
+            continue
+        if not isinstance(res, GradientSet | Direction):
+            name = getattr(getattr(f, "plugin", None), "name", "?")
+            raise TypeError(f"surgery plugin {name!r} returned {type(res).__name__}; return a GradientSet, a Direction "
+                            "(e.g. grads.combine(weights)) or None")
+        result = res
+        if isinstance(result, Direction):
+            break
+    direction = result if isinstance(result, Direction) else result.sum()
+    if not torch.isfinite(direction.vector).all():
+        raise FloatingPointError(f"gradient surgery produced a non-finite direction (objectives {names}, "
+                                 f"global losses {gset.losses.tolist()})")
+    return direction
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameter or gradient), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    if hasattr(p, "to_local"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return local
 
 
 def _flat(g: torch.Tensor | None, p: torch.Tensor, batch: int | None = None) -> torch.Tensor:
@@ -466,10 +559,13 @@ def _flat(g: torch.Tensor | None, p: torch.Tensor, batch: int | None = None) -> 
 
 
 def write_grads(vector: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
+    """``p.grad`` = the direction's block of each parameter: views of one private copy (a plugin
+    may hold the vector it returned; in-place gradient clipping must not change it)."""
+    vector = vector.detach().clone()
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = vector[offset : offset + n].view_as(p).clone()
+        p.grad = vector[offset : offset + n].view_as(p)
         offset += n
 
 

@@ -96,6 +96,9 @@ class HookedModule(L.LightningModule):
                     raise ValueError(f"two plugins define the metric {name!r}")
                 metrics[name] = metric
         self.plugin_metrics = nn.ModuleDict(metrics)
+        from paperhooks.reparam import trainable_parameters
+
+        self.trainable_parameters = trainable_parameters(self)  # before sharding: whole tensors
         if ctx.strategy == "fsdp2":
             self._shard()
 

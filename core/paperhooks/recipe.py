@@ -267,7 +267,6 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
 
 #: (family, strategy kind) pairs the core itself cannot run yet, and why
 CORE_UNSUPPORTED = {
-    ("gradient-surgery", "fsdp2"): "the per-objective gradient engine (paperhooks.gradients) takes K gradients with autograd.grad, which FSDP2's sharded parameters do not support yet",
     ("gradient-surgery", "fsdp"): "the per-objective gradient engine does not support sharded parameters yet",
     ("gradient-surgery", "deepspeed"): "DeepSpeed ZeRO mishandles several backward passes per step",
     ("pruning", "fsdp2"): "global mask selection over FSDP2 shards is not implemented yet",
@@ -300,6 +299,12 @@ def check_strategy(recipe: Recipe) -> None:
         why = CORE_UNSUPPORTED.get((e.cls.family, kind))
         if why:
             raise UnsupportedStrategyError(f"plugin {e.name!r} ({e.cls.family}) cannot run under strategy {kind!r}: {why}")
+        if kind == "fsdp2" and e.cls.family == "gradient-surgery" and not getattr(e.cls, "columns_ok", False):
+            raise UnsupportedStrategyError(
+                f"plugin {e.name!r} (gradient-surgery) cannot run under strategy 'fsdp2': it declares columns_ok = False "
+                "(it reads whole parameter blocks or keeps gradient vectors), and FSDP2 gives each rank only shards; "
+                "use 'ddp'"
+            )
         support = e.cls.strategies.get(kind, "untested")
         if support == "unsupported":
             ok = [k for k, v in e.cls.strategies.items() if v != "unsupported"]

@@ -186,6 +186,9 @@ def fit(recipe: Recipe, resume: str | None = None, run_dir: Path | None = None) 
         # stopped training in the middle of an epoch
         built.trainer.validate(built.module, datamodule=built.datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1})
+    count = getattr(built.module, "trainable_parameters", None)
+    if count is not None:
+        metrics["model/trainable_parameters"] = float(count)
     if built.trainer.is_global_zero:
         (built.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return built, metrics

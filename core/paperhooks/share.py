@@ -81,7 +81,8 @@ def effective_state_dict(run: Path, checkpoint: str = "last.ckpt") -> dict[str, 
     leave_parametrized=True)`` then replaces each by the tensor it computes.
     """
     import torch
-    from torch.nn.utils import parametrize
+
+    from paperhooks.reparam import merge
 
     path = run / "checkpoints" / checkpoint
     if not path.is_file():
@@ -93,11 +94,7 @@ def effective_state_dict(run: Path, checkpoint: str = "last.ckpt") -> dict[str, 
         raise ShareError(
             f"{path} does not match the model its recipe builds: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model = module.model
-    for m in model.modules():
-        if parametrize.is_parametrized(m):
-            for name in list(m.parametrizations):
-                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    model = merge(module.model, module.plugins)
     # Clones: safetensors refuses tensors that share memory (tied weights load back fine).
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 

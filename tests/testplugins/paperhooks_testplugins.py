@@ -139,6 +139,41 @@ class SumSurgery(Plugin):
         return None
 
 
+class MgdaSurgery(Plugin):
+    """MGDA's min-norm combination from the Gram matrix alone (so it works on column shards)."""
+
+    family = "gradient-surgery"
+    paper = PAPER
+    columns_ok = True
+    strategies = {"single": "tested", "ddp": "tested", "fsdp2": "tested"}
+
+    @hookimpl
+    def surgery_combine(self, grads, ctx):
+        from paperhooks.gradients import min_norm_weights
+
+        alpha = min_norm_weights(grads.gram())
+        ctx.log("mgda/alpha0", alpha[0])
+        return grads.combine(alpha)
+
+
+class MgdaSurgeryFull(MgdaSurgery):
+    """The same, but declared to need the full layout (DDP all-reduces K×P)."""
+
+    columns_ok = False
+    strategies = {"single": "tested", "ddp": "tested", "fsdp2": "unsupported"}
+
+
+class LogitPenalty(Plugin):
+    """Objective term ``l2 = 0.05 · ‖logits‖²`` per sample: a second objective for surgery tests."""
+
+    family = "objective"
+    paper = PAPER
+
+    @hookimpl
+    def objective_terms(self, module, batch, outputs, ctx):
+        return {"l2": 0.05 * outputs["logits"].pow(2).sum(dim=1)}
+
+
 class Broken(Plugin):
     family = "sample-weighting"
 

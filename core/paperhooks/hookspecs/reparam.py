@@ -29,3 +29,15 @@ def reparam_after_step(module: Any, ctx: StepContext) -> None:
 
     Several plugins: recipe order. Called from ``on_train_batch_end``.
     """
+
+
+@hookspec
+def reparam_merge(model: Any) -> None:
+    """Undo a wrapper module (if the plugin used one instead of a parametrization).
+
+    :param model: the network (``module.model``), changed in place.
+
+    Several plugins: reverse recipe order. Called by :func:`paperhooks.reparam.merge` (and so
+    by ``paperhooks export``) before every parametrization is folded into a plain weight;
+    plugins that only register parametrizations need not implement it.
+    """
