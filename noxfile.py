@@ -6,7 +6,7 @@
 - ``lint``: ``ruff check``.
 - ``docs``: ``mkdocs build --strict`` (skipped while there is no ``mkdocs.yml``).
 - ``demo``: the README's demo, uniform vs loss-reweighting.
-- ``bench``: every ``benchmarks/*.py`` (skipped while there are none).
+- ``bench``: ``benchmarks/run_all.py``, every benchmark in one run (results in ``docs/benchmarks.md``).
 
 Every install goes through ``constraints.txt`` (torch and torchvision must come as a matched
 pair). Each session has its own virtualenv under ``.nox/``; torch makes the first install of
@@ -105,11 +105,14 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Every benchmarks/*.py in turn (results are theirs to write, under docs/)."""
-    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
-    scripts = [s for s in scripts if not s.name.startswith("_")]
-    if not scripts:
-        session.skip("no benchmarks/*.py")
-    _install_all(session)
-    for script in scripts:
-        session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+    """benchmarks/run_all.py: writes docs/benchmarks.md and docs/benchmarks/*.png.
+
+    Arguments after ``--`` go to the script, e.g. ``nox -s bench -- --quick`` (a smoke run of
+    about three minutes) or ``nox -s bench -- --device cuda``.
+    """
+    script = ROOT / "benchmarks" / "run_all.py"
+    if not script.is_file():
+        session.skip("no benchmarks/run_all.py")
+    # the peers the gradient-surgery benchmark compares against, and the plots
+    _install_all(session, "torchjd>=0.18", "LibMTL>=1.1.5", "matplotlib")
+    session.run("python", str(script.relative_to(ROOT)), *session.posargs)

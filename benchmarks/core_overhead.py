@@ -1,61 +1,74 @@
 """Core overhead: a HookedModule with no plugins vs a plain LightningModule doing the same work.
 
-Both train the same network on the same batches inside Lightning; arms alternate in rounds so
-machine noise hits both alike. Reports the median step time of each arm and the ratio, with
-the spread over rounds. Goal: ratio ≤ 1.02.
+Both train the same network on the same batches inside Lightning (same optimizer, same
+logging); arms alternate in rounds so machine noise hits both alike. Each round gives one
+median step time per arm (after warm-up steps) and one ratio; the result is the median ratio
+over rounds with its min–max. Goal: ratio ≤ 1.02.
 
-    python benchmarks/core_overhead.py [--rounds 7] [--steps 60]
+Part of ``benchmarks/run_all.py``; alone::
+
+    python benchmarks/core_overhead.py [--device cpu|cuda] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import statistics
 import time
-import warnings
+from collections.abc import Callable
 
 import lightning.pytorch as L
-import timm
 import torch
 import torch.nn.functional as F
+from _common import Settings, paired_ratios, quiet, summary, sync
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from paperhooks import HookedModule
-
-warnings.filterwarnings("ignore")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+GOAL = 1.02
+LR = 0.1  # HookedModule's built-in optimizer: SGD, lr 0.1, no momentum
 
 
 class Plain(L.LightningModule):
+    """What a user writes by hand: cross-entropy, mean, log, SGD."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
     def training_step(self, batch, batch_idx):
-        loss = F.cross_entropy(self.model(batch["input"]), batch["target"], reduction="none").mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        loss = F.cross_entropy(self(batch["input"]), batch["target"], reduction="none").mean()
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=LR)
 
 
 class Timer(L.Callback):
-    def __init__(self) -> None:
+    """Wall time from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward,
+    optimizer step and every hook in between), the device synchronized at both ends."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
         self.times: list[float] = []
 
     def on_train_batch_start(self, *args) -> None:
+        sync(self.device)
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, *args) -> None:
+        sync(self.device)
         self.times.append(time.perf_counter() - self.t0)
 
 
-def loader(shape: tuple[int, ...], n: int, batch: int) -> DataLoader:
-    x, y = torch.randn(n, *shape), torch.randint(0, 10, (n,))
+def loader(
+    shape: tuple[int, ...], n: int, batch: int, classes: int = 10, seed: int = 0
+) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
     def collate(rows):
         xs, ys = zip(*rows, strict=True)
@@ -64,52 +77,138 @@ def loader(shape: tuple[int, ...], n: int, batch: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch, collate_fn=collate)
 
 
-def step_time(module: L.LightningModule, data: DataLoader, steps: int) -> float:
-    timer = Timer()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+def step_time(
+    module: L.LightningModule, data: DataLoader, steps: int, warmup: int, device: str
+) -> float:
+    """Median seconds per training step of one fit, the first ``warmup`` steps left out."""
+    timer = Timer(device)
+    trainer = L.Trainer(
+        max_steps=steps + warmup,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     trainer.fit(module, data)
-    return statistics.median(timer.times[5:])  # after warm-up
+    return statistics.median(timer.times[warmup:])
 
 
-def bench(name: str, make_model, shape, batch: int, rounds: int, steps: int) -> dict:
-    data = loader(shape, batch * steps, batch)
-    plain, hooked = [], []
-    for _ in range(rounds):
-        torch.manual_seed(0)
-        plain.append(step_time(Plain(make_model()), data, steps))
-        torch.manual_seed(0)
-        hooked.append(step_time(HookedModule(make_model(), optimizer=None), data, steps))
-    ratios = [h / p for h, p in zip(hooked, plain, strict=True)]
+def compare(
+    arms: dict[str, Callable[[], L.LightningModule]],
+    data: DataLoader,
+    *,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Per-round median step time of each arm; arms alternate (order rotated every round)."""
+    names = list(arms)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            torch.manual_seed(seed)
+            out[name].append(step_time(arms[name](), data, steps, warmup, device))
+    return out
+
+
+def row(name: str, times: dict[str, list[float]], base: str, other: str, goal: float) -> dict:
+    ratios = paired_ratios(times[other], times[base])
     return {
         "model": name,
-        "plain_ms": 1e3 * statistics.median(plain),
-        "hooked_ms": 1e3 * statistics.median(hooked),
-        "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
+        "base": base,
+        "arm": other,
+        "base_ms": 1e3 * statistics.median(times[base]),
+        "arm_ms": 1e3 * statistics.median(times[other]),
+        "ratio": summary(ratios),
+        "goal": goal,
     }
 
 
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def resnet18() -> nn.Module:
+    import timm
+
+    return timm.create_model("resnet18", pretrained=False, num_classes=10)
+
+
+def mlp_case(s: Settings) -> tuple:
+    """(name, model factory, input shape, batch, rounds, steps, warm-up) of the tiny MLP."""
+    return (
+        "MLP 64-256-10, batch 64",
+        mlp,
+        (64,),
+        64,
+        s.pick(5, 9, 7),
+        s.pick(40, 120),
+        s.pick(10, 20),
+    )
+
+
+def resnet_case(s: Settings) -> tuple:
+    """The same for timm's resnet18 on 3×32×32 inputs (smaller under --quick)."""
+    batch = s.pick(8, 32, 128)
+    return (
+        f"timm resnet18, batch {batch} of 3×32×32",
+        resnet18,
+        (3, 32, 32),
+        batch,
+        s.pick(3, 7, 5),
+        s.pick(4, 20, 40),
+        s.pick(2, 5, 10),
+    )
+
+
+def run(s: Settings) -> dict:
+    from paperhooks import HookedModule
+
+    quiet()
+    cases = [mlp_case(s), resnet_case(s)]
+    rows = []
+    for name, make, shape, batch, rounds, steps, warmup in cases:
+        data = loader(shape, batch * (steps + warmup), batch, seed=s.seed)
+        times = compare(
+            {
+                "plain LightningModule": lambda make=make: Plain(make()),
+                "HookedModule, no plugin": lambda make=make: HookedModule(make()),
+            },
+            data,
+            rounds=rounds,
+            steps=steps,
+            warmup=warmup,
+            device=s.device,
+            seed=s.seed,
+        )
+        r = row(name, times, "plain LightningModule", "HookedModule, no plugin", GOAL)
+        r.update(rounds=rounds, steps=steps, warmup=warmup)
+        rows.append(r)
+        print(
+            f"  core overhead {name}: {r['base_ms']:.2f} ms vs {r['arm_ms']:.2f} ms, "
+            f"ratio {r['ratio']['median']:.3f} [{r['ratio']['min']:.3f}, {r['ratio']['max']:.3f}]",
+            flush=True,
+        )
+    return {"rows": rows}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--json", help="write results here")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = [
-        bench("mlp 64-256-10, batch 64", lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)),
-              (64,), 64, args.rounds, args.steps),
-        bench("timm resnet18, batch 32 of 3x32x32", lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
-              (3, 32, 32), 32, max(3, args.rounds // 2), max(15, args.steps // 4)),
-    ]
-    print(f"{'model':40s} {'plain ms':>9s} {'hooked ms':>10s} {'ratio':>7s}  spread")
-    for r in rows:
-        print(f"{r['model']:40s} {r['plain_ms']:9.3f} {r['hooked_ms']:10.3f} {r['ratio']:7.3f}  [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda: CUDA is not available here (torch.cuda.is_available() is False)"
+        )
+    run(Settings(device=args.device, quick=args.quick))
 
 
 if __name__ == "__main__":
