@@ -199,7 +199,7 @@ class Aranyani(Plugin):
                 (pred == batch["target"].reshape(-1)).sum().reshape(1).double(),  # correct
             ]
         )
-        stats = dist.all_reduce_sum(stats)
+        stats = dist.all_reduce_sum(stats).cpu()  # the running aggregates live on the CPU, in float64
         counts = stats[:2]
         self._pending = {
             "counts": counts,
@@ -244,8 +244,8 @@ class Aranyani(Plugin):
                 f"{NAME}: the surgery parameters must include the forest's {w_name} and {b_name}"
             )
         rows = [grads.index(g) for g in GROUPS]
-        e_w = grads.view(w_name)[rows].double()  # [2, T, D, N]: this batch's E_a[∂n/∂W]
-        e_b = grads.view(b_name)[rows].double()  # [2, T, N]
+        e_w = grads.view(w_name)[rows].double().cpu()  # [2, T, D, N]: this batch's E_a[∂n/∂W]
+        e_b = grads.view(b_name)[rows].double().cpu()  # [2, T, N]
         self._update(pending, e_w, e_b)
 
         task = [k for k in range(len(grads)) if k not in rows]
@@ -269,9 +269,9 @@ class Aranyani(Plugin):
         extra = torch.zeros_like(vector)
         for block in grads.blocks:
             if block.name == w_name:
-                extra[block.start : block.stop] = fair_w.reshape(-1).to(vector.dtype)
+                extra[block.start : block.stop] = fair_w.reshape(-1).to(vector.device, vector.dtype)
             elif block.name == b_name:
-                extra[block.start : block.stop] = fair_b.reshape(-1).to(vector.dtype)
+                extra[block.start : block.stop] = fair_b.reshape(-1).to(vector.device, vector.dtype)
         return grads.direction(vector + extra)
 
     def _update(
