@@ -3,8 +3,8 @@
 
     python3.11 dev.py setup          create .venv and install core + every plugin (editable)
     python3.11 dev.py test [ARGS]    setup, then run the test suite on 2 workers (ARGS go to pytest);
-                                     the plugins' slow checks are skipped (conftest.py)
-    python3.11 dev.py test --all     the same with the plugins' slow checks (multi-process runs)
+                                     the plugins' multi-process checks are skipped (conftest.py)
+    python3.11 dev.py test --all     the same with the plugins' multi-process checks
     python3.11 dev.py demo [K=V]     setup, then train the demo twice: uniform vs loss-reweighting
                                      (K=V overrides go to both runs, e.g. seed=1)
 
@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
         else:
             python = setup()
         if command == "test":
-            if "--all" in rest:  # the plugins' slow checks too (see conftest.py)
+            if "--all" in rest:  # the plugins' multi-process checks too (see conftest.py)
                 rest = [a for a in rest if a != "--all"]
                 os.environ["PAPERHOOKS_FULL_SUITE"] = "1"
             return test(rest, python)
