@@ -375,7 +375,8 @@ def plugin_entry(p: PluginDoc) -> str:
     effect = card.get("Measured effect")
     if effect:
         effect = _outside_code(_demote(effect), _local_links_as_text)
-        out.append('??? success "Measured effect (from the method card)"\n\n' + _indent(effect) + "\n\n")
+        # a neutral box: cards report effects that did not reproduce too (febs, bone...)
+        out.append('??? note "Measured effect (from the method card)"\n\n' + _indent(effect) + "\n\n")
     else:
         out.append("**Measured effect:** the method card has no *Measured effect* section.\n\n")
     out += ['??? info "Config"\n\n', _indent(f"`{cls.Config.__name__}`\n\n" + config_table(cls.Config)), "\n\n"]
