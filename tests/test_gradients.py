@@ -309,10 +309,10 @@ def test_two_processes_give_the_one_process_direction_in_both_layouts(tmp_path):
                 ranks[1][f"{layout}/{surgery}"]["direction"],
             )
     # bytes: the full layout all-reduces K×P; the column split reduce-scatters K×P (padded) and
-    # all-reduces the K×K Gram matrix and one P-vector (plus the K losses in both)
+    # all-reduces the K×K Gram matrix and one P-vector (plus the K losses)
     k, p = 3, sum(p.numel() for p in W.model_and_batch(None)[0].parameters())
     full, cols = ranks[0]["full/all"]["traffic"], ranks[0]["columns/all"]["traffic"]
-    assert full == {"all_reduce": 4 * (k * p) + 8 * k}
+    assert full == {"all_reduce": 4 * k * (p + 1)}  # the K losses ride along as one column
     assert cols == {
         "reduce_scatter": 4 * k * 2 * -(-p // 2),
         "all_reduce": 8 * k + 8 * k * k + 4 * p,

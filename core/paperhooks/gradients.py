@@ -406,10 +406,7 @@ class Engine:
         local = self.per_objective_gradients(
             [values[n] for n in names], params
         )  # [K, P] this rank's batch
-        losses = (
-            dist.all_reduce_sum(torch.stack([values[n].detach().to(torch.float64) for n in names]))
-            / dist.world_size()
-        )
+        local_losses = torch.stack([values[n].detach().to(torch.float64) for n in names])
 
         # the caller orders the surgery parameters first: the split is two slices, no gather
         blocks, offset = [], 0
@@ -425,11 +422,17 @@ class Engine:
 
         world = dist.world_size()
         distributed = dist.is_distributed()
-        if not distributed or layout == "full":
-            s_rows = dist.all_reduce_sum(s_local) / world if distributed else s_local
-            gset = GradientSet(s_rows, names, losses, layout="full", blocks=blocks)
+        if not distributed:
+            gset = GradientSet(s_local, names, local_losses, layout="full", blocks=blocks)
+            chunk = None
+        elif layout == "full":
+            # the K losses ride along as one more column: one collective for both
+            packed = torch.cat([s_local, local_losses.to(s_local.dtype)[:, None]], dim=1)
+            reduced = dist.all_reduce_sum(packed) / world
+            gset = GradientSet(reduced[:, :-1], names, reduced[:, -1].double(), layout="full", blocks=blocks)
             chunk = None
         else:
+            losses = dist.all_reduce_sum(local_losses) / world
             s_rows, chunk = dist.reduce_scatter_columns(s_local)
             gset = GradientSet(s_rows / world, names, losses, layout="columns", blocks=blocks)
 
