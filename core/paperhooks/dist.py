@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -162,6 +163,106 @@ def all_gather_columns(vector: torch.Tensor, c: int, p: int) -> torch.Tensor:
     return torch.cat(parts)[:p]
 
 
+# -- exact top-k over shards -------------------------------------------------------------------
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def order_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``int64`` keys ordered as the floats ``x`` are, and the number of key bits (32 or 64).
+
+    The IEEE bit pattern read as a signed integer is monotone for non-negative floats; for
+    negative ones the magnitude bits are flipped so the order reverses. ``-0.0`` counts as
+    ``+0.0``, infinities are ordered, NaN is refused. Half and bfloat16 widen to float32
+    exactly; float64 keeps all 64 bits.
+    """
+    if not x.is_floating_point():
+        x = x.to(torch.float32)
+    if bool(torch.isnan(x).any()):
+        raise ValueError("scores contain NaN; a top-k over them is undefined")
+    if x.dtype == torch.float64:
+        bits = (x.detach() + 0.0).contiguous().view(torch.int64)  # + 0.0 turns -0.0 into +0.0
+        return torch.where(bits < 0, bits ^ _INT64_MAX, bits), 64
+    bits = (x.detach().to(torch.float32) + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFF_FFFF, bits), 32
+
+
+@torch.no_grad()
+def topk_mask(local: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Boolean masks keeping exactly the ``k`` largest of all ranks' scores together.
+
+    Each rank passes its own tensors (e.g. its shards of every weight); the global order is
+    rank 0's elements first, then rank 1's..., each rank's in the order of ``local`` and
+    row-major inside each tensor. The result is what one process gets from a stable
+    descending sort of that concatenation, keeping the first ``k``: among equal scores the
+    earlier element is kept. No score leaves its rank:
+
+    1. one all-reduce of the element count (and whether any score is float64);
+    2. bisection on the integer keys of :func:`order_keys` for the k-th largest key ``T``:
+       32 rounds (64 for float64 scores) of one all-reduced ``int64`` count each;
+    3. one all-gather of each rank's counts ``(#key > T, #key == T)``; rank ``r`` keeps its
+       elements above ``T`` and as many of its ties as remain after the ties of ranks < ``r``.
+
+    On one process the collectives are identities and the same steps run locally.
+    """
+    device = local[0].device if len(local) else torch.device("cpu")
+    wide = any(t.dtype == torch.float64 for t in local)
+    n_local = sum(t.numel() for t in local)
+    both = all_reduce_sum(torch.tensor([n_local, int(wide)], dtype=torch.int64, device=device))
+    total, wide = int(both[0].item()), bool(both[1].item())  # float64 keys if any rank has float64
+    keys, bits = [], 64 if wide else 32
+    for t in local:
+        key, _ = order_keys(t.to(torch.float64) if wide else t)
+        keys.append(key)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
+        raise ValueError(f"topk_mask: k must be an integer in [0, {total}], got {k!r}")
+    if k == 0 or k == total:
+        return [torch.full(key.shape, k == total, dtype=torch.bool, device=key.device) for key in keys]
+    # invariant: count(key >= lo) >= k > count(key >= hi)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        local_count = sum(((key >= mid).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device))
+        if int(all_reduce_sum(local_count).item()) >= k:
+            lo = mid
+        else:
+            hi = mid
+    threshold = lo  # the k-th largest key: count(>= T) >= k > count(> T)
+    above = sum(((key > threshold).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device))
+    ties = sum(((key == threshold).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device))
+    counts, _ = all_gather_cat(torch.stack([above, ties]).view(1, 2))
+    before = int(counts[: rank(), 1].sum().item())
+    need = k - int(counts[:, 0].sum().item())  # ties to keep over all ranks, >= 1
+    take = min(max(need - before, 0), int(ties.item()))
+    out, seen = [], 0
+    for key in keys:
+        eq = key == threshold
+        order = torch.cumsum(eq.reshape(-1), 0).view_as(eq) + seen
+        seen += int(eq.sum().item())
+        out.append((key > threshold) | (eq & (order <= take)))
+    return out
+
+
+@torch.no_grad()
+def sum_over_ranks(stats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor of ``stats`` summed over ranks, in one all-reduce (no gradient).
+
+    For calibration statistics (activation norms, Fisher sums, counts...) that each rank
+    accumulates over its share of the calibration batches: after this call every rank holds
+    the statistics of all the batches. Tensors are flattened into one float64 buffer
+    (integers up to 2^53 stay exact) and given back in their own shapes and dtypes.
+    """
+    items = list(stats.items())
+    if not items or not is_distributed():
+        return {k: v.detach().clone() for k, v in items}
+    flat = torch.cat([v.detach().reshape(-1).to(torch.float64) for _, v in items])
+    flat = all_reduce_sum(flat)
+    out, offset = {}, 0
+    for k, v in items:
+        out[k] = flat[offset : offset + v.numel()].view(v.shape).to(v.dtype)
+        offset += v.numel()
+    return out
+
+
 def step_generator(
     seed: int, step: int, stream: str = "", device: torch.device | str = "cpu"
 ) -> torch.Generator:
@@ -190,5 +291,8 @@ __all__ = [
     "is_distributed",
     "rank",
     "step_generator",
+    "sum_over_ranks",
+    "topk_mask",
+    "order_keys",
     "world_size",
 ]

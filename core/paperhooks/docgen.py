@@ -268,6 +268,18 @@ def method_card(distribution: str) -> str:
     return dist.metadata.get_payload() or dist.metadata.get("Description") or ""  # type: ignore[attr-defined]
 
 
+def builtin_card(name: str, cls: type | None) -> str:
+    """The method card of a plugin built into the core (its module's ``CARDS[name]``), else ``""``.
+
+    The core distribution's README describes paperhooks, not any one of its built-in plugins.
+    """
+    import sys
+
+    if cls is None or not cls.__module__.startswith("paperhooks.builtins."):
+        return ""
+    return getattr(sys.modules[cls.__module__], "CARDS", {}).get(name, "")
+
+
 def installed_plugins() -> list[PluginDoc]:
     from paperhooks import discovery
     from paperhooks.errors import PluginLoadError
@@ -280,7 +292,7 @@ def installed_plugins() -> list[PluginDoc]:
         except PluginLoadError as e:
             cls, error = None, str(e)
         try:
-            card = method_card(item.distribution)
+            card = builtin_card(name, cls) or method_card(item.distribution)
         except md.PackageNotFoundError:
             card = ""
         docs.append(PluginDoc(name, item.distribution, item.version, cls, card, error))

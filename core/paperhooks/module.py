@@ -53,6 +53,7 @@ class HookedModule(L.LightningModule):
         self.automatic_optimization = not self.hooks.needs_manual_optimization
         self.masks: dict[str, pruning.Mask] = {}
         self.sparsity = 0.0
+        self._layer_sparsity: dict[str, float] | None = None
         self._configured = False
         self._pending_rng: dict[str, Any] | None = None
         self._sync_off: Any = None
@@ -141,6 +142,10 @@ class HookedModule(L.LightningModule):
         if self._pending_rng is not None:
             _set_rng(self._pending_rng)
             self._pending_rng = None
+        if self.masks and self.global_step == 0:
+            # the schedule's step 0: before the first update (a one-shot prune of a trained model)
+            self.hooks.begin_step(0, self.current_epoch, 0)
+            self._prune(self.hooks.ctx)
 
     # -- the step ---------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
@@ -181,7 +186,9 @@ class HookedModule(L.LightningModule):
         for f in calls["reparam_after_step"]:
             f(module=self, ctx=ctx)
         if self.masks:
+            pruning.zero_pruned(self.model, self.masks)  # momentum, weight decay cannot revive them
             self._prune(ctx)
+            self._log_sparsity(ctx)
         for f in calls["lifecycle_step_end"]:
             f(module=self, ctx=ctx)
         if ctx.logged:
@@ -189,21 +196,47 @@ class HookedModule(L.LightningModule):
 
     @torch.no_grad()
     def _prune(self, ctx: Any) -> None:
-        target = self.hooks.plugins.owner("pruning_schedule")(ctx=ctx)
-        if target is None or target == self.sparsity:
+        schedule = self.hooks.plugins.owner("pruning_schedule")
+        target = schedule(ctx=ctx)
+        if target is None:
+            return
+        if isinstance(target, bool) or not isinstance(target, int | float) or not 0.0 <= target < 1.0:
+            raise ValueError(
+                f"plugin {schedule.plugin.name!r}: pruning_schedule returned {target!r} at step {ctx.step}; "
+                "a sparsity must be a number in [0, 1)"
+            )
+        if target == self.sparsity:
             return
         modules = pruning.prunable(self.model)
         params = {k: modules[k].weight for k in self.masks}
         scorer = self.hooks.plugins.owner("pruning_scores")
         scores = (scorer(params=params, module=self, ctx=ctx) if scorer else None) or pruning.magnitude_scores(params)
+        # pruned weights stay pruned: they rank below every weight still in
+        scores = {k: torch.where(m.mask, scores[k].float() if not scores[k].is_floating_point() else scores[k], -torch.inf)
+                  for k, m in self.masks.items()}
         allocator = self.hooks.plugins.owner("pruning_allocate")
         keep = (allocator(scores=scores, sparsity=target, ctx=ctx) if allocator else None) or pruning.global_allocation(
             scores, target
         )
+        bad = [k for k, m in self.masks.items() if k not in keep or keep[k].shape != m.mask.shape or keep[k].dtype != torch.bool]
+        if bad:
+            raise ValueError(
+                f"plugin {allocator.plugin.name if allocator else '(core)'!r}: pruning_allocate must return one boolean mask per prunable "
+                f"weight, of its shape; wrong or missing for {bad[:5]}"
+            )
         for k, m in self.masks.items():
-            m.mask.copy_(keep[k] & m.mask)  # pruned weights stay pruned
+            m.mask.copy_(keep[k] & m.mask)
+        pruning.zero_pruned(self.model, self.masks)
         self.sparsity = pruning.sparsity_of(self.masks)
+        self._layer_sparsity = None
+
+    def _log_sparsity(self, ctx: Any) -> None:
+        """``pruning/sparsity`` and ``pruning/sparsity/<layer>`` at every step (counted when masks change)."""
+        if self._layer_sparsity is None:
+            self._layer_sparsity = pruning.layer_sparsity(self.masks)
         ctx.log("pruning/sparsity", self.sparsity)
+        for k, v in self._layer_sparsity.items():
+            ctx.log(f"pruning/sparsity/{k}", v)
 
     @property
     def _multi(self) -> bool:

@@ -4,6 +4,9 @@ The pruning family splits a method into schedule (``pruning_schedule``: how spar
 criterion (``pruning_scores``: which weights matter; default ``|w|``) and allocation
 (``pruning_allocate``: how the sparsity is spread; default one global threshold). Weights
 are replicated under DDP, so scores and masks are computed identically on every rank.
+Counts follow ``torch.nn.utils.prune``: a sparsity ``s`` of ``n`` weights prunes
+``round(s·n)`` of them (global magnitude masks equal ``prune.global_unstructured`` with
+``L1Unstructured`` on the same weights).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from paperhooks import dist
 
 
 class Mask(nn.Module):
@@ -46,13 +51,37 @@ def magnitude_scores(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: w.detach().abs() for k, w in params.items()}
 
 
-def global_allocation(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """Keep the ``(1 - sparsity)·N`` highest scores over all layers (ties: first in order)."""
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    keep = round((1.0 - sparsity) * flat.numel())
+def pruned_count(n: int, sparsity: float) -> int:
+    """How many of ``n`` weights a sparsity prunes: ``round(sparsity·n)``, as
+    ``torch.nn.utils.prune`` counts (Python's ``round``: halves go to the even integer)."""
+    return round(sparsity * n)
+
+
+def _stable_top(flat: torch.Tensor, keep: int) -> torch.Tensor:
     order = torch.argsort(flat, descending=True, stable=True)
-    keep_flat = torch.zeros_like(flat, dtype=torch.bool)
-    keep_flat[order[:keep]] = True
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    out[order[:keep]] = True
+    return out
+
+
+def global_allocation(
+    scores: Mapping[str, torch.Tensor], sparsity: float, *, sharded: bool = False
+) -> dict[str, torch.Tensor]:
+    """One threshold over all layers: prune the ``round(sparsity·N)`` lowest scores of the ``N``.
+
+    Ties are kept in order: of equal scores, the one earlier (layer order, then row-major)
+    is kept. With ``sharded=True`` each rank holds a shard of every tensor and the selection
+    is :func:`paperhooks.dist.topk_mask` over all ranks' shards (no weight is gathered);
+    otherwise (one process, or DDP's replicated weights) it is local.
+    """
+    if sharded:
+        n_local = sum(s.numel() for s in scores.values())
+        device = next(iter(scores.values())).device
+        total = int(dist.all_reduce_sum(torch.tensor(n_local, dtype=torch.int64, device=device)).item())
+        masks = dist.topk_mask(list(scores.values()), total - pruned_count(total, sparsity))
+        return dict(zip(scores, masks, strict=True))
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    keep_flat = _stable_top(flat, flat.numel() - pruned_count(flat.numel(), sparsity))
     out, offset = {}, 0
     for k, s in scores.items():
         out[k] = keep_flat[offset : offset + s.numel()].view_as(s)
@@ -60,7 +89,49 @@ def global_allocation(scores: Mapping[str, torch.Tensor], sparsity: float) -> di
     return out
 
 
+def uniform_allocation(
+    scores: Mapping[str, torch.Tensor], sparsity: float, *, sharded: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every layer at the same sparsity: prune the ``round(sparsity·n_l)`` lowest scores of each.
+
+    Ties as in :func:`global_allocation`, layer by layer; ``sharded`` likewise.
+    """
+    if sharded:
+        out = {}
+        for k, s in scores.items():
+            n = int(dist.all_reduce_sum(torch.tensor(s.numel(), dtype=torch.int64, device=s.device)).item())
+            out[k] = dist.topk_mask([s], n - pruned_count(n, sparsity))[0]
+        return out
+    return {k: _stable_top(s.reshape(-1), s.numel() - pruned_count(s.numel(), sparsity)).view_as(s) for k, s in scores.items()}
+
+
 def sparsity_of(masks: Mapping[str, Mask]) -> float:
     total = sum(m.mask.numel() for m in masks.values())
     zeros = sum(int((~m.mask).sum()) for m in masks.values())
     return zeros / max(total, 1)
+
+
+def layer_sparsity(masks: Mapping[str, Mask]) -> dict[str, float]:
+    """Fraction of pruned entries of each masked weight, by layer name."""
+    return {k: int((~m.mask).sum()) / max(m.mask.numel(), 1) for k, m in masks.items()}
+
+
+def only_mask(layer: nn.Module) -> bool:
+    """True when the pruning mask is the weight's only parametrization (``W = original ⊙ M``)."""
+    return len(layer.parametrizations.weight) == 1
+
+
+@torch.no_grad()
+def zero_pruned(model: nn.Module, masks: Mapping[str, Mask]) -> None:
+    """Set the stored weight's pruned entries to zero where the mask is its only parametrization.
+
+    The effective weight ``original ⊙ M`` is zero there anyway; zeroing ``original`` too means
+    momentum and weight decay cannot move a pruned entry, ``inf·0`` cannot make a NaN, and
+    removing the parametrization either way leaves a clean sparse tensor. (Under other
+    parametrizations ``original`` is not the weight, so it is left alone.)
+    """
+    layers = prunable(model)
+    for k, m in masks.items():
+        layer = layers[k]
+        if only_mask(layer):
+            layer.parametrizations.weight.original.mul_(m.mask)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,11 @@ def effective_state_dict(run: Path, checkpoint: str = "last.ckpt") -> dict[str, 
     is there to receive its checkpointed tensors; ``remove_parametrizations(...,
     leave_parametrized=True)`` then replaces each by the tensor it computes.
     """
+    return _effective(run, checkpoint)[0]
+
+
+def _effective(run: Path, checkpoint: str = "last.ckpt") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """:func:`effective_state_dict` and the keys of the weights a pruning mask was folded into."""
     import torch
 
     from paperhooks.reparam import merge
@@ -94,9 +99,56 @@ def effective_state_dict(run: Path, checkpoint: str = "last.ckpt") -> dict[str, 
         raise ShareError(
             f"{path} does not match the model its recipe builds: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    pruned = [f"{name}.weight" for name in getattr(module, "masks", {})]
     model = merge(module.model, module.plugins)
     # Clones: safetensors refuses tensors that share memory (tied weights load back fine).
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}, pruned
+
+
+def size_report(tensors: Mapping[str, torch.Tensor], pruned: Sequence[str] = ()) -> dict[str, Any]:
+    """Real size of exported weights: nonzero counts and sparsity per pruned layer and overall.
+
+    ``bytes_dense`` is what the safetensors file stores (every entry, zeros included);
+    ``bytes_sparse`` what the same weights take with each pruned layer stored as its nonzero
+    values plus a one-bit-per-entry mask (other tensors dense).
+    """
+    layers = {}
+    for k in pruned:
+        t = tensors[k]
+        nnz = _nonzero(t)
+        layers[k] = {"numel": t.numel(), "nonzero": nnz, "sparsity": 1.0 - nnz / max(t.numel(), 1)}
+    numel = sum(t.numel() for t in tensors.values())
+    nonzero = sum(_nonzero(t) for t in tensors.values())
+    dense = sum(t.numel() * t.element_size() for t in tensors.values())
+    sparse = dense
+    for k, v in layers.items():
+        itemsize = tensors[k].element_size()
+        sparse += v["nonzero"] * itemsize + -(-v["numel"] // 8) - v["numel"] * itemsize  # values + bitmask
+    p_numel = sum(v["numel"] for v in layers.values())
+    p_nonzero = sum(v["nonzero"] for v in layers.values())
+    return {
+        "layers": layers,
+        "pruned": {"numel": p_numel, "nonzero": p_nonzero, "sparsity": 1.0 - p_nonzero / p_numel if p_numel else 0.0},
+        "model": {"numel": numel, "nonzero": nonzero, "bytes_dense": dense, "bytes_sparse": sparse},
+    }
+
+
+def _nonzero(t: torch.Tensor) -> int:
+    import torch
+
+    return int(torch.count_nonzero(t).item())
+
+
+def read_size(folder: Path) -> dict[str, Any] | None:
+    """The size report an export stored in its safetensors metadata (``None`` for unpruned runs)."""
+    from safetensors import safe_open
+
+    path = folder / WEIGHTS
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        text = (f.metadata() or {}).get("paperhooks_size")
+    return json.loads(text) if text else None
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -108,16 +160,27 @@ def export(run: str | Path, out: str | Path | None = None, repo_id: str | None =
     run = Path(run)
     out = Path(out) if out is not None else run / "export"
     raw = read_run_recipe(run)
-    tensors = effective_state_dict(run)
+    tensors, pruned = _effective(run)
+    size = size_report(tensors, pruned) if pruned else None
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / WEIGHTS, metadata={"format": "pt", "model": str(raw["model"]["name"])})
+    metadata = {"format": "pt", "model": str(raw["model"]["name"])}
+    if size is not None:
+        metadata["paperhooks_size"] = json.dumps(size, sort_keys=True)
+        p, m = size["pruned"], size["model"]
+        log.info(
+            "pruned weights: %d of %d nonzero (sparsity %.4f); model %d bytes dense, %d bytes as values + bitmask",
+            p["nonzero"], p["numel"], p["sparsity"], m["bytes_dense"], m["bytes_sparse"],
+        )
+    save_file(tensors, out / WEIGHTS, metadata=metadata)
     shared = {k: v for k, v in raw.items() if k != "run_dir"}  # a local path means nothing elsewhere
     (out / "recipe.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(shared)))
     if (run / "metrics.json").is_file():
         shutil.copyfile(run / "metrics.json", out / "metrics.json")
     else:
         (out / "metrics.json").write_text("{}\n")
-    (out / "README.md").write_text(model_card(shared, read_metrics(run), repo_id=repo_id, run_name=_run_name(run)))
+    (out / "README.md").write_text(
+        model_card(shared, read_metrics(run), repo_id=repo_id, run_name=_run_name(run), size=size)
+    )
     log.info("exported %s to %s", run, out)
     return out
 
@@ -160,8 +223,17 @@ def _plugin_rows(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def model_card(raw: Mapping[str, Any], metrics: Mapping[str, float], repo_id: str | None = None, run_name: str = "") -> str:
-    """A Hugging Face model card (front matter + Markdown) for an exported run."""
+def model_card(
+    raw: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    repo_id: str | None = None,
+    run_name: str = "",
+    size: Mapping[str, Any] | None = None,
+) -> str:
+    """A Hugging Face model card (front matter + Markdown) for an exported run.
+
+    ``size`` (from :func:`size_report`, for pruned runs) adds a *Size and sparsity* section.
+    """
     from huggingface_hub import ModelCardData
     from omegaconf import OmegaConf
 
@@ -196,6 +268,8 @@ def model_card(raw: Mapping[str, Any], metrics: Mapping[str, float], repo_id: st
         lines += [f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items())]
     else:
         lines.append("The run recorded no final metrics.")
+    if size:
+        lines += _size_lines(size)
     pins = " ".join(sorted({f"'{p['version']}'" for p in plugins if "==" in str(p["version"])}))
     source = f'snapshot_download("{repo_id}")' if repo_id else '"path/to/this/folder"'
     lines += [
@@ -241,6 +315,24 @@ def model_card(raw: Mapping[str, Any], metrics: Mapping[str, float], repo_id: st
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _size_lines(size: Mapping[str, Any]) -> list[str]:
+    p, m = size["pruned"], size["model"]
+    lines = [
+        "",
+        "## Size and sparsity",
+        "",
+        f"Pruned weights: {p['nonzero']:,} of {p['numel']:,} nonzero, sparsity {p['sparsity']:.4f}. "
+        f"Whole model: {m['nonzero']:,} of {m['numel']:,} entries nonzero; `model.safetensors` stores them "
+        f"densely ({m['bytes_dense']:,} bytes of tensors), {m['bytes_sparse']:,} bytes as nonzero values "
+        "plus a one-bit mask per pruned weight.",
+        "",
+        "| weight | entries | nonzero | sparsity |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{k}` | {v['numel']:,} | {v['nonzero']:,} | {v['sparsity']:.4f} |" for k, v in size["layers"].items()]
+    return lines
+
+
 # -- push --------------------------------------------------------------------------------------
 def _stale(run: Path, folder: Path) -> bool:
     weights = folder / WEIGHTS
@@ -260,7 +352,9 @@ def push(run: str | Path, repo_id: str, *, private: bool = False, token: str | N
     if _stale(run, folder):
         export(run, folder, repo_id=repo_id)
     else:  # the card's snippets name the repository
-        card = model_card(read_run_recipe(folder), read_metrics(folder), repo_id=repo_id, run_name=_run_name(run))
+        card = model_card(
+            read_run_recipe(folder), read_metrics(folder), repo_id=repo_id, run_name=_run_name(run), size=read_size(folder)
+        )
         (folder / "README.md").write_text(card)
     api = HfApi(token=token)
     try:
@@ -277,4 +371,14 @@ def push(run: str | Path, repo_id: str, *, private: bool = False, token: str | N
     return str(url)
 
 
-__all__ = ["ShareError", "effective_state_dict", "export", "load_model", "model_card", "push", "venue_year"]
+__all__ = [
+    "ShareError",
+    "effective_state_dict",
+    "export",
+    "load_model",
+    "model_card",
+    "push",
+    "read_size",
+    "size_report",
+    "venue_year",
+]

@@ -237,3 +237,47 @@ class InfObjective(Plugin):
     @hookimpl
     def objective_terms(self, module, batch, outputs, ctx):
         return {"blowup": 1e30 * outputs["logits"].square().sum(dim=1)}
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    out: str = ""  # folder for one file per rank
+
+
+class MaskProbe(Plugin):
+    """After every step, checks that each pruned entry is zero in the effective weight and in
+    the stored one; at fit end writes this rank's masks and step count to ``out/rank<r>.pt``."""
+
+    Config = ProbeConfig
+    family = "metric"
+    paper = PAPER
+    strategies = ALL_STRATEGIES
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.checked = 0
+
+    @hookimpl
+    def lifecycle_step_end(self, module, ctx):
+        from paperhooks import pruning
+
+        layers = pruning.prunable(module.model)
+        for name, m in module.masks.items():
+            layer = layers[name]
+            if not bool((layer.weight[~m.mask] == 0).all()):
+                raise AssertionError(f"step {ctx.step}: a pruned entry of {name}.weight is not zero")
+            if pruning.only_mask(layer) and not bool((layer.parametrizations.weight.original[~m.mask] == 0).all()):
+                raise AssertionError(f"step {ctx.step}: a pruned entry of {name}'s stored weight is not zero")
+        self.checked += 1
+
+    @hookimpl
+    def lifecycle_fit_end(self, module, ctx):
+        if self.config.out:
+            state = {f"mask/{k}": m.mask.clone() for k, m in module.masks.items()}
+            torch.save({**state, "checked": torch.tensor(self.checked)}, f"{self.config.out}/rank{ctx.rank}.pt")
+
+    def state_dict(self):
+        return {"checked": self.checked}
+
+    def load_state_dict(self, state):
+        self.checked = state["checked"]

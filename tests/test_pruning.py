@@ -1,0 +1,317 @@
+"""The pruning family's core: built-in schedules and allocation, masks equal to
+``torch.nn.utils.prune``, exact distributed top-k, zeros after every step and after resume,
+2 processes = 1 process, and the export's size report (issue 6, core part)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.utils import prune
+
+from helpers import write_recipe
+from paperhooks import cli, dist, pruning
+from paperhooks import recipe as R
+from paperhooks.builtins.pruning import GradualConfig, cubic_sparsity
+from paperhooks.errors import ConfigTypeError
+from paperhooks.run import fit
+from paperhooks.share import read_size
+from paperhooks.testing import (
+    assert_nested_equal,
+    assert_states_close,
+    final_state,
+    fit_cli,
+    load_checkpoint,
+)
+from paperhooks.testing.conformance import tiny_recipe
+
+
+# -- the cubic schedule ------------------------------------------------------------------------------
+def test_cubic_schedule_at_hand_computed_steps():
+    # s_i = 0.1, s_f = 0.7, t_0 = 10, nΔt = 30, Δt = 10: pruning steps 10, 20, 30, 40
+    c = GradualConfig(initial_sparsity=0.1, final_sparsity=0.7, begin_step=10, end_step=40, frequency=10)
+    # s_t = 0.7 + (0.1 - 0.7)(1 - (t - 10)/30)^3
+    assert cubic_sparsity(10, c) == pytest.approx(0.1)  # (1 - 0)^3 = 1
+    assert cubic_sparsity(20, c) == pytest.approx(0.7 - 0.6 * 8 / 27)  # (2/3)^3 = 8/27 -> 0.52222
+    assert cubic_sparsity(30, c) == pytest.approx(0.7 - 0.6 / 27)  # (1/3)^3 = 1/27 -> 0.67778
+    assert cubic_sparsity(40, c) == 0.7  # exactly s_f at t_0 + nΔt
+    for t in (0, 9, 15, 39, 41, 50):  # before, between and after the pruning steps: no update
+        assert cubic_sparsity(t, c) is None
+
+
+def test_cubic_schedule_defaults_are_the_official_codes():
+    c = GradualConfig()  # tensorflow/contrib/model_pruning get_pruning_hparams()
+    assert (c.initial_sparsity, c.final_sparsity, c.begin_step, c.end_step, c.frequency, c.exponent) == (0.0, 0.5, 0, 100, 10, 3.0)
+    assert cubic_sparsity(50, c) == pytest.approx(0.5 - 0.5 * 0.5**3)  # 0.4375, half-way
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "gradual-pruning", "final_sparsity": 1.0}, r"gradual-pruning: final_sparsity must be a number in \[0, 1\), got 1.0"),
+        ({"name": "gradual-pruning", "initial_sparsity": -0.1}, r"gradual-pruning: initial_sparsity must be a number in \[0, 1\)"),
+        ({"name": "gradual-pruning", "initial_sparsity": 0.6, "final_sparsity": 0.5}, r"initial_sparsity \(0.6\) must be <= final_sparsity"),
+        ({"name": "gradual-pruning", "end_step": 95}, r"end_step - begin_step \(95 - 0\) must be a multiple of frequency \(10\)"),
+        ({"name": "gradual-pruning", "frequency": 0}, r"gradual-pruning: frequency must be an integer >= 1, got 0"),
+        ({"name": "one-shot-pruning", "sparsity": 1.5}, r"one-shot-pruning: sparsity must be a number in \[0, 1\), got 1.5"),
+        ({"name": "one-shot-pruning", "step": -1}, r"one-shot-pruning: step must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_config_names_the_plugin_and_the_key(entry, message):
+    with pytest.raises(ConfigTypeError, match=message):
+        R.validate(tiny_recipe([entry]))
+
+
+def test_pruning_under_fsdp2_is_refused_before_training_with_the_reason():
+    raw = tiny_recipe([{"name": "gradual-pruning"}], trainer={"strategy": "fsdp2", "devices": 2})
+    with pytest.raises(Exception, match=r"'gradual-pruning' \(pruning\) cannot run under strategy 'fsdp2'"):
+        R.check_strategy(R.validate(raw))
+
+
+# -- masks equal torch.nn.utils.prune -------------------------------------------------------------------
+def _mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(13, 9), nn.ReLU(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 3))
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.77, 0.9])
+def test_global_magnitude_masks_equal_torch_global_unstructured(sparsity):
+    model = _mlp(0)  # random normal-ish weights: no two magnitudes tie
+    reference = copy.deepcopy(model)
+    layers = [m for m in reference if isinstance(m, nn.Linear)]
+    prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=sparsity)
+    params = {k: m.weight for k, m in pruning.prunable(model).items()}
+    keep = pruning.global_allocation(pruning.magnitude_scores(params), sparsity)
+    for (k, mask), layer in zip(keep.items(), layers, strict=True):
+        assert torch.equal(mask, layer.weight_mask.bool()), k
+    total = sum(p.numel() for p in params.values())  # 117 + 63 + 21 = 201
+    assert sum(int((~m).sum()) for m in keep.values()) == round(sparsity * total)
+
+
+def test_half_counts_round_as_torch_does():
+    # 201 weights at 0.5: 100.5 rounds to 100 pruned (Python's round, as torch's prune)
+    model = _mlp(1)
+    reference = copy.deepcopy(model)
+    prune.global_unstructured([(m, "weight") for m in reference if isinstance(m, nn.Linear)],
+                              pruning_method=prune.L1Unstructured, amount=0.5)
+    keep = pruning.global_allocation(pruning.magnitude_scores({k: m.weight for k, m in pruning.prunable(model).items()}), 0.5)
+    assert sum(int((~m).sum()) for m in keep.values()) == 100
+    assert sum(int((m.weight_mask == 0).sum()) for m in reference if isinstance(m, nn.Linear)) == 100
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
+def test_uniform_allocation_equals_torch_l1_unstructured_per_layer(sparsity):
+    model = _mlp(2)
+    reference = copy.deepcopy(model)
+    scores = pruning.magnitude_scores({k: m.weight for k, m in pruning.prunable(model).items()})
+    keep = pruning.uniform_allocation(scores, sparsity)
+    for k, m in pruning.prunable(reference).items():
+        prune.l1_unstructured(m, "weight", amount=sparsity)
+        assert torch.equal(keep[k], m.weight_mask.bool()), k
+        assert int((~keep[k]).sum()) == round(sparsity * m.weight.numel())
+
+
+def test_ties_keep_the_earlier_entry():
+    scores = {"a": torch.tensor([1.0, 2.0, 2.0]), "b": torch.tensor([2.0, 0.0])}
+    # prune round(0.6·5) = 3, keep 2 of the three 2.0s: the two earlier ones (a[1], a[2])
+    keep = pruning.global_allocation(scores, 0.6)
+    assert keep["a"].tolist() == [False, True, True] and keep["b"].tolist() == [False, False]
+    keep = pruning.uniform_allocation(scores, 0.5)  # a: round(1.5) = 2 pruned, b: round(1.0) = 1
+    assert keep["a"].tolist() == [False, True, False] and keep["b"].tolist() == [True, False]
+
+
+# -- exact top-k without gathering the scores -------------------------------------------------------------
+def _reference_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """One process, the global order: stable descending sort, first k kept."""
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+    return keep
+
+
+def test_order_keys_are_monotone_and_equal_for_signed_zeros():
+    x = torch.tensor([float("-inf"), -3.0, -1e-40, -0.0, 0.0, 1e-40, 2.5, float("inf")])
+    keys, bits = dist.order_keys(x)
+    assert bits == 32 and keys[3] == keys[4] == 0
+    assert bool((keys[1:] >= keys[:-1]).all()) and len(set(keys.tolist())) == 7
+    keys64, bits64 = dist.order_keys(x.double())
+    assert bits64 == 64 and torch.equal(torch.argsort(keys64, stable=True), torch.argsort(keys, stable=True))
+    with pytest.raises(ValueError, match="NaN"):
+        dist.order_keys(torch.tensor([1.0, float("nan")]))
+
+
+def test_topk_on_one_process_equals_the_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randint(0, 5, (6, 4), generator=g).float(), torch.randint(0, 5, (11,), generator=g).float()]
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    for k in range(flat.numel() + 1):
+        got = torch.cat([m.reshape(-1) for m in dist.topk_mask(parts, k)])
+        assert torch.equal(got, _reference_topk(flat, k)), k
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, 35\]"):
+        dist.topk_mask(parts, 36)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_topk_on_two_processes_equals_one_process_and_sends_only_counts(tmp_path):
+    from _topk_worker import KS, run, shards
+
+    mp.start_processes(run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for case, ks in KS.items():
+        parts = [shards(r)[case] for r in range(2)]
+        sizes = [sum(t.numel() for t in p) for p in parts]
+        flat = torch.cat([t.reshape(-1).double() for p in parts for t in p])  # rank 0's first
+        for k in ks:
+            both = torch.cat([got[0][f"{case}/{k}"], got[1][f"{case}/{k}"]])
+            assert torch.equal(both, _reference_topk(flat, k)), (case, k)
+            assert int(both.sum()) == k
+            assert got[0][f"{case}/{k}"].numel() == sizes[0]
+            if 0 < k < sum(sizes):
+                # counts only: 1 + 32 (64 for float64) all-reduces of int64, one all-gather of
+                # the (above, ties) pairs (+ its row counts); no score crosses ranks
+                rounds = 64 if case == "wide" else 32
+                assert int(got[0][f"{case}/{k}/all_reduce"]) == 16 + 8 * rounds
+                assert int(got[0][f"{case}/{k}/all_gather"]) == 8 + 16
+    for r in got:
+        assert r["stats/n"].tolist() == [3, 10] and r["stats/n"].dtype == torch.int64
+        assert torch.equal(r["stats/x"], torch.full((2, 2), 1.5))
+
+
+# -- training: zeros after every step, logging, resume ---------------------------------------------------------
+GRADUAL = """
+seed: 4
+name: gradual
+model: {name: mlp, hidden: [32], dropout: 0.2}
+data: {name: digits, batch_size: 128}
+optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.001, scheduler: cosine}
+trainer: {max_steps: 20, enable_progress_bar: false, limit_val_batches: 0, log_every_n_steps: 1}
+plugins:
+  - {name: gradual-pruning, initial_sparsity: 0.0, final_sparsity: 0.8, begin_step: 2, end_step: 14, frequency: 4}
+  - {name: uniform-allocation}
+  - {name: mask-probe}
+"""
+
+
+def _metrics(run_dir):
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_gradual_schedule_trains_with_zeros_after_every_step_and_logs_each_layer(tmp_path, test_plugins):
+    path = write_recipe(tmp_path / "g.yaml", GRADUAL + f"run_dir: {tmp_path}/runs\n")
+    built, _ = fit(R.load(path))
+    ckpt = load_checkpoint(built.run_dir)
+    assert ckpt["paperhooks"]["plugins"][2]["state"] == {"checked": 20}  # the probe ran after all 20 steps
+    state = ckpt["state_dict"]
+    # layers 64x32 and 32x10: round(0.8·2048) = 1638 and round(0.8·320) = 256 pruned
+    for key, n, pruned in (("model.1", 2048, 1638), ("model.4", 320, 256)):
+        mask = state[f"{key}.parametrizations.weight.0.mask"]
+        assert mask.numel() == n and int((~mask).sum()) == pruned
+        assert bool((state[f"{key}.parametrizations.weight.original"][~mask] == 0).all())
+    assert ckpt["paperhooks"]["sparsity"] == pytest.approx((1638 + 256) / 2368)
+    rows = _metrics(built.run_dir)
+    by_step = {int(r["step"]): r for r in rows if r.get("pruning/sparsity/1")}
+    # schedule: s_t = 0.8 - 0.8(1 - (t - 2)/12)^3 at t = 2, 6, 10, 14, held in between
+    # (the logged step is Lightning's step index: the value after step t is logged at t - 1)
+    expected = {1: 0.0, 5: 0.8 - 0.8 * (2 / 3) ** 3, 9: 0.8 - 0.8 * (1 / 3) ** 3, 13: 0.8, 19: 0.8}
+    for step, s in expected.items():
+        assert float(by_step[step]["pruning/sparsity/1"]) == pytest.approx(round(s * 2048) / 2048), step
+        assert float(by_step[step]["pruning/sparsity/4"]) == pytest.approx(round(s * 320) / 320), step
+    assert float(by_step[7]["pruning/sparsity/1"]) == float(by_step[5]["pruning/sparsity/1"])  # held between updates
+
+
+def test_one_shot_at_step_zero_prunes_before_the_first_update(tmp_path, test_plugins):
+    raw = tiny_recipe([{"name": "one-shot-pruning", "sparsity": 0.75, "step": 0}, {"name": "mask-probe"}],
+                      run_dir=tmp_path / "runs", trainer={"max_steps": 3, "limit_val_batches": 0})
+    built, _ = fit(R.validate(raw))
+    ckpt = load_checkpoint(built.run_dir)
+    # mlp 64-16-4... the kit's: 64x16 and 16x10 -> 1184 weights, round(0.75·1184) = 888 pruned
+    masks = [v for k, v in ckpt["state_dict"].items() if k.endswith(".mask")]
+    assert sum(int((~m).sum()) for m in masks) == 888
+    assert ckpt["paperhooks"]["plugins"][1]["state"] == {"checked": 3}
+
+
+def test_resume_in_the_middle_of_the_gradual_schedule_is_bit_identical(tmp_path, test_plugins):
+    path = write_recipe(tmp_path / "g.yaml", GRADUAL + f"run_dir: {tmp_path}/runs\n")
+    full, _ = fit(R.load(path, ["name=full", "trainer.checkpoint_every_n_steps=4"]))
+    end = load_checkpoint(full.run_dir)
+    for stop in (8, 12):  # between pruning steps (2, 6, 10, 14); step 12 is in the second epoch (11 batches each)
+        mid = load_checkpoint(full.run_dir, f"step{stop}.ckpt")
+        assert 0 < mid["paperhooks"]["sparsity"] < end["paperhooks"]["sparsity"]  # mid-schedule
+        resumed, _ = fit(R.load(path, [f"name=resumed{stop}"]), resume=str(full.run_dir / "checkpoints" / f"step{stop}.ckpt"))
+        again = load_checkpoint(resumed.run_dir)
+        assert_states_close(end["state_dict"], again["state_dict"], atol=0)
+        assert_nested_equal(end["optimizer_states"], again["optimizer_states"], "optimizer_states")
+        assert_nested_equal(end["paperhooks"], {**again["paperhooks"], "recipe": end["paperhooks"]["recipe"]}, "paperhooks")
+
+
+# -- many processes ---------------------------------------------------------------------------------------------
+DDP = """
+seed: 3
+name: ddp-pruning
+model: {name: mlp, hidden: [32]}
+data: {name: digits, batch_size: 64}
+optimizer: {name: sgd, lr: 0.1, momentum: 0.9}
+trainer: {max_steps: 8, enable_progress_bar: false, limit_val_batches: 0}
+plugins:
+  - {name: gradual-pruning, final_sparsity: 0.7, begin_step: 0, end_step: 6, frequency: 2}
+"""
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_hold_identical_masks_and_equal_one_process(tmp_path, test_plugins):
+    recipe = write_recipe(tmp_path / "d.yaml", DDP)
+    probes = {}
+    runs = {}
+    for name, extra in (("one", []), ("ddp", ["trainer.devices=2", "trainer.strategy=ddp"])):
+        out = tmp_path / f"probe-{name}"
+        out.mkdir()
+        plugins = f"plugins=[{{name: gradual-pruning, final_sparsity: 0.7, begin_step: 0, end_step: 6, frequency: 2}}, {{name: mask-probe, out: '{out}'}}]"
+        runs[name] = fit_cli(recipe, [f"name={name}", plugins, *extra], cwd=tmp_path)
+        probes[name] = [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
+    assert len(probes["one"]) == 1 and len(probes["ddp"]) == 2
+    r0, r1 = probes["ddp"]
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # every rank selected the same masks
+        assert torch.equal(r0[k], probes["one"][0][k]), k  # and those of one process on the global batch
+    assert int(r0["checked"]) == 8
+    assert_states_close(final_state(runs["one"]), final_state(runs["ddp"]), atol=1e-6, rtol=1e-5)
+    assert load_checkpoint(runs["ddp"])["paperhooks"]["sparsity"] == pytest.approx(0.7, abs=0.001)
+
+
+# -- export ------------------------------------------------------------------------------------------------------
+def test_export_of_a_pruned_run_holds_exact_zeros_and_reports_its_size(tmp_path, test_plugins):
+    path = write_recipe(tmp_path / "g.yaml", GRADUAL + f"run_dir: {tmp_path}/runs\n")
+    built, _ = fit(R.load(path, ["trainer.max_steps=15"]))
+    assert cli.main(["export", str(built.run_dir)]) == 0
+    out = built.run_dir / "export"
+    weights = load_file(out / "model.safetensors")
+    state = load_checkpoint(built.run_dir)["state_dict"]
+    for layer, pruned in (("1", 1638), ("4", 256)):
+        mask = state[f"model.{layer}.parametrizations.weight.0.mask"]
+        assert bool((weights[f"{layer}.weight"][~mask] == 0).all())
+        assert int((weights[f"{layer}.weight"] == 0).sum()) == pruned  # no kept weight is exactly 0
+    size = read_size(out)
+    assert size["layers"]["1.weight"] == {"numel": 2048, "nonzero": 410, "sparsity": pytest.approx(1638 / 2048)}
+    assert size["layers"]["4.weight"] == {"numel": 320, "nonzero": 64, "sparsity": pytest.approx(256 / 320)}
+    assert size["pruned"] == {"numel": 2368, "nonzero": 474, "sparsity": pytest.approx(1894 / 2368)}
+    # biases 32 + 10 stay dense: 2410 entries, 474 + 42 nonzero; float32 = 4 bytes each
+    assert size["model"]["numel"] == 2410 and size["model"]["nonzero"] == 474 + 42
+    assert size["model"]["bytes_dense"] == 4 * 2410
+    # sparse: 4 bytes per kept weight + one bit per entry of each pruned weight + dense biases
+    assert size["model"]["bytes_sparse"] == 4 * 474 + 2048 // 8 + 320 // 8 + 4 * 42
+    card = (out / "README.md").read_text()
+    assert "## Size and sparsity" in card and "| `1.weight` | 2,048 | 410 | 0.7998 |" in card
+    assert "Pruned weights: 474 of 2,368 nonzero, sparsity 0.7998." in card
+    assert json.loads((out / "metrics.json").read_text()) is not None
