@@ -119,6 +119,8 @@ class Recipe:
     trainer: TrainerSection
     plugins: tuple[PluginEntry, ...]
     raw: dict[str, Any] = field(repr=False)
+    #: the ``objective`` section (preference tasks): a :class:`~paperhooks.preference.PreferenceObjective`
+    objective: Any = None
 
     @property
     def plugin_versions(self) -> dict[str, str]:
@@ -134,6 +136,7 @@ TOP_KEYS = {
     "optimizer": "mapping",
     "trainer": "mapping",
     "plugins": "list of mappings with name",
+    "objective": "mapping (preference data only: beta, reference, eval_samples)",
     "plugin_versions": "mapping written by runs (name: distribution==version)",
 }
 
@@ -247,6 +250,11 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
     data = _registered("data", raw.get("data"), DATASETS)
     optimizer = schema.build(OptimizerSection, raw.get("optimizer") or {}, "optimizer")
     trainer = schema.build(TrainerSection, raw.get("trainer") or {}, "trainer")
+    objective = None
+    if raw.get("objective") is not None:
+        from paperhooks.preference import PreferenceObjective
+
+        objective = schema.build(PreferenceObjective, raw["objective"], "objective")
     recipe = Recipe(
         seed=seed,
         name=raw.get("name", "run"),
@@ -257,6 +265,7 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
         trainer=trainer,
         plugins=tuple(entries),
         raw=dict(raw),
+        objective=objective,
     )
     check_strategy(recipe)
     from paperhooks.manager import check_combination

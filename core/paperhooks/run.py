@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from paperhooks.errors import RecipeError
 from paperhooks.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -72,21 +74,32 @@ def make_plugins(recipe: Recipe) -> list[Any]:
     return plugins
 
 
-def build_module(recipe: Recipe, info: Any) -> Any:
-    """The recipe's TaskModule (model + plugins + optimizer settings), without a Trainer."""
+def build_module(recipe: Recipe, info: Any, data_sizes: tuple[int, int] = (0, 0)) -> Any:
+    """The recipe's task module (model + plugins + optimizer settings), without a Trainer.
+
+    ``TaskModule`` for classification and regression, ``PreferenceModule`` for preference
+    data; ``data_sizes`` (train, val) serve precomputed reference log-probabilities.
+    """
     from paperhooks.taskmodule import TaskModule
     from paperhooks.tasks import build_model
 
-    return TaskModule(
-        build_model(recipe.model.name, recipe.model.config, info),
-        info.task,
-        info.num_classes,
+    common = dict(
         plugins=make_plugins(recipe),
         optimizer=recipe.optimizer,
         seed=recipe.seed,
         strategy=recipe.trainer.strategy_kind,
         recipe={"recipe": recipe.raw, "plugin_versions": recipe.plugin_versions},
     )
+    model = build_model(recipe.model.name, recipe.model.config, info)
+    if info.task == "preference":
+        from paperhooks.preference import PreferenceModule
+
+        return PreferenceModule(model, recipe.objective, data_sizes=data_sizes, **common)
+    if recipe.objective is not None:
+        raise RecipeError(
+            f"objective: only preference data takes objective settings; data {recipe.data.name!r} is {info.task}"
+        )
+    return TaskModule(model, info.task, info.num_classes, **common)
 
 
 def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
@@ -100,7 +113,10 @@ def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     run_dir = run_dir or _new_run_dir(recipe)
     dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed)
-    module = build_module(recipe, dm.info)
+    module = build_module(recipe, dm.info, (len(dm.train_set), len(dm.val_set)))
+    if getattr(module, "reference_model", None) is not None:
+        # the frozen reference is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     t = recipe.trainer
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [RunCheckpoints(ckpt_dir, t.checkpoint_every_n_steps)]

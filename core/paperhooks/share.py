@@ -68,7 +68,8 @@ def _build_module(recipe: Recipe) -> nn.Module:
     from paperhooks.run import build_module
     from paperhooks.tasks import build_datamodule
 
-    module = build_module(recipe, build_datamodule(recipe.data.name, recipe.data.config, recipe.seed).info)
+    dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed)
+    module = build_module(recipe, dm.info, (len(dm.train_set), len(dm.val_set)))
     module.configure_model()
     return module
 

@@ -3,13 +3,15 @@
 ``MODELS`` and ``DATASETS`` map registered names to their config class and builder;
 :func:`build_model` and :func:`build_datamodule` build them from a config (its dataclass,
 a plain mapping or ``None`` for the defaults). Importing this package registers the
-built-ins: models ``timm``, ``mlp``, ``linear``; datasets ``digits`` and ``regression``.
+built-ins: models ``timm``, ``mlp``, ``linear``, ``causal-lm``, ``tabular-policy``; datasets
+``digits``, ``regression``, ``synthetic-preferences`` and ``tabular-preferences``.
 """
 
 from __future__ import annotations
 
 from paperhooks.tasks import data as data
 from paperhooks.tasks import models as models
+from paperhooks.tasks import preference as preference
 from paperhooks.tasks.data import (
     DigitsConfig,
     Duplicates,

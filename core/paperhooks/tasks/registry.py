@@ -26,9 +26,19 @@ if TYPE_CHECKING:
 class DataInfo:
     """What a model needs to know about the data before it is built."""
 
-    task: Literal["classification", "regression"]
+    task: Literal["classification", "regression", "preference"]
     num_classes: int
     input_shape: tuple[int, ...]
+    #: task-specific sizes: for ``preference`` data ``vocab_size`` and ``max_length`` (causal
+    #: LM) or ``prompts`` and ``responses`` (tabular policy)
+    sizes: tuple[tuple[str, int], ...] = ()
+
+    def size(self, key: str) -> int:
+        """One of :attr:`sizes` by name (raises naming the available ones)."""
+        found = dict(self.sizes)
+        if key not in found:
+            raise ValueError(f"the data gives no {key!r} (it gives: {', '.join(found) or 'nothing'})")
+        return found[key]
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ class Registered:
 MODELS: dict[str, Registered] = {}
 DATASETS: dict[str, Registered] = {}
 
-_BUILTIN_MODULES = ("paperhooks.tasks.models", "paperhooks.tasks.data")
+_BUILTIN_MODULES = ("paperhooks.tasks.models", "paperhooks.tasks.data", "paperhooks.tasks.preference")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 

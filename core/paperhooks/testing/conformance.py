@@ -38,6 +38,7 @@ import pytest
 from paperhooks.plugin import Plugin
 from paperhooks.testing.families import FAMILY_CHECKS, ConformanceError, fail, label
 from paperhooks.testing.metadata import (
+    PREFERENCE_TASK,
     check_entry_point,
     check_metadata,
     check_recipe_roundtrip,
@@ -123,5 +124,6 @@ __all__ = [
     "check_resume",
     "discovered",
     "make_plugin",
+    "PREFERENCE_TASK",
     "tiny_recipe",
 ]

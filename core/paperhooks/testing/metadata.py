@@ -182,13 +182,18 @@ def tiny_recipe(
     trainer: Mapping[str, Any] | None = None,
     batch_size: int = 128,
     dropout: float = 0.1,
+    task: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The kit's recipe: an MLP with dropout on digits, SGD with momentum and a cosine schedule.
 
     The 1437 training digits make 11 full batches of 128 an epoch. Dropout makes the RNG
     state matter on resume; multi-process runs turn it off (each rank draws its own masks).
+
+    ``task`` replaces the ``model``, ``data``, ``optimizer`` (and ``objective``) sections for
+    plugins that need their own task, e.g. :data:`PREFERENCE_TASK`; ``batch_size`` still sets
+    ``data.batch_size`` and ``dropout`` applies to the MLP only.
     """
-    return {
+    raw: dict[str, Any] = {
         "seed": 5,
         "name": name,
         "run_dir": str(run_dir),
@@ -198,6 +203,22 @@ def tiny_recipe(
         "trainer": {"enable_progress_bar": False, "max_steps": 6, **(trainer or {})},
         "plugins": [dict(p) for p in plugins],
     }
+    for key, section in (task or {}).items():
+        if key not in ("model", "data", "optimizer", "objective"):
+            raise ValueError(f"task may replace model, data, optimizer and objective, not {key!r}")
+        raw[key] = dict(section)
+    raw["data"]["batch_size"] = batch_size
+    return raw
+
+
+#: A preference task for :func:`tiny_recipe`'s ``task``: a 1-layer GPT-2 (width 32) on 1024
+#: synthetic preference pairs (8 batches of 128 an epoch), DPO with a frozen reference model.
+PREFERENCE_TASK: dict[str, Any] = {
+    "model": {"name": "causal-lm", "layers": 1, "width": 32},
+    "data": {"name": "synthetic-preferences", "n_train": 1024, "n_val": 128},
+    "optimizer": {"name": "adam", "lr": 0.003, "scheduler": "cosine"},
+    "objective": {"beta": 0.1, "reference": "model"},
+}
 
 
 def check_recipe_roundtrip(name: str, config_overrides: Mapping[str, Any] | None = None) -> Any:

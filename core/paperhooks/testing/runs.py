@@ -54,8 +54,12 @@ def _plugin_entry(name: str, plugin_config: Mapping[str, Any] | None) -> dict[st
     return {"name": name, **dict(plugin_config or {})}
 
 
-def check_few_steps(name: str, plugin_config: Mapping[str, Any] | None, tmp_path: Path) -> dict[str, float]:
+def check_few_steps(
+    name: str, plugin_config: Mapping[str, Any] | None, tmp_path: Path, *, task: Mapping[str, Any] | None = None
+) -> dict[str, float]:
     """One epoch of :func:`tiny_recipe` (11 steps, then one validation batch), in-process.
+
+    ``task``: the plugin's own model/data sections (see :func:`tiny_recipe`).
 
     Every logged metric and every final weight is finite, and the checkpoint (plugin state
     included) loads with ``weights_only=True``. Returns the final metrics.
@@ -65,6 +69,7 @@ def check_few_steps(name: str, plugin_config: Mapping[str, Any] | None, tmp_path
         run_dir=Path(tmp_path) / "runs",
         name="few-steps",
         trainer={"max_steps": -1, "max_epochs": 1, "limit_val_batches": 1},
+        task=task,
     )
     built, metrics = _fit(raw)
     try:
@@ -84,7 +89,15 @@ def check_few_steps(name: str, plugin_config: Mapping[str, Any] | None, tmp_path
     return metrics
 
 
-def check_resume(name: str, plugin_config: Mapping[str, Any] | None, tmp_path: Path, *, stop: int = 13, max_steps: int = 16) -> None:
+def check_resume(
+    name: str,
+    plugin_config: Mapping[str, Any] | None,
+    tmp_path: Path,
+    *,
+    stop: int = 13,
+    max_steps: int = 16,
+    task: Mapping[str, Any] | None = None,
+) -> None:
     """A run resumed from its ``step{stop}.ckpt`` ends bit-identical to the run that did not stop.
 
     Compared: weights, optimizer and scheduler states, plugin states and pruning sparsity.
@@ -95,6 +108,7 @@ def check_resume(name: str, plugin_config: Mapping[str, Any] | None, tmp_path: P
         run_dir=Path(tmp_path) / "runs",
         name="full",
         trainer={"max_steps": max_steps, "checkpoint_every_n_steps": stop, "limit_val_batches": 0},
+        task=task,
     )
     full, _ = _fit(raw)
     end = load_checkpoint(full.run_dir)
@@ -125,6 +139,7 @@ def check_ddp_equals_single(
     devices: int = 2,
     atol: float = 1e-6,
     rtol: float = 1e-5,
+    task: Mapping[str, Any] | None = None,
 ) -> None:
     """``devices`` processes under ``strategy`` end where 1 process ends on the global batch.
 
@@ -147,6 +162,7 @@ def check_ddp_equals_single(
         trainer={"limit_val_batches": 0},
         batch_size=64,
         dropout=0.0,
+        task=task,
     )
     path = tmp_path / "ddp.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))

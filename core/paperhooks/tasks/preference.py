@@ -1,0 +1,416 @@
+"""Preference tasks: synthetic preference pairs with a known hidden reward, and the policies.
+
+Datasets (no download; built deterministically from the recipe seed):
+
+- ``synthetic-preferences``: prompts and response pairs over a small vocabulary, for the
+  ``causal-lm`` model. Token 0 pads, token 1 ends a response (EOS), tokens ``2..V-1`` are
+  content. A prompt is ``prompt_length`` content tokens; its first token is the *topic* ``k``.
+  The hidden reward of a response ``y = (y_1..y_n, EOS)`` is
+
+      r(x, y) = (1/n) Σ_t u[k, y_t]      (``reward: mean``)   or   Σ_t u[k, y_t]   (``sum``)
+
+  with ``u[k, v] ~ N(0, 1)`` drawn from the seed. Each pair's responses are uniform random
+  content tokens with lengths uniform in ``[min_response, max_response]``; the *chosen* one
+  is the one with the larger labelling score ``r + length_bias · n`` (so ``length_bias > 0``
+  makes longer responses preferred beyond their reward: a length-biased task), then a
+  ``flip_rate`` fraction of training labels are swapped (``flipped`` marks them). Validation
+  labels are never flipped.
+- ``tabular-preferences``: the tabular fixture for exact, fast checks: ``P`` prompts with
+  ``M`` canned responses each, hidden rewards ``r[p, y] ~ N(0, 1)`` (or a cyclic,
+  non-transitive preference ``y ≻ y'`` iff ``(y' - y) mod M`` is in ``1..⌊(M-1)/2⌋``), every
+  ordered pair of distinct responses once per epoch, labels flipped at ``flip_rate``.
+
+Every row has ``chosen_ids``/``rejected_ids`` ``[T]`` (prompt + response, right-padded),
+``chosen_attention``/``rejected_attention`` (1 on real tokens), ``chosen_mask``/
+``rejected_mask`` (1 on response tokens, whose log-probability counts; never on the prompt or
+padding), ``chosen_steps``/``rejected_steps`` (step index of each response token, -1
+elsewhere), ``prompt`` (the topic or prompt id), ``reward_chosen``/``reward_rejected`` (hidden
+rewards), ``flipped`` and ``index``.
+
+Models: ``causal-lm`` (a ``transformers`` GPT-2 or Llama built from a small config, random
+init; or any local/Hub ``AutoModelForCausalLM`` by ``pretrained``) and ``tabular-policy``
+(a softmax over the canned responses of each prompt). Both are wrapped so that
+``policy(ids, attention)`` returns per-token log-probabilities ``[B, T]`` (position ``t`` holds
+``log π(ids_t | ids_<t)``, position 0 holds 0).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paperhooks.tasks.data import PaperhooksDataModule
+from paperhooks.tasks.registry import DataInfo, check_field, register_dataset, register_model
+from paperhooks.tasks.sampler import DictDataset, generator
+
+PAD, EOS = 0, 1
+
+
+class PreferenceDataModule(PaperhooksDataModule):
+    """Pairs with their hidden reward: :meth:`hidden_reward` scores any response.
+
+    Attributes:
+        reward_table: ``u`` ``[K, V]`` for ``synthetic-preferences`` (rows: topic) or ``r``
+            ``[P, M]`` for ``tabular-preferences``.
+        preference_matrix: ``[P, M, M]``, the probability that response ``i`` beats ``j``
+            (0/1 here; 0.5 on the diagonal), for tabular data.
+        reward_kind: ``mean`` or ``sum`` (synthetic data).
+    """
+
+    reward_table: torch.Tensor
+    preference_matrix: torch.Tensor | None = None
+    reward_kind: str = "mean"
+
+    def hidden_reward(self, prompt: torch.Tensor, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden rewards ``[B]`` of responses ``[B, T]`` (``mask``: 1 on content tokens).
+
+        ``prompt`` is the topic (synthetic) or prompt id (tabular, where ``response`` is ``[B]``).
+        """
+        table = self.reward_table.to(response.device)
+        if response.dim() == 1:
+            return table[prompt, response]
+        per_token = table[prompt.unsqueeze(1), response] * mask
+        total = per_token.sum(1)
+        return total / mask.sum(1).clamp_min(1) if self.reward_kind == "mean" else total
+
+
+@dataclass(frozen=True)
+class SyntheticPreferencesConfig:
+    """Prompts and response pairs over a small vocabulary, labelled by a hidden token reward."""
+
+    batch_size: int = 32
+    num_workers: int = 0
+    n_train: int = 512
+    n_val: int = 256
+    vocab_size: int = 16
+    topics: int = 4
+    prompt_length: int = 2
+    min_response: int = 2
+    max_response: int = 6
+    reward: Literal["mean", "sum"] = "mean"
+    length_bias: float = 0.0
+    flip_rate: float = 0.0
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_field(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        check_field(self.num_workers >= 0, "num_workers", ">= 0", self.num_workers)
+        check_field(self.n_train >= 1 and self.n_val >= 1, "n_train and n_val", ">= 1", (self.n_train, self.n_val))
+        check_field(self.vocab_size >= 4, "vocab_size", ">= 4 (pad, EOS and two content tokens)", self.vocab_size)
+        check_field(1 <= self.topics <= self.vocab_size - 2, "topics", "in [1, vocab_size - 2]", self.topics)
+        check_field(self.prompt_length >= 1, "prompt_length", ">= 1", self.prompt_length)
+        check_field(1 <= self.min_response <= self.max_response, "min_response", "in [1, max_response]", self.min_response)
+        check_field(0 <= self.flip_rate < 0.5, "flip_rate", "in [0, 0.5)", self.flip_rate)
+        check_field(self.steps >= 0, "steps", ">= 0 (0: no step boundaries)", self.steps)
+        check_field(self.steps <= self.min_response, "steps", f"<= min_response ({self.min_response})", self.steps)
+
+
+def _response_steps(lengths: torch.Tensor, steps: int, width: int, offset: int) -> torch.Tensor:
+    """Step index per position: response token ``t`` of ``n`` is in step ``⌊t·S/n⌋``; -1 elsewhere."""
+    out = torch.full((len(lengths), width), -1, dtype=torch.int64)
+    if steps == 0:
+        return out
+    for i, n in enumerate(lengths.tolist()):
+        t = torch.arange(n)
+        out[i, offset : offset + n] = t * steps // n
+    return out
+
+
+def _synthetic_split(config: SyntheticPreferencesConfig, u: torch.Tensor, n: int, flip_rate: float, g: torch.Generator) -> dict[str, torch.Tensor]:
+    c, width = config, config.prompt_length + config.max_response + 1
+    content = torch.arange(2, c.vocab_size)
+    topic = torch.randint(0, c.topics, (n,), generator=g)
+    prompt = content[torch.randint(0, len(content), (n, c.prompt_length), generator=g)]
+    prompt[:, 0] = content[topic]
+
+    def response() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        length = torch.randint(c.min_response, c.max_response + 1, (n,), generator=g)
+        tokens = content[torch.randint(0, len(content), (n, c.max_response), generator=g)]
+        pos = torch.arange(c.max_response)
+        tokens = torch.where(pos < length[:, None], tokens, PAD)
+        per_token = u[topic[:, None], tokens] * (pos < length[:, None])
+        reward = per_token.sum(1) / length if c.reward == "mean" else per_token.sum(1)
+        return tokens, length, reward
+
+    (ya, la, ra), (yb, lb, rb) = response(), response()
+    a_wins = (ra + c.length_bias * la) >= (rb + c.length_bias * lb)
+    flipped = torch.rand(n, generator=g) < flip_rate
+    chosen_first = a_wins ^ flipped
+    out: dict[str, torch.Tensor] = {"prompt": topic, "flipped": flipped}
+    for side, first in (("chosen", chosen_first), ("rejected", ~chosen_first)):
+        y = torch.where(first[:, None], ya, yb)
+        n_tok = torch.where(first, la, lb)
+        reward = torch.where(first, ra, rb)
+        ids = torch.full((n, width), PAD, dtype=torch.int64)
+        ids[:, : c.prompt_length] = prompt
+        ids[:, c.prompt_length : c.prompt_length + c.max_response] = y
+        end = c.prompt_length + n_tok
+        ids[torch.arange(n), end] = EOS
+        pos = torch.arange(width)
+        attention = pos[None] <= end[:, None]
+        mask = (pos[None] >= c.prompt_length) & attention  # the response and its EOS
+        out[f"{side}_ids"] = ids
+        out[f"{side}_attention"] = attention.long()
+        out[f"{side}_mask"] = mask.float()
+        out[f"{side}_steps"] = _response_steps(n_tok, c.steps, width, c.prompt_length)
+        out[f"reward_{side}"] = reward
+    return out
+
+
+@register_dataset("synthetic-preferences", SyntheticPreferencesConfig)
+def build_synthetic_preferences(config: SyntheticPreferencesConfig, seed: int) -> PreferenceDataModule:
+    """Preference pairs over a small vocabulary with a hidden per-token reward (see module doc)."""
+    u = torch.randn(config.topics, config.vocab_size, generator=generator(seed, "preferences.reward"))
+    u[:, :2] = 0.0  # pad and EOS carry no reward
+    train = _synthetic_split(config, u, config.n_train, config.flip_rate, generator(seed, "preferences.train"))
+    val = _synthetic_split(config, u, config.n_val, 0.0, generator(seed, "preferences.val"))
+    width = config.prompt_length + config.max_response + 1
+    info = DataInfo(
+        "preference", config.vocab_size, (width,), (("vocab_size", config.vocab_size), ("max_length", width))
+    )
+    dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
+    dm.reward_table, dm.reward_kind = u, config.reward
+    dm.prompt_length = config.prompt_length
+    return dm
+
+
+@dataclass(frozen=True)
+class TabularPreferencesConfig:
+    """``P`` prompts × ``M`` canned responses; every ordered pair of distinct responses."""
+
+    batch_size: int = 16
+    num_workers: int = 0
+    prompts: int = 4
+    responses: int = 4
+    preference: Literal["reward", "cyclic"] = "reward"
+    flip_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_field(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        check_field(self.prompts >= 1, "prompts", ">= 1", self.prompts)
+        check_field(self.responses >= 2, "responses", ">= 2", self.responses)
+        check_field(0 <= self.flip_rate < 0.5, "flip_rate", "in [0, 0.5)", self.flip_rate)
+        if self.preference == "cyclic":
+            check_field(self.responses % 2 == 1, "responses", "odd for a cyclic preference", self.responses)
+
+
+def _tabular_split(p_matrix: torch.Tensor, r: torch.Tensor, flip_rate: float, g: torch.Generator) -> dict[str, torch.Tensor]:
+    P, M = r.shape
+    rows = [(p, i, j) for p in range(P) for i, j in itertools.permutations(range(M), 2) if p_matrix[p, i, j] > 0.5]
+    prompt, win, lose = (torch.tensor(c, dtype=torch.int64) for c in zip(*rows, strict=True))
+    flipped = torch.rand(len(rows), generator=g) < flip_rate
+    chosen, rejected = torch.where(flipped, lose, win), torch.where(flipped, win, lose)
+    ones = torch.ones(len(rows), 2, dtype=torch.int64)
+    mask = torch.tensor([[0.0, 1.0]]).expand(len(rows), 2).clone()
+    steps = torch.tensor([[-1, 0]]).expand(len(rows), 2).clone()
+    return {
+        "prompt": prompt,
+        "flipped": flipped,
+        "chosen_ids": torch.stack([prompt, chosen], 1),
+        "rejected_ids": torch.stack([prompt, rejected], 1),
+        "chosen_attention": ones,
+        "rejected_attention": ones.clone(),
+        "chosen_mask": mask,
+        "rejected_mask": mask.clone(),
+        "chosen_steps": steps,
+        "rejected_steps": steps.clone(),
+        "reward_chosen": r[prompt, chosen],
+        "reward_rejected": r[prompt, rejected],
+    }
+
+
+@register_dataset("tabular-preferences", TabularPreferencesConfig)
+def build_tabular_preferences(config: TabularPreferencesConfig, seed: int) -> PreferenceDataModule:
+    """The tabular fixture: canned responses per prompt, exact rewards and preferences."""
+    P, M = config.prompts, config.responses
+    if config.preference == "reward":
+        r = torch.randn(P, M, generator=generator(seed, "tabular.reward"))
+        p_matrix = (r[:, :, None] > r[:, None, :]).float()
+    else:
+        r = torch.zeros(P, M)
+        diff = (torch.arange(M)[None, :] - torch.arange(M)[:, None]) % M  # (j - i) mod M
+        p_matrix = ((diff >= 1) & (diff <= (M - 1) // 2)).float().expand(P, M, M).clone()
+    p_matrix = p_matrix + 0.5 * torch.eye(M)
+    train = _tabular_split(p_matrix, r, config.flip_rate, generator(seed, "tabular.train"))
+    val = _tabular_split(p_matrix, r, 0.0, generator(seed, "tabular.val"))
+    info = DataInfo("preference", M, (2,), (("prompts", P), ("responses", M)))
+    dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
+    dm.reward_table, dm.preference_matrix = r, p_matrix
+    return dm
+
+
+# -- policies -----------------------------------------------------------------------------------
+
+
+def token_logps_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` log-probabilities of ``ids`` under next-token ``logits`` ``[B, T, V]``; 0 at t = 0."""
+    logits = logits[:, :-1].float()
+    picked = logits.gather(2, ids[:, 1:, None]).squeeze(2) - logits.logsumexp(2)
+    return F.pad(picked, (1, 0))
+
+
+class CausalLMPolicy(nn.Module):
+    """Wraps a ``transformers`` causal LM: ``forward(ids, attention)`` → per-token log-probs.
+
+    ``forward(..., hidden=True)`` also returns the last hidden states ``[B, T, H]``.
+    :meth:`next_logits` gives next-token logits for sampling.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor, attention: torch.Tensor, hidden: bool = False):  # type: ignore[override]
+        out = self.lm(input_ids=ids, attention_mask=attention, output_hidden_states=hidden, use_cache=False)
+        logps = token_logps_from_logits(out.logits, ids)
+        return (logps, out.hidden_states[-1]) if hidden else logps
+
+    def next_logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, -1]
+
+
+class TabularPolicy(nn.Module):
+    """``π(y | p) = softmax(θ_p)_y`` over ``M`` canned responses; ids are ``[prompt, response]``."""
+
+    def __init__(self, prompts: int, responses: int, init: str = "uniform", scale: float = 1.0) -> None:
+        super().__init__()
+        theta = torch.zeros(prompts, responses)
+        if init == "random":  # the global RNG, seeded from the recipe like every model's init
+            theta = scale * torch.randn(prompts, responses)
+        self.theta = nn.Parameter(theta)
+
+    def log_probs(self) -> torch.Tensor:
+        """``log π(· | p)`` for every prompt, ``[P, M]``."""
+        return self.theta.log_softmax(-1)
+
+    def forward(self, ids: torch.Tensor, attention: torch.Tensor, hidden: bool = False):  # type: ignore[override]
+        logps = self.theta.log_softmax(-1)[ids[:, 0], ids[:, 1]]
+        out = torch.stack([torch.zeros_like(logps), logps], 1)
+        return (out, self.theta[ids[:, 0]].unsqueeze(1).expand(-1, 2, -1)) if hidden else out
+
+
+@dataclass(frozen=True)
+class CausalLMConfig:
+    """A small causal LM from a config (random init), or ``pretrained``: a local folder or Hub id.
+
+    ``pretrained`` loads safetensors weights only and never runs remote code; the Hub is read
+    through the local cache when offline.
+    """
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    layers: int = 2
+    width: int = 64
+    heads: int = 2
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        check_field(self.layers >= 1, "layers", ">= 1", self.layers)
+        check_field(self.heads >= 1 and self.width % self.heads == 0, "width", "a multiple of heads", self.width)
+
+
+@register_model("causal-lm", CausalLMConfig)
+def build_causal_lm(config: CausalLMConfig, info: DataInfo) -> nn.Module:
+    """A ``transformers`` GPT-2 or Llama causal LM (untied embeddings, no dropout)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("model causal-lm needs transformers: pip install 'paperhooks[lm]'") from None
+
+    if info.task != "preference":
+        raise ValueError(f"model causal-lm needs preference data (token sequences); the data is {info.task}")
+    if config.pretrained:
+        try:
+            lm = transformers.AutoModelForCausalLM.from_pretrained(
+                config.pretrained, use_safetensors=True, trust_remote_code=False
+            )
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.pretrained {config.pretrained!r}: cannot load a causal LM: {e}") from None
+        vocab = info.size("vocab_size")
+        if lm.config.vocab_size < vocab:
+            raise ValueError(f"model.pretrained has vocab_size {lm.config.vocab_size} < the data's {vocab}")
+        return CausalLMPolicy(lm)
+    vocab, length = info.size("vocab_size"), info.size("max_length")
+    if config.arch == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab, n_positions=length, n_embd=config.width, n_layer=config.layers, n_head=config.heads,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+            bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+        )  # fmt: skip
+        lm = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=config.width, intermediate_size=4 * config.width,
+            num_hidden_layers=config.layers, num_attention_heads=config.heads, max_position_embeddings=length,
+            tie_word_embeddings=False, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+        )  # fmt: skip
+        lm = transformers.LlamaForCausalLM(cfg)
+    return CausalLMPolicy(lm)
+
+
+@dataclass(frozen=True)
+class TabularPolicyConfig:
+    """Logits ``θ`` ``[P, M]``: zeros (the uniform policy) or ``scale · N(0, 1)``."""
+
+    init: Literal["uniform", "random"] = "uniform"
+    scale: float = 1.0
+
+
+@register_model("tabular-policy", TabularPolicyConfig)
+def build_tabular_policy(config: TabularPolicyConfig, info: DataInfo) -> nn.Module:
+    """A softmax policy over each prompt's canned responses (for ``tabular-preferences``)."""
+    return TabularPolicy(info.size("prompts"), info.size("responses"), config.init, config.scale)
+
+
+@torch.no_grad()
+def sample(
+    policy: CausalLMPolicy, prompts: torch.Tensor, max_new_tokens: int, generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses after ``prompts`` ``[B, L]`` until EOS or ``max_new_tokens``.
+
+    Returns ``(tokens [B, max_new_tokens], lengths [B])``: content tokens before EOS (PAD
+    after), and their number. Pad and EOS are never content; EOS is sampled like any token.
+    """
+    b = prompts.shape[0]
+    ids = prompts
+    done = torch.zeros(b, dtype=torch.bool, device=prompts.device)
+    out = torch.full((b, max_new_tokens), PAD, dtype=torch.int64, device=prompts.device)
+    lengths = torch.zeros(b, dtype=torch.int64, device=prompts.device)
+    for t in range(max_new_tokens):
+        logits = policy.next_logits(ids, torch.ones_like(ids)) / temperature
+        logits[:, PAD] = -float("inf")
+        probs = logits.softmax(-1).cpu()
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(prompts.device)
+        is_eos = tok == EOS
+        take = ~done & ~is_eos
+        out[:, t] = torch.where(take, tok, PAD)
+        lengths += take.long()
+        done |= is_eos
+        ids = torch.cat([ids, torch.where(done, EOS, tok)[:, None]], 1)
+        if bool(done.all()):
+            break
+    return out, lengths
+
+
+__all__ = [
+    "EOS",
+    "PAD",
+    "CausalLMConfig",
+    "CausalLMPolicy",
+    "PreferenceDataModule",
+    "SyntheticPreferencesConfig",
+    "TabularPolicy",
+    "TabularPolicyConfig",
+    "TabularPreferencesConfig",
+    "build_causal_lm",
+    "build_synthetic_preferences",
+    "build_tabular_policy",
+    "build_tabular_preferences",
+    "sample",
+    "token_logps_from_logits",
+]
