@@ -197,6 +197,8 @@ class HookedModule(L.LightningModule):
     @torch.no_grad()
     def _prune(self, ctx: Any) -> None:
         schedule = self.hooks.plugins.owner("pruning_schedule")
+        if schedule is None:  # masks carried over from an earlier stage: kept as they are
+            return
         target = schedule(ctx=ctx)
         if target is None:
             return

@@ -16,6 +16,7 @@ imports a dotted path or evaluates code. Everything is validated before any trai
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ class Recipe:
     raw: dict[str, Any] = field(repr=False)
     #: the ``objective`` section (preference tasks): a :class:`~paperhooks.preference.PreferenceObjective`
     objective: Any = None
+    #: ``(name, Recipe)`` per stage when the recipe declares ``stages`` (see :mod:`paperhooks.stages`)
+    stages: tuple[tuple[str, Recipe], ...] = ()
 
     @property
     def plugin_versions(self) -> dict[str, str]:
@@ -137,6 +140,7 @@ TOP_KEYS = {
     "trainer": "mapping",
     "plugins": "list of mappings with name",
     "objective": "mapping (preference data only: beta, reference, eval_samples)",
+    "stages": "list of mappings with name (each a fit; may set trainer, optimizer, objective, seed, plugins)",
     "plugin_versions": "mapping written by runs (name: distribution==version)",
 }
 
@@ -267,6 +271,10 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
         raw=dict(raw),
         objective=objective,
     )
+    if raw.get("stages") is not None:
+        from paperhooks.stages import validate_stages
+
+        return dataclasses.replace(recipe, stages=validate_stages(dict(raw)))
     check_strategy(recipe)
     from paperhooks.manager import check_combination
 

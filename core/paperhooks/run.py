@@ -192,12 +192,27 @@ def _write_recipe(path: Path, data: dict[str, Any]) -> None:
 
 
 def fit(recipe: Recipe, resume: str | None = None, run_dir: Path | None = None) -> tuple[Built, dict[str, float]]:
-    """Fit ``recipe`` (optionally resuming from a checkpoint path); return final metrics."""
+    """Fit ``recipe`` (optionally resuming from a checkpoint path); return final metrics.
+
+    A recipe with ``stages`` runs each stage in turn (:mod:`paperhooks.stages`).
+    """
+    if recipe.stages:
+        from paperhooks.stages import fit_stages
+
+        return fit_stages(recipe, resume, run_dir)
     built = build(recipe, run_dir)
     kwargs = {"ckpt_path": resume, "weights_only": True} if resume else {}
     built.trainer.fit(built.module, datamodule=built.datamodule, **kwargs)
+    metrics = final_metrics(built)
+    if built.trainer.is_global_zero:
+        (built.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return built, metrics
+
+
+def final_metrics(built: Built) -> dict[str, float]:
+    """The trainer's final metrics, a validation of the final weights, the trainable count."""
     metrics = {k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1}
-    if recipe.trainer.limit_val_batches != 0:
+    if built.recipe.trainer.limit_val_batches != 0:
         # the final metrics are always those of the final weights, also when max_steps
         # stopped training in the middle of an epoch
         built.trainer.validate(built.module, datamodule=built.datamodule, verbose=False)
@@ -205,6 +220,4 @@ def fit(recipe: Recipe, resume: str | None = None, run_dir: Path | None = None) 
     count = getattr(built.module, "trainable_parameters", None)
     if count is not None:
         metrics["model/trainable_parameters"] = float(count)
-    if built.trainer.is_global_zero:
-        (built.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return built, metrics
+    return metrics

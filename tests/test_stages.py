@@ -1,0 +1,130 @@
+"""Multi-stage recipes: prune → retrain, state passed between fits, resume, many processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from helpers import write_recipe
+from paperhooks import recipe as R
+from paperhooks.errors import RecipeError
+from paperhooks.run import fit
+from paperhooks.testing import assert_states_close, fit_cli, load_checkpoint
+
+RECIPE = """
+seed: 1
+name: staged
+model: {name: mlp, hidden: [32]}
+data: {name: digits, batch_size: 64}
+optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+trainer: {max_steps: 12, enable_progress_bar: false, limit_val_batches: 0}
+stages:
+  - name: prune
+    plugins: [{name: one-shot-pruning, sparsity: 0.7, step: 4}]
+  - name: retrain
+    trainer: {max_steps: 10, checkpoint_every_n_steps: 5}
+    optimizer: {lr: 0.02}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    return write_recipe(tmp_path / "staged.yaml", RECIPE + f"run_dir: {tmp_path}/runs\n")
+
+
+def _stage(run, i, name, ckpt="last.ckpt"):
+    return load_checkpoint(run / "stages" / f"{i}-{name}", ckpt)
+
+
+def _masks(state):
+    return {k: v for k, v in state.items() if k.endswith(".mask")}
+
+
+def _effective(state):
+    """W ⊙ M per pruned layer (the weight the network uses)."""
+    out = {}
+    for k, m in _masks(state).items():
+        layer = k.split(".parametrizations.")[0]
+        out[layer] = state[f"{layer}.parametrizations.weight.original"] * m
+    return out
+
+
+def test_prune_then_retrain_keeps_the_masks_and_records_every_stage(recipe):
+    built, metrics = fit(R.load(recipe))
+    run = built.run_dir
+    first, second = _stage(run, 0, "prune"), _stage(run, 1, "retrain")
+    assert first["global_step"] == 12 and second["global_step"] == 10
+    m1, m2 = _masks(first["state_dict"]), _masks(second["state_dict"])
+    assert m1 and sorted(m1) == sorted(m2)
+    for k in m1:
+        assert torch.equal(m1[k], m2[k])  # the retraining stage did not change the masks
+    kept = sum(int(m.sum()) for m in m1.values()) / sum(m.numel() for m in m1.values())
+    assert kept == pytest.approx(0.3, abs=1e-3)
+    for layer, w in _effective(second["state_dict"]).items():
+        mask = second["state_dict"][f"{layer}.parametrizations.weight.0.mask"]
+        assert bool((w[~mask] == 0).all())
+        assert bool((second["state_dict"][f"{layer}.parametrizations.weight.original"][~mask] == 0).all())
+    # the second stage trained: the kept weights moved
+    e1, e2 = _effective(first["state_dict"]), _effective(second["state_dict"])
+    assert max((e1[k] - e2[k]).abs().max().item() for k in e1) > 1e-3
+    record = json.loads((run / "stages.json").read_text())
+    assert [r["stage"] for r in record] == ["prune", "retrain"] and all(r["status"] == "done" for r in record)
+    assert json.loads((run / "metrics.json").read_text()) == record[1]["metrics"] == metrics
+    assert metrics["pruning/sparsity"] == pytest.approx(0.7, abs=1e-3)
+    assert (run / "recipe.yaml").exists() and (run / "stages" / "1-retrain" / "recipe.yaml").exists()
+
+
+def test_the_next_stage_starts_from_the_previous_weights(recipe):
+    """With a vanishing learning rate the second stage ends where the first ended: its start
+    was the first stage's end (a fresh initialization would be far away)."""
+    built, _ = fit(R.load(recipe, ["stages.1.optimizer.lr=1e-12", "stages.1.optimizer.momentum=0.0"]))
+    e1 = _effective(_stage(built.run_dir, 0, "prune")["state_dict"])
+    e2 = _effective(_stage(built.run_dir, 1, "retrain")["state_dict"])
+    for k in e1:
+        torch.testing.assert_close(e1[k], e2[k], atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize(("stage", "ckpt"), [("0-prune", "last.ckpt"), ("1-retrain", "step5.ckpt")])
+def test_resume_between_and_inside_stages_is_bit_identical(recipe, stage, ckpt):
+    full, _ = fit(R.load(recipe, ["name=full", "stages.0.trainer.checkpoint_every_n_steps=6"]))
+    resumed, _ = fit(R.load(recipe, ["name=resumed"]), resume=str(full.run_dir / "stages" / stage / "checkpoints" / ckpt))
+    a, b = _stage(full.run_dir, 1, "retrain"), _stage(resumed.run_dir, 1, "retrain")
+    assert a["global_step"] == b["global_step"] == 10
+    assert_states_close(a["state_dict"], b["state_dict"], atol=0)
+    record = json.loads((resumed.run_dir / "stages.json").read_text())
+    assert record[1]["status"] == "done"
+    assert record[0]["status"] == ("done" if stage == "0-prune" else "skipped (resumed at a later stage)")
+
+
+def test_stage_errors_name_the_stage(recipe, tmp_path):
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(retrain\): optimizer: lr must be > 0"):
+        R.load(recipe, ["stages.1.optimizer.lr=-1"])
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(retrain\): unknown keys \['data'\]"):
+        R.load(recipe, ["stages.1.data={name: digits}"])
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(prune\): .*no-such-plugin"):
+        R.load(recipe, ["stages.0.plugins=[{name: no-such-plugin}]"])
+    with pytest.raises(RecipeError, match="must be unique"):
+        R.load(recipe, ["stages.1.name=prune"])
+    with pytest.raises(RecipeError, match="sharded strategy 'fsdp2'"):
+        R.load(recipe, ["trainer.strategy=fsdp2", "trainer.devices=2"])
+    with pytest.raises(RecipeError, match="resumes from a checkpoint under RUN/stages"):
+        fit(R.load(recipe), resume=str(tmp_path / "x.ckpt"))
+
+
+@pytest.mark.slow
+def test_stages_on_two_processes_equal_one_process(recipe, tmp_path):
+    one = fit_cli(recipe, ["name=one"], cwd=tmp_path)
+    two = fit_cli(recipe, ["name=two", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+    for i, name in enumerate(("prune", "retrain")):
+        a, b = _stage(one, i, name)["state_dict"], _stage(two, i, name)["state_dict"]
+        assert_states_close(a, b, atol=1e-6, rtol=1e-5)
+        for k in _masks(a):
+            assert torch.equal(a[k], b[k])
