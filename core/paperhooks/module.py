@@ -209,25 +209,25 @@ class HookedModule(L.LightningModule):
             )
         if target == self.sparsity:
             return
-        modules = pruning.prunable(self.model)
-        params = {k: modules[k].weight for k in self.masks}
+        sharded = pruning.sharded_run(ctx)
+        params = pruning.local_weights(self.model, self.masks)  # under FSDP2: this rank's rows
+        rows = pruning.local_rows(self.model, self.masks)
         scorer = self.hooks.plugins.owner("pruning_scores")
         scores = (scorer(params=params, module=self, ctx=ctx) if scorer else None) or pruning.magnitude_scores(params)
         # pruned weights stay pruned: they rank below every weight still in
-        scores = {k: torch.where(m.mask, scores[k].float() if not scores[k].is_floating_point() else scores[k], -torch.inf)
+        scores = {k: torch.where(m.mask[rows[k]], scores[k].float() if not scores[k].is_floating_point() else scores[k], -torch.inf)
                   for k, m in self.masks.items()}
         allocator = self.hooks.plugins.owner("pruning_allocate")
         keep = (allocator(scores=scores, sparsity=target, ctx=ctx) if allocator else None) or pruning.global_allocation(
-            scores, target
+            scores, target, sharded=sharded
         )
-        bad = [k for k, m in self.masks.items() if k not in keep or keep[k].shape != m.mask.shape or keep[k].dtype != torch.bool]
+        bad = [k for k in self.masks if k not in keep or keep[k].shape != scores[k].shape or keep[k].dtype != torch.bool]
         if bad:
             raise ValueError(
                 f"plugin {allocator.plugin.name if allocator else '(core)'!r}: pruning_allocate must return one boolean mask per prunable "
                 f"weight, of its shape; wrong or missing for {bad[:5]}"
             )
-        for k, m in self.masks.items():
-            m.mask.copy_(keep[k] & m.mask)
+        pruning.set_masks(self.model, self.masks, keep)
         pruning.zero_pruned(self.model, self.masks)
         self.sparsity = pruning.sparsity_of(self.masks)
         self._layer_sparsity = None

@@ -12,6 +12,7 @@ Counts follow ``torch.nn.utils.prune``: a sparsity ``s`` of ``n`` weights prunes
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,48 @@ def add_masks(model: nn.Module) -> dict[str, Mask]:
         parametrize.register_parametrization(m, "weight", mask)
         masks[name] = mask
     return masks
+
+
+# -- sharded weights (FSDP2) ----------------------------------------------------------------------
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2 holds each rank's rows of a parameter as one)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def shard_rows(t: torch.Tensor) -> slice:
+    """The rows of dim 0 this rank holds of the DTensor ``t`` (FSDP2's ``Shard(0)``: ``torch.chunk``).
+
+    Rank ``r`` of ``R`` holds rows ``[r·c, min((r+1)·c, n))`` with ``c = ceil(n / R)``.
+    """
+    from torch.distributed.tensor import Shard
+
+    placements = t.placements
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"pruning under FSDP2 expects parameters sharded on dim 0, got placements {placements}")
+    n, world, r = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    c = -(-n // world)
+    start, stop = min(r * c, n), min((r + 1) * c, n)
+    local = t.to_local()
+    if local.shape[0] != stop - start:
+        raise ValueError(f"unexpected FSDP2 shard: {local.shape[0]} rows on rank {r}, expected {stop - start} of {n}")
+    return slice(start, stop)
+
+
+def sharded_run(ctx: Any) -> bool:
+    """True when the prunable weights are sharded over several processes (FSDP2): scores
+    and masks handed to ``pruning_allocate`` then hold this rank's rows only, and the
+    allocation selects over all ranks (``global_allocation(..., sharded=True)``)."""
+    return ctx.strategy == "fsdp2" and dist.is_distributed()
+
+
+def local_rows(model: nn.Module, masks: Mapping[str, Mask]) -> dict[str, slice]:
+    """For each masked layer, the rows of its weight this rank holds (all rows unless sharded)."""
+    layers = prunable(model)
+    return {k: shard_rows(stored(layers[k])) if is_sharded(stored(layers[k])) else slice(None) for k in masks}
 
 
 def magnitude_scores(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,6 +164,50 @@ def only_mask(layer: nn.Module) -> bool:
     return len(layer.parametrizations.weight) == 1
 
 
+def stored(layer: nn.Module) -> torch.Tensor:
+    """The parameter under a parametrized weight (``parametrizations.weight.original``)."""
+    return layer.parametrizations.weight.original
+
+
+@torch.no_grad()
+def local_weights(model: nn.Module, masks: Mapping[str, Mask]) -> dict[str, torch.Tensor]:
+    """Each masked layer's effective weight, or under FSDP2 this rank's rows of it.
+
+    Sharded weights must carry the mask as their only parametrization (``original ⊙ M`` is
+    then computable row by row; other parametrizations need whole tensors).
+    """
+    layers = prunable(model)
+    out = {}
+    for k, m in masks.items():
+        layer = layers[k]
+        orig = stored(layer)
+        if is_sharded(orig):
+            if not only_mask(layer):
+                raise ValueError(
+                    f"pruning under FSDP2: layer {k!r} has other parametrizations besides the mask "
+                    f"({[type(p).__name__ for p in layer.parametrizations.weight]}); they need whole "
+                    "weights, so pruning and reparameterization cannot be stacked under FSDP2 (use ddp)"
+                )
+            out[k] = orig.to_local() * m.mask[shard_rows(orig)]
+        else:
+            out[k] = layer.weight
+    return out
+
+
+@torch.no_grad()
+def set_masks(model: nn.Module, masks: Mapping[str, Mask], keep: Mapping[str, torch.Tensor]) -> None:
+    """``M ← M ∧ keep`` (pruned weights stay pruned). Under FSDP2 ``keep`` holds this rank's
+    rows; every rank's rows are gathered into the whole mask (one byte per weight, once per
+    mask update), which FSDP2 keeps unsharded like every buffer."""
+    layers = prunable(model)
+    for k, m in masks.items():
+        mine = keep[k]
+        if is_sharded(stored(layers[k])):
+            mine, _ = dist.all_gather_cat(mine.to(torch.uint8))
+            mine = mine.bool()
+        m.mask.copy_(mine & m.mask)
+
+
 @torch.no_grad()
 def zero_pruned(model: nn.Module, masks: Mapping[str, Mask]) -> None:
     """Set the stored weight's pruned entries to zero where the mask is its only parametrization.
@@ -134,4 +221,8 @@ def zero_pruned(model: nn.Module, masks: Mapping[str, Mask]) -> None:
     for k, m in masks.items():
         layer = layers[k]
         if only_mask(layer):
-            layer.parametrizations.weight.original.mul_(m.mask)
+            orig = stored(layer)
+            if is_sharded(orig):
+                orig.to_local().mul_(m.mask[shard_rows(orig)])
+            else:
+                orig.mul_(m.mask)

@@ -286,8 +286,10 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
 CORE_UNSUPPORTED = {
     ("gradient-surgery", "fsdp"): "the per-objective gradient engine does not support sharded parameters yet",
     ("gradient-surgery", "deepspeed"): "DeepSpeed ZeRO mishandles several backward passes per step",
-    ("pruning", "fsdp2"): "global mask selection over FSDP2 shards is not implemented yet",
-    ("pruning", "fsdp"): "global mask selection over sharded parameters is not implemented yet",
+    ("pruning", "fsdp"): (
+        "masks are selected over FSDP2's row shards (DTensor, dim 0); Lightning's fsdp shards "
+        "flattened FlatParameters, which the masks do not address; use 'fsdp2' (or 'ddp')"
+    ),
 }
 
 

@@ -262,11 +262,15 @@ class MaskProbe(Plugin):
         from paperhooks import pruning
 
         layers = pruning.prunable(module.model)
+        effective = pruning.local_weights(module.model, module.masks)  # under FSDP2: this rank's rows
+        rows = pruning.local_rows(module.model, module.masks)
         for name, m in module.masks.items():
-            layer = layers[name]
-            if not bool((layer.weight[~m.mask] == 0).all()):
+            pruned = ~m.mask[rows[name]]
+            if not bool((effective[name][pruned] == 0).all()):
                 raise AssertionError(f"step {ctx.step}: a pruned entry of {name}.weight is not zero")
-            if pruning.only_mask(layer) and not bool((layer.parametrizations.weight.original[~m.mask] == 0).all()):
+            stored = pruning.stored(layers[name])
+            stored = stored.to_local() if pruning.is_sharded(stored) else stored
+            if pruning.only_mask(layers[name]) and not bool((stored[pruned] == 0).all()):
                 raise AssertionError(f"step {ctx.step}: a pruned entry of {name}'s stored weight is not zero")
         self.checked += 1
 

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 def pruning_schedule(ctx: StepContext) -> float | None:
     """The sparsity (fraction of prunable weights set to zero) to reach now, or ``None``.
 
-    A pure function of progress (``ctx.step``/``ctx.epoch``). One owner.
-    Called from ``on_train_batch_end`` after the optimizer step.
+    A pure function of progress (``ctx.step``/``ctx.epoch``) in [0, 1). One owner.
+    Called after every optimizer step with ``ctx.step`` = the steps done, and once before
+    the first step of a fresh fit with ``ctx.step = 0``. Masks change only when the value
+    differs from the current sparsity; pruned weights stay pruned.
     """
 
 
@@ -26,7 +28,10 @@ def pruning_schedule(ctx: StepContext) -> float | None:
 def pruning_scores(params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext) -> Mapping[str, torch.Tensor] | None:
     """Importance of each prunable weight (higher is kept). One owner; default ``|w|``.
 
-    :param params: prunable parameter name → current (masked) weight tensor.
+    :param params: prunable layer name → current (masked) weight tensor; under FSDP2, this
+        rank's rows of it (an element-wise criterion works unchanged; one that needs whole
+        tensors or calibration statistics reduces them with ``ctx.dist``, e.g.
+        ``dist.sum_over_ranks``).
     """
 
 
@@ -34,4 +39,10 @@ def pruning_scores(params: Mapping[str, torch.Tensor], module: Any, ctx: StepCon
 def pruning_allocate(
     scores: Mapping[str, torch.Tensor], sparsity: float, ctx: StepContext
 ) -> Mapping[str, torch.Tensor] | None:
-    """Boolean keep-masks reaching ``sparsity`` overall. One owner; default global top-k."""
+    """Boolean keep-masks reaching ``sparsity`` overall. One owner; default global top-k.
+
+    ``scores`` of entries already pruned are ``-inf``. Under FSDP2
+    (``pruning.sharded_run(ctx)``) each rank holds its rows of every score tensor and returns
+    masks of those rows; selecting over all ranks is ``dist.topk_mask`` (see
+    ``pruning.global_allocation(..., sharded=True)``), never a gather of the scores.
+    """
