@@ -128,3 +128,86 @@ def test_stages_on_two_processes_equal_one_process(recipe, tmp_path):
         assert_states_close(a, b, atol=1e-6, rtol=1e-5)
         for k in _masks(a):
             assert torch.equal(a[k], b[k])
+
+
+SOUP = """
+seed: 1
+name: soup
+model: {name: mlp, hidden: [32]}
+data: {name: digits, batch_size: 64}
+optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+trainer: {max_steps: 10, enable_progress_bar: false, limit_val_batches: 1.0}
+stages:
+  - name: prune
+    plugins: [{name: one-shot-pruning, sparsity: 0.5, step: 4}]
+  - name: soup
+    trainer: {max_steps: 8, checkpoint_every_n_steps: 4}
+    ingredients: [{seed: 11}, {seed: 12}, {seed: 13, optimizer: {weight_decay: 0.001}}]
+    soup: {method: uniform}
+"""
+
+
+@pytest.fixture
+def soup_recipe(tmp_path):
+    return write_recipe(tmp_path / "soup.yaml", SOUP + f"run_dir: {tmp_path}/runs\n")
+
+
+def test_uniform_soup_averages_ingredients_of_one_mask(soup_recipe):
+    built, metrics = fit(R.load(soup_recipe))
+    run = built.run_dir
+    stage = run / "stages" / "1-soup"
+    ends = [load_checkpoint(stage / f"ingredient-{j}")["state_dict"] for j in range(3)]
+    masks = [_masks(e) for e in ends]
+    for k in masks[0]:  # every ingredient kept the mask it started from
+        assert torch.equal(masks[0][k], masks[1][k]) and torch.equal(masks[0][k], masks[2][k])
+    soup = torch.load(stage / "soup_weights.pt", weights_only=True)
+    effective = [_effective(e) for e in ends]
+    for layer in effective[0]:
+        mean = sum(e[layer] for e in effective) / 3
+        w = soup[f"{layer.removeprefix('model.')}.weight"]  # the soup holds the model's plain weights
+        torch.testing.assert_close(w, mean, atol=1e-7, rtol=0)
+        mask = masks[0][f"{layer}.parametrizations.weight.0.mask"]
+        assert bool((w[~mask] == 0).all())  # sparsity preserved by construction
+    # the ingredients differ (seeds, weight decay), so the average is not any one of them
+    assert (effective[0]["model.1"] - effective[1]["model.1"]).abs().max() > 1e-3
+    record = json.loads((run / "stages.json").read_text())[1]
+    assert record["soup"]["used"] == [0, 1, 2] and len(record["ingredients"]) == 3
+    assert metrics == record["metrics"] and "val/acc" in metrics
+
+
+def test_greedy_soup_keeps_the_best_ingredient_and_never_loses(soup_recipe):
+    built, metrics = fit(R.load(soup_recipe, ["stages.1.soup.method=greedy"]))
+    record = json.loads((built.run_dir / "stages.json").read_text())[1]
+    accs = [ing["metrics"]["val/acc"] for ing in record["ingredients"]]
+    best = max(range(3), key=lambda j: accs[j])
+    assert best in record["soup"]["used"]
+    assert metrics["val/acc"] >= max(accs) - 1e-9
+
+
+def test_resume_inside_an_ingredient_ends_with_the_same_soup(soup_recipe):
+    full, _ = fit(R.load(soup_recipe, ["name=full"]))
+    ckpt = full.run_dir / "stages" / "1-soup" / "ingredient-1" / "checkpoints" / "step4.ckpt"
+    resumed, _ = fit(R.load(soup_recipe, ["name=resumed"]), resume=str(ckpt))
+    a = torch.load(full.run_dir / "stages" / "1-soup" / "soup_weights.pt", weights_only=True)
+    b = torch.load(resumed.run_dir / "stages" / "1-soup" / "soup_weights.pt", weights_only=True)
+    assert_states_close(a, b, atol=0)
+
+
+def test_batchnorm_recalibration_hand_derived():
+    """momentum=None makes the running mean the average of the chunk means: with equal chunks,
+    the mean of the data; the running variance the average of the chunks' unbiased variances."""
+    from types import SimpleNamespace
+
+    from paperhooks.stages import recalibrate_bn
+    from paperhooks.tasks import DictDataset
+
+    x = torch.arange(8, dtype=torch.float32).reshape(8, 1)  # chunks of 4: [0..3], [4..7]
+    bn = torch.nn.BatchNorm1d(1, momentum=0.3)
+    bn.running_mean.fill_(100.0)
+    module = SimpleNamespace(model=torch.nn.Sequential(bn), device=torch.device("cpu"))
+    module.outputs = lambda batch: module.model(batch["input"])
+    dm = SimpleNamespace(train_set=DictDataset({"input": x}), batch_size=4)
+    recalibrate_bn(module, dm)
+    assert bn.running_mean.item() == pytest.approx(3.5)  # (1.5 + 5.5) / 2
+    assert bn.running_var.item() == pytest.approx(5 / 3)  # var([0,1,2,3], unbiased) = 5/3, both chunks
+    assert bn.momentum == 0.3 and int(bn.num_batches_tracked) == 2

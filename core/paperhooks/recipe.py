@@ -124,6 +124,9 @@ class Recipe:
     objective: Any = None
     #: ``(name, Recipe)`` per stage when the recipe declares ``stages`` (see :mod:`paperhooks.stages`)
     stages: tuple[tuple[str, Recipe], ...] = ()
+    #: a stage's ingredient recipes and how they are combined (``paperhooks.stages.SoupConfig``)
+    ingredients: tuple[Recipe, ...] = ()
+    soup: Any = None
 
     @property
     def plugin_versions(self) -> dict[str, str]:

@@ -102,8 +102,12 @@ def build_module(recipe: Recipe, info: Any, data_sizes: tuple[int, int] = (0, 0)
     return TaskModule(model, info.task, info.num_classes, **common)
 
 
-def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
-    """Everything needed to fit ``recipe``; nothing is trained yet."""
+def build(recipe: Recipe, run_dir: Path | None = None, split_seed: int | None = None) -> Built:
+    """Everything needed to fit ``recipe``; nothing is trained yet.
+
+    ``split_seed`` builds the data from another seed than the recipe's (the soup ingredients
+    of a stage share the stage's data split; their own seed orders the batches).
+    """
     import lightning.pytorch as L
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -112,7 +116,8 @@ def build(recipe: Recipe, run_dir: Path | None = None) -> Built:
     RunCheckpoints = _checkpoint_callback_cls()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     run_dir = run_dir or _new_run_dir(recipe)
-    dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed)
+    dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed if split_seed is None else split_seed)
+    dm.seed = recipe.seed  # the batch order
     module = build_module(recipe, dm.info, (len(dm.train_set), len(dm.val_set)))
     if getattr(module, "reference_model", None) is not None:
         # the frozen reference is in eval mode on purpose
