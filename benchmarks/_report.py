@@ -727,8 +727,9 @@ def _dist(results: dict, images: dict, rel: str) -> list[str]:
         "row count (one int64 per rank) before the padded payload.",
         "",
         "Under DDP, pruning needs no global top-k over shards: every rank holds all the weights",
-        "and computes the same masks. Pruning under FSDP2 (where it would need a distributed",
-        "selection) is not supported by the core yet, so it is not measured.",
+        "and computes the same masks. Under FSDP2 (not measured here) a mask update selects over",
+        "the shards with `dist.topk_mask`: 33 all-reduces of one or two int64 and one all-gather of",
+        "1 + L int64 per rank for L layers (no score leaves its rank), then the mask rows, a byte a weight.",
         _img(images, "dist", rel, "Bytes per step under 2-process DDP"),
     ]
     return L

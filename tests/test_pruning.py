@@ -75,6 +75,14 @@ def test_pruning_under_lightning_fsdp_is_refused_before_training_with_the_reason
         R.check_strategy(R.validate(raw))
 
 
+@pytest.mark.parametrize("name", ["one-shot-pruning", "gradual-pruning", "uniform-allocation"])
+def test_built_ins_pass_the_pruning_family_checks(name):
+    from paperhooks.testing import conformance as C
+
+    C.check_metadata(C.check_entry_point(name), name)
+    C.check_family(name)
+
+
 # -- masks equal torch.nn.utils.prune -------------------------------------------------------------------
 def _mlp(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -146,6 +154,12 @@ def test_order_keys_are_monotone_and_equal_for_signed_zeros():
         dist.order_keys(torch.tensor([1.0, float("nan")]))
 
 
+def test_topk_takes_k_as_a_function_of_the_global_count():
+    parts = [torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.5, 4.0])]
+    masks = dist.topk_mask(parts, lambda n: n - pruning.pruned_count(n, 0.6))  # 5 - 3 = 2 kept
+    assert masks[0].tolist() == [True, False, False] and masks[1].tolist() == [False, True]
+
+
 def test_topk_on_one_process_equals_the_stable_sort():
     g = torch.Generator().manual_seed(0)
     parts = [torch.randint(0, 5, (6, 4), generator=g).float(), torch.randint(0, 5, (11,), generator=g).float()]
@@ -171,18 +185,20 @@ def test_topk_on_two_processes_equals_one_process_and_sends_only_counts(tmp_path
     for case, ks in KS.items():
         parts = [shards(r)[case] for r in range(2)]
         sizes = [sum(t.numel() for t in p) for p in parts]
-        flat = torch.cat([t.reshape(-1).double() for p in parts for t in p])  # rank 0's first
+        # tensor by tensor, rank 0's part of each first: the row-major order of whole tensors
+        flat = torch.cat([parts[r][j].reshape(-1).double() for j in range(len(parts[0])) for r in range(2)])
         for k in ks:
-            both = torch.cat([got[0][f"{case}/{k}"], got[1][f"{case}/{k}"]])
+            pieces = [got[r][f"{case}/{k}"].split([t.numel() for t in parts[r]]) for r in range(2)]
+            both = torch.cat([pieces[r][j] for j in range(len(parts[0])) for r in range(2)])
             assert torch.equal(both, _reference_topk(flat, k)), (case, k)
             assert int(both.sum()) == k
             assert got[0][f"{case}/{k}"].numel() == sizes[0]
             if 0 < k < sum(sizes):
                 # counts only: 1 + 32 (64 for float64) all-reduces of int64, one all-gather of
-                # the (above, ties) pairs (+ its row counts); no score crosses ranks
+                # (above, ties per tensor) (+ its row count); no score crosses ranks
                 rounds = 64 if case == "wide" else 32
                 assert int(got[0][f"{case}/{k}/all_reduce"]) == 16 + 8 * rounds
-                assert int(got[0][f"{case}/{k}/all_gather"]) == 8 + 16
+                assert int(got[0][f"{case}/{k}/all_gather"]) == 8 + 8 * (1 + len(parts[0]))
     for r in got:
         assert r["stats/n"].tolist() == [3, 10] and r["stats/n"].dtype == torch.int64
         assert torch.equal(r["stats/x"], torch.full((2, 2), 1.5))

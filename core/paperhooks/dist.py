@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -187,20 +187,26 @@ def order_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def topk_mask(local: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+def topk_mask(local: Sequence[torch.Tensor], k: int | Callable[[int], int]) -> list[torch.Tensor]:
     """Boolean masks keeping exactly the ``k`` largest of all ranks' scores together.
 
-    Each rank passes its own tensors (e.g. its shards of every weight); the global order is
-    rank 0's elements first, then rank 1's..., each rank's in the order of ``local`` and
-    row-major inside each tensor. The result is what one process gets from a stable
-    descending sort of that concatenation, keeping the first ``k``: among equal scores the
-    earlier element is kept. No score leaves its rank:
+    ``k`` may be a function of the global number of scores (e.g. ``lambda n: n - round(s·n)``),
+    which is known only after the first all-reduce.
+
+    Every rank passes the same number of tensors: its part of each of the same tensors
+    (FSDP2's rows of every weight). The global order is tensor by tensor, and inside a tensor
+    rank 0's part first, then rank 1's..., each row-major: for parts that are consecutive
+    row blocks (FSDP2's ``Shard(0)``) that is the row-major order of the whole tensors, so
+    the result is what one process gets from a stable descending sort of the whole tensors
+    concatenated, keeping the first ``k``: among equal scores the earlier element is kept.
+    No score leaves its rank:
 
     1. one all-reduce of the element count (and whether any score is float64);
     2. bisection on the integer keys of :func:`order_keys` for the k-th largest key ``T``:
        32 rounds (64 for float64 scores) of one all-reduced ``int64`` count each;
-    3. one all-gather of each rank's counts ``(#key > T, #key == T)``; rank ``r`` keeps its
-       elements above ``T`` and as many of its ties as remain after the ties of ranks < ``r``.
+    3. one all-gather of each rank's counts (``#key > T`` and ``#key == T`` per tensor);
+       each rank keeps its elements above ``T`` and, of its ties, those whose place in the
+       global order of ties is within the ``k - #(key > T)`` still to keep.
 
     On one process the collectives are identities and the same steps run locally.
     """
@@ -209,6 +215,8 @@ def topk_mask(local: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     n_local = sum(t.numel() for t in local)
     both = all_reduce_sum(torch.tensor([n_local, int(wide)], dtype=torch.int64, device=device))
     total, wide = int(both[0].item()), bool(both[1].item())  # float64 keys if any rank has float64
+    if callable(k):
+        k = k(total)
     keys, bits = [], 64 if wide else 32
     for t in local:
         key, _ = order_keys(t.to(torch.float64) if wide else t)
@@ -228,16 +236,20 @@ def topk_mask(local: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
             hi = mid
     threshold = lo  # the k-th largest key: count(>= T) >= k > count(> T)
     above = sum(((key > threshold).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device))
-    ties = sum(((key == threshold).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device))
-    counts, _ = all_gather_cat(torch.stack([above, ties]).view(1, 2))
-    before = int(counts[: rank(), 1].sum().item())
+    ties = [(key == threshold).sum() for key in keys]
+    # [R, 1 + L]: per rank, #above and #ties of each tensor (the only thing that crosses ranks)
+    counts, _ = all_gather_cat(torch.stack([above, *ties]).view(1, -1))
+    if counts.shape[1] != 1 + len(keys):
+        raise ValueError("topk_mask: every rank must pass the same number of tensors")
     need = k - int(counts[:, 0].sum().item())  # ties to keep over all ranks, >= 1
-    take = min(max(need - before, 0), int(ties.item()))
-    out, seen = [], 0
-    for key in keys:
+    tie_counts = counts[:, 1:]
+    out = []
+    for j, key in enumerate(keys):
+        # ties before this rank's part of tensor j: all ties of tensors < j, then ranks < r in j
+        before = int(tie_counts[:, :j].sum().item()) + int(tie_counts[: rank(), j].sum().item())
+        take = need - before  # how many of this part's ties are kept (first in row-major order)
         eq = key == threshold
-        order = torch.cumsum(eq.reshape(-1), 0).view_as(eq) + seen
-        seen += int(eq.sum().item())
+        order = torch.cumsum(eq.reshape(-1), 0).view_as(eq)
         out.append((key > threshold) | (eq & (order <= take)))
     return out
 

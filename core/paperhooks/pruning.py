@@ -118,10 +118,7 @@ def global_allocation(
     otherwise (one process, or DDP's replicated weights) it is local.
     """
     if sharded:
-        n_local = sum(s.numel() for s in scores.values())
-        device = next(iter(scores.values())).device
-        total = int(dist.all_reduce_sum(torch.tensor(n_local, dtype=torch.int64, device=device)).item())
-        masks = dist.topk_mask(list(scores.values()), total - pruned_count(total, sparsity))
+        masks = dist.topk_mask(list(scores.values()), lambda n: n - pruned_count(n, sparsity))
         return dict(zip(scores, masks, strict=True))
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
     keep_flat = _stable_top(flat, flat.numel() - pruned_count(flat.numel(), sparsity))
@@ -140,11 +137,7 @@ def uniform_allocation(
     Ties as in :func:`global_allocation`, layer by layer; ``sharded`` likewise.
     """
     if sharded:
-        out = {}
-        for k, s in scores.items():
-            n = int(dist.all_reduce_sum(torch.tensor(s.numel(), dtype=torch.int64, device=s.device)).item())
-            out[k] = dist.topk_mask([s], n - pruned_count(n, sparsity))[0]
-        return out
+        return {k: dist.topk_mask([s], lambda n: n - pruned_count(n, sparsity))[0] for k, s in scores.items()}
     return {k: _stable_top(s.reshape(-1), s.numel() - pruned_count(s.numel(), sparsity)).view_as(s) for k, s in scores.items()}
 
 
