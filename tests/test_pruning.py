@@ -316,6 +316,17 @@ def test_two_processes_hold_identical_masks_and_equal_one_process_under_ddp_and_
         assert sparsity == pytest.approx(0.7, abs=0.002)
 
 
+@pytest.mark.slow
+def test_a_mask_stacked_on_a_reparameterization_under_fsdp2_stops_with_the_reason(tmp_path):
+    from paperhooks.testing import paperhooks_cli
+
+    recipe = write_recipe(tmp_path / "d.yaml", DDP)
+    plugins = "plugins=[{name: weight-compander}, {name: one-shot-pruning, sparsity: 0.5, step: 0}]"
+    proc = paperhooks_cli("fit", str(recipe), plugins, "trainer.devices=2", "trainer.strategy=fsdp2", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "pruning and reparameterization cannot be stacked under FSDP2 (use ddp)" in proc.stdout + proc.stderr
+
+
 # -- export ------------------------------------------------------------------------------------------------------
 def test_export_of_a_pruned_run_holds_exact_zeros_and_reports_its_size(tmp_path, test_plugins):
     path = write_recipe(tmp_path / "g.yaml", GRADUAL + f"run_dir: {tmp_path}/runs\n")
