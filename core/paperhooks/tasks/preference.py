@@ -171,7 +171,7 @@ def build_synthetic_preferences(config: SyntheticPreferencesConfig, seed: int) -
     val = _synthetic_split(config, u, config.n_val, 0.0, generator(seed, "preferences.val"))
     width = config.prompt_length + config.max_response + 1
     info = DataInfo(
-        "preference", config.vocab_size, (width,), (("vocab_size", config.vocab_size), ("max_length", width))
+        "preference", config.vocab_size, (width,), sizes=(("vocab_size", config.vocab_size), ("max_length", width))
     )
     dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
     dm.reward_table, dm.reward_kind = u, config.reward
@@ -238,7 +238,7 @@ def build_tabular_preferences(config: TabularPreferencesConfig, seed: int) -> Pr
     p_matrix = p_matrix + 0.5 * torch.eye(M)
     train = _tabular_split(p_matrix, r, config.flip_rate, generator(seed, "tabular.train"))
     val = _tabular_split(p_matrix, r, 0.0, generator(seed, "tabular.val"))
-    info = DataInfo("preference", M, (2,), (("prompts", P), ("responses", M)))
+    info = DataInfo("preference", M, (2,), sizes=(("prompts", P), ("responses", M)))
     dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
     dm.reward_table, dm.preference_matrix = r, p_matrix
     return dm

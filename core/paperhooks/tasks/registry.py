@@ -31,7 +31,7 @@ class DataInfo:
     input_shape: tuple[int, ...]
     #: task-specific sizes: for ``preference`` data ``vocab_size`` and ``max_length`` (causal
     #: LM) or ``prompts`` and ``responses`` (tabular policy)
-    sizes: tuple[tuple[str, int], ...] = ()
+    sizes: tuple[tuple[str, int], ...] = dataclasses.field(default=(), kw_only=True)
 
     def size(self, key: str) -> int:
         """One of :attr:`sizes` by name (raises naming the available ones)."""
