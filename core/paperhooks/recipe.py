@@ -317,6 +317,14 @@ def check_strategy(recipe: Recipe) -> None:
         raise UnsupportedStrategyError(
             f"trainer.strategy {kind!r} needs CUDA (trainer.accelerator is 'cpu'); on CPU use 'ddp' or 'fsdp2'"
         )
+    families = {e.cls.family for e in recipe.plugins}
+    if kind == "fsdp2" and "pruning" in families and "reparameterization" in families:
+        pruning = [e.name for e in recipe.plugins if e.cls.family == "pruning"]
+        reparam = [e.name for e in recipe.plugins if e.cls.family == "reparameterization"]
+        raise UnsupportedStrategyError(
+            f"plugins {pruning} and {reparam}: pruning and reparameterization cannot be stacked under FSDP2 (use ddp): "
+            "the mask would sit on a parametrization whose output FSDP2 does not shard by rows"
+        )
     for e in recipe.plugins:
         why = CORE_UNSUPPORTED.get((e.cls.family, kind))
         if why:
