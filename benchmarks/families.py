@@ -8,8 +8,12 @@ LightningModule. Goal: ratio ≤ 1.05.
   ``every`` steps; the core's built-in magnitude criterion and global allocation, masks as
   ``torch.nn.utils.parametrize`` parametrizations) vs a module that registers the same
   masks itself and prunes in ``optimizer_step``;
-- reparameterization and preference objectives: not measured (the page says whether a plugin
-  of the family is installed).
+- preference objective: DPO, the core's base objective for preference data
+  (``PreferenceModule``: one policy forward over [chosen; rejected], a frozen reference
+  forward, the DPO loss, reward accuracy and margin logged as torchmetrics) vs a
+  ``training_step`` that does the same by hand, on a 2-layer GPT-2 (width 64) and synthetic
+  preference pairs;
+- reparameterization: not measured (the page says whether a plugin of the family is installed).
 
 Part of ``benchmarks/run_all.py``; alone: ``python benchmarks/families.py [--device cpu|cuda] [--quick]``.
 """
@@ -31,7 +35,6 @@ GOAL = 1.05
 # family on the page -> the family name plugins declare
 UNMEASURED_FAMILIES = {
     "reparameterization": "reparameterization",
-    "preference objective": "objective",
 }
 
 
@@ -161,6 +164,79 @@ class PlainPruning(Plain):
         self.log("pruning/sparsity", self.sparsity, on_step=True, on_epoch=False)
 
 
+# -- preference objective ---------------------------------------------------------------------------------
+BETA = 0.1
+
+
+class PlainDPO(Plain):
+    """DPO written by hand in a LightningModule: what a user would write without paperhooks."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        import copy
+
+        import torchmetrics
+
+        super().__init__(policy)
+        self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.acc, self.margin = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+        att = torch.cat([batch["chosen_attention"], batch["rejected_attention"]])
+        mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]]).float()
+        b = batch["chosen_ids"].shape[0]
+        logp = (self.model(ids, att) * mask).sum(1)
+        with torch.no_grad():
+            ref = (self.reference(ids, att) * mask).sum(1)
+        h = (logp[:b] - ref[:b]) - (logp[b:] - ref[b:])
+        loss = -F.logsigmoid(BETA * h).mean()
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.acc((h.detach() > 0).float())
+        self.margin(BETA * h.detach())
+        self.log("train/reward_acc", self.acc, on_step=False, on_epoch=True)
+        self.log("train/reward_margin", self.margin, on_step=False, on_epoch=True)
+        return loss
+
+
+def preference_case(s: Settings) -> tuple:
+    """(name, policy factory, data loader, rounds, steps, warm-up) of the DPO arm."""
+    from paperhooks.tasks import build_datamodule, build_model
+    from paperhooks.tasks.sampler import collate
+
+    batch = 32
+    steps, warmup, rounds = (20, 5, 3) if s.quick else (60, 10, 7)
+    dm = build_datamodule(
+        "synthetic-preferences", {"n_train": batch * (steps + warmup), "batch_size": batch}, s.seed
+    )
+    data = torch.utils.data.DataLoader(dm.train_set, batch_size=batch, collate_fn=collate)
+
+    def make() -> nn.Module:
+        return build_model("causal-lm", {"layers": 2, "width": 64}, dm.info)
+
+    return "gpt2 2x64", make, data, rounds, steps, warmup
+
+
+def preference_row(s: Settings) -> dict:
+    from paperhooks.preference import PreferenceModule, PreferenceObjective
+
+    name, make, data, rounds, steps, warmup = preference_case(s)
+    times = compare(
+        {
+            "hand-written": lambda: PlainDPO(make()),
+            "plugin": lambda: PreferenceModule(make(), PreferenceObjective(beta=BETA)),
+        },
+        data,
+        rounds=rounds,
+        steps=steps,
+        warmup=warmup,
+        device=s.device,
+        seed=s.seed,
+    )
+    r = row(name, times, "hand-written", "plugin", GOAL)
+    r.update(family="preference objective", plugin="core DPO (PreferenceModule)", rounds=rounds, steps=steps, warmup=warmup)
+    return r
+
+
 # -- the part ---------------------------------------------------------------------------------------------
 def run(s: Settings) -> dict:
     from paperhooks import HookedModule
@@ -205,6 +281,13 @@ def run(s: Settings) -> dict:
                 f"ratio {r['ratio']['median']:.3f} [{r['ratio']['min']:.3f}, {r['ratio']['max']:.3f}]",
                 flush=True,
             )
+    r = preference_row(s)
+    rows.append(r)
+    print(
+        f"  family {r['family']} ({r['model']}): {r['base_ms']:.2f} ms vs {r['arm_ms']:.2f} ms, "
+        f"ratio {r['ratio']['median']:.3f} [{r['ratio']['min']:.3f}, {r['ratio']['max']:.3f}]",
+        flush=True,
+    )
     return {"rows": rows, "not_measured": not_measured()}
 
 
