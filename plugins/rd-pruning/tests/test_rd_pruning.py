@@ -26,7 +26,7 @@ from paperhooks_rd_pruning import (
     interpolate,
 )
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "rd-pruning.yaml"
+RECIPE = Path(__file__).parents[3] / "recipes" / "rd-pruning.yaml"
 T = torch.tensor
 
 
