@@ -67,6 +67,7 @@ def expected_files(name: str) -> set[str]:
         f"src/{mod}/functional.py",
         f"src/{mod}/plugin.py",
         f"src/{mod}/py.typed",
+        "tests/conftest.py",
         f"tests/test_{mod}.py",
     }
 
