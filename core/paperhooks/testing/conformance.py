@@ -54,10 +54,17 @@ from paperhooks.testing.runs import (
 )
 
 
-def check_family(plugin: str | Plugin, plugin_config: Mapping[str, Any] | None = None, **options: Any) -> None:
+def check_family(
+    plugin: str | Plugin,
+    plugin_config: Mapping[str, Any] | None = None,
+    *,
+    task: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> None:
     """The property checks of the plugin's family (see :mod:`paperhooks.testing.families`).
 
     :param plugin: an entry-point name (built with ``plugin_config``) or a plugin instance.
+    :param task: the plugin's own task (e.g. ``PREFERENCE_TASK``) for the objective check.
     :param options: keyword options of the family's check (e.g. ``reads_losses=False``).
         Checks of ``extra_families`` run too, with their defaults.
     """
@@ -66,7 +73,10 @@ def check_family(plugin: str | Plugin, plugin_config: Mapping[str, Any] | None =
         check = FAMILY_CHECKS.get(family)
         if check is None:
             fail(label(instance), f"family {family!r} is not one of {', '.join(FAMILY_CHECKS)}")
-        check(instance, **(options if family == instance.family else {}))
+        kwargs = dict(options) if family == instance.family else {}
+        if task is not None and family == "objective":
+            kwargs["task"] = task
+        check(instance, **kwargs)
 
 
 # -- pytest -----------------------------------------------------------------------------------------------
@@ -77,11 +87,14 @@ class PluginConformance:
     :cvar plugin_config: recipe values under which the plugin acts within the few steps of
         the run checks (e.g. a short burn-in); also used by the property checks.
     :cvar family_options: keyword options of the family's property check.
+    :cvar task: the plugin's own task for the runs and the objective check (e.g.
+        ``PREFERENCE_TASK``); ``None``: the kit's MLP on digits.
     """
 
     name: ClassVar[str] = ""
     plugin_config: ClassVar[Mapping[str, Any]] = {}
     family_options: ClassVar[Mapping[str, Any]] = {}
+    task: ClassVar[Mapping[str, Any] | None] = None
 
     def _name(self) -> str:
         if not self.name:
@@ -98,17 +111,17 @@ class PluginConformance:
         check_recipe_roundtrip(self._name(), self.plugin_config)
 
     def test_family_properties_hold(self) -> None:
-        check_family(self._name(), self.plugin_config, **self.family_options)
+        check_family(self._name(), self.plugin_config, task=self.task, **self.family_options)
 
     def test_few_steps_stay_finite(self, tmp_path: Path) -> None:
-        check_few_steps(self._name(), self.plugin_config, tmp_path)
+        check_few_steps(self._name(), self.plugin_config, tmp_path, task=self.task)
 
     def test_resume_is_bit_identical(self, tmp_path: Path) -> None:
-        check_resume(self._name(), self.plugin_config, tmp_path)
+        check_resume(self._name(), self.plugin_config, tmp_path, task=self.task)
 
     @pytest.mark.slow
     def test_two_processes_equal_one(self, tmp_path: Path) -> None:
-        check_ddp_equals_single(self._name(), self.plugin_config, tmp_path)
+        check_ddp_equals_single(self._name(), self.plugin_config, tmp_path, task=self.task)
 
 
 __all__ = [

@@ -274,10 +274,13 @@ def check_reparameterization(plugin: Plugin) -> None:
 
 
 # -- objective -------------------------------------------------------------------------------------------
-def check_objective(plugin: Plugin, *, step: int = STEP) -> None:
-    """Named per-sample terms, ``[B]`` or ``[B, T]``, finite, with finite gradients."""
-    module = tiny_module()
-    batch = tiny_batch()
+def check_objective(plugin: Plugin, *, step: int = STEP, task: Mapping[str, Any] | None = None) -> None:
+    """Named per-sample terms, ``[B]`` or ``[B, T]``, finite, with finite gradients.
+
+    ``task`` (a :func:`~paperhooks.testing.metadata.tiny_recipe` task such as
+    ``PREFERENCE_TASK``) checks the terms on that task's module and batch instead of the MLP's.
+    """
+    module, batch = _task_module_and_batch(task) if task is not None else (tiny_module(), tiny_batch())
     outputs = module.outputs(batch)
     acted = False
     for f in calls(plugin, "objective_terms"):
@@ -288,7 +291,7 @@ def check_objective(plugin: Plugin, *, step: int = STEP) -> None:
         expect(isinstance(terms, Mapping) and all(isinstance(k, str) and k for k in terms), plugin,
                f"objective_terms must return a mapping from names to tensors, got {type(terms).__name__}")
         for k, v in terms.items():
-            n = batch["target"].shape[0]
+            n = next(iter(batch.values())).shape[0]
             expect(isinstance(v, torch.Tensor) and v.dim() in (1, 2) and v.shape[0] == n, plugin,
                    f"term {k!r} must have shape [B] or [B, T] with B = {n}, got {getattr(v, 'shape', type(v))}")
             expect(_finite(v), plugin, f"term {k!r} is not finite")
@@ -299,6 +302,20 @@ def check_objective(plugin: Plugin, *, step: int = STEP) -> None:
 
 
 # -- objective weighting ---------------------------------------------------------------------------
+def _task_module_and_batch(task: Mapping[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The preference task's module (its model and objective, no plugins) and 8 training rows."""
+    from paperhooks.preference import PreferenceObjective
+    from paperhooks.testing.preference import preference_batch, preference_module
+
+    data, model = dict(task["data"]), dict(task["model"])
+    if not str(data.get("name", "")).endswith("preferences"):
+        raise ValueError(f"check_objective: task must be a preference task, got data {data.get('name')!r}")
+    data.pop("batch_size", None)
+    dm, batch = preference_batch(data.pop("name"), rows=8, **data)
+    objective = PreferenceObjective(**dict(task.get("objective") or {}))
+    return preference_module(dm, model.pop("name"), model, objective=objective), batch
+
+
 def check_objective_weighting(plugin: Plugin, *, step: int = STEP) -> None:
     """Coefficients name known objectives only, and are finite and non-negative scalars."""
     hook = the_call(plugin, "objweight_coefficients")

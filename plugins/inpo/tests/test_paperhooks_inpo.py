@@ -45,9 +45,7 @@ class TestConformance(PluginConformance):
     name = "inpo"
     plugin_config = CONFIG
 
-    def test_family_properties_hold(self) -> None:
-        # the kit's objective check feeds an MLP's logits; INPO needs preference outputs
-        pytest.skip("INPO reads preference outputs; see test_terms_on_a_preference_module")
+    task = PREFERENCE_TASK  # the kit's objective check and runs on the preference task
 
     def test_few_steps_stay_finite(self, tmp_path: Path) -> None:
         check_few_steps(self.name, self.plugin_config, tmp_path, task=PREFERENCE_TASK)

@@ -44,10 +44,17 @@ class TestConformance(PluginConformance):
     name = "per-step-dpo"
     plugin_config = CONFIG
 
+    task = TASK  # the kit's objective check and runs on the preference task
+
     def test_family_properties_hold(self) -> None:
-        pytest.skip(
-            "per-step DPO reads preference outputs and steps; see test_terms_on_a_preference_module"
-        )
+        # the kit's objective check on the same task; outside a fit the plugin gets the task's
+        # hidden reward (which scores its rollouts) as reward_fn
+        from paperhooks.testing.conformance import check_family, make_plugin
+
+        plugin = make_plugin(self.name, self.plugin_config)
+        data = {k: v for k, v in TASK["data"].items() if k not in ("name", "batch_size")}
+        plugin.reward_fn = preference_batch(TASK["data"]["name"], rows=8, **data)[0].hidden_reward
+        check_family(plugin, task=TASK)
 
     def test_few_steps_stay_finite(self, tmp_path: Path) -> None:
         check_few_steps(self.name, self.plugin_config, tmp_path, task=TASK)
