@@ -227,6 +227,17 @@ def test_a_saved_causal_lm_loads_by_path(tmp_path):
         build_model("causal-lm", {"pretrained": str(tmp_path / "missing")}, dm.info)
 
 
+def test_max_positions_extends_the_causal_lm_beyond_the_data_length():
+    dm = build_datamodule("synthetic-preferences", None, 0)  # max_length 2 + 6 + 1 = 9
+    assert build_model("causal-lm", {"layers": 1, "width": 32}, dm.info).lm.config.n_positions == 9
+    policy = build_model("causal-lm", {"layers": 1, "width": 32, "max_positions": 16}, dm.info)
+    assert policy.lm.config.n_positions == 16
+    ids = torch.full((2, 16), 2)
+    assert policy(ids, torch.ones_like(ids)).shape == (2, 16)
+    with pytest.raises(ValueError, match=r"max_positions must be >= the data's max_length \(9\), got 4"):
+        build_model("causal-lm", {"max_positions": 4}, dm.info)
+
+
 def test_tabular_policy_expected_reward_is_logged(tmp_path):
     path = write_recipe(
         tmp_path / "t.yaml",

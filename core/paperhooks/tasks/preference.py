@@ -300,6 +300,10 @@ class CausalLMConfig:
 
     ``pretrained`` loads safetensors weights only and never runs remote code; the Hub is read
     through the local cache when offline.
+
+    :ivar max_positions: positions the model can attend over; 0 (default): the data's
+        ``max_length`` (prompt + longest response + EOS). Methods that feed longer sequences
+        (e.g. a response followed by its revision) need more.
     """
 
     arch: Literal["gpt2", "llama"] = "gpt2"
@@ -307,9 +311,11 @@ class CausalLMConfig:
     width: int = 64
     heads: int = 2
     pretrained: str | None = None
+    max_positions: int = 0
 
     def __post_init__(self) -> None:
         check_field(self.layers >= 1, "layers", ">= 1", self.layers)
+        check_field(self.max_positions >= 0, "max_positions", ">= 0 (0: the data's max_length)", self.max_positions)
         check_field(self.heads >= 1 and self.width % self.heads == 0, "width", "a multiple of heads", self.width)
 
 
@@ -335,6 +341,9 @@ def build_causal_lm(config: CausalLMConfig, info: DataInfo) -> nn.Module:
             raise ValueError(f"model.pretrained has vocab_size {lm.config.vocab_size} < the data's {vocab}")
         return CausalLMPolicy(lm)
     vocab, length = info.size("vocab_size"), info.size("max_length")
+    if config.max_positions:
+        check_field(config.max_positions >= length, "max_positions", f">= the data's max_length ({length})", config.max_positions)
+        length = config.max_positions
     if config.arch == "gpt2":
         cfg = transformers.GPT2Config(
             vocab_size=vocab, n_positions=length, n_embd=config.width, n_layer=config.layers, n_head=config.heads,
