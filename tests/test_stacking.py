@@ -1,7 +1,7 @@
 """Two reparameterizations and a pruning mask on the same weights, under DDP (issue 5).
 
 weight-compander parametrizes every weight as Ψ(v) = a·arctan(v/b), bone adds its trainable
-block on top (W' = Ψ(v) + tile(b)), and the pruning family's mask comes last:
+block on top (W' = Ψ(v) + tile(b)), and the built-in gradual-pruning mask comes last:
 W_eff = M ⊙ (Ψ(v) + tile(b)). Two processes end where one process ends, pruned entries of the
 effective weights are exactly zero, and the merged (exported) model computes what the
 parametrized one computes.
@@ -9,32 +9,33 @@ parametrized one computes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from helpers import write_recipe
 from paperhooks.share import _build_module, _validated, effective_state_dict, read_run_recipe
 from paperhooks.testing import assert_states_close, final_state, fit_cli, load_checkpoint
 
-RECIPE = """
-seed: 2
-name: stack
-model: {name: mlp, hidden: [32, 32]}
-data: {name: digits, batch_size: 64}
-optimizer: {name: adamw, lr: 0.003, weight_decay: 0.0}
-trainer: {max_steps: 6, enable_progress_bar: false, limit_val_batches: 0}
-plugins:
-  - {name: weight-compander, a: 0.8, b: 0.5, weight_decay: 0.0}
-  - {name: bone, r: 8, trainable: ["5.*"]}
-  - {name: step-pruning, final: 0.5, every: 2}
-"""
+RECIPE = Path(__file__).parents[1] / "recipes" / "compose-reparam-pruning.yaml"
+#: a short run of the recipe: 6 steps, the mask updated at steps 0, 2, 4 towards 50%
+SHORT = [
+    "seed=2",
+    "trainer.max_steps=6",
+    "trainer.limit_val_batches=0",
+    "model.hidden=[32,32]",
+    "plugins.bone.r=8",
+    "plugins.gradual-pruning.end_step=4",
+    "plugins.gradual-pruning.frequency=2",
+]
 
 
 @pytest.mark.slow
-def test_two_reparameterizations_and_a_mask_stack_and_train_under_ddp(tmp_path, test_plugins):
-    recipe = write_recipe(tmp_path / "stack.yaml", RECIPE)
-    one_dir = fit_cli(recipe, ["name=one"], cwd=tmp_path)
-    ddp_dir = fit_cli(recipe, ["name=ddp", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+def test_two_reparameterizations_and_a_mask_stack_and_train_under_ddp(tmp_path):
+    one_dir = fit_cli(RECIPE, [*SHORT, "name=one", f"run_dir={tmp_path}/runs"], cwd=tmp_path)
+    ddp_dir = fit_cli(
+        RECIPE, [*SHORT, "name=ddp", f"run_dir={tmp_path}/runs", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path
+    )
     one, ddp = final_state(one_dir), final_state(ddp_dir)
     assert_states_close(one, ddp, atol=1e-6, rtol=1e-5)
 
