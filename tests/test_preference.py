@@ -212,6 +212,12 @@ def test_recipe_errors_name_the_objective_key(tmp_path, recipe):
     )
     with pytest.raises(PaperhooksError, match="only preference data"):
         fit(R.load(digits))
+    rpo = write_recipe(
+        tmp_path / "r.yaml",
+        f"model: {{name: mlp}}\ndata: {{name: digits}}\nplugins: [{{name: rpo}}]\ntrainer: {{max_steps: 1}}\nrun_dir: {tmp_path}/runs\n",
+    )
+    with pytest.raises(PaperhooksError, match=r"plugins.rpo: works on preference data only; data 'digits' is classification"):
+        fit(R.load(rpo))  # refused before any training (Plugin.tasks)
     wrong = write_recipe(tmp_path / "w.yaml", "model: {name: causal-lm}\ndata: {name: digits}\ntrainer: {max_steps: 1}\n")
     with pytest.raises(ValueError, match="causal-lm needs preference data"):
         fit(R.load(wrong))

@@ -92,6 +92,9 @@ class Plugin:
     }
     #: other plugin names this one cannot be combined with, and why
     incompatible_with: ClassVar[Mapping[str, str]] = {}
+    #: the data kinds (``DataInfo.task``: ``classification``, ``regression``, ``preference``)
+    #: the plugin works on; empty: any. The core refuses other data before training.
+    tasks: ClassVar[tuple[str, ...]] = ()
     #: True when the plugin provides the training loss itself (the module's own losses are skipped)
     replaces_task_loss: ClassVar[bool] = False
     #: gradient surgery: True when ``surgery_combine`` uses only inner products, linear

@@ -90,6 +90,11 @@ def build_module(recipe: Recipe, info: Any, data_sizes: tuple[int, int] = (0, 0)
         strategy=recipe.trainer.strategy_kind,
         recipe={"recipe": recipe.raw, "plugin_versions": recipe.plugin_versions},
     )
+    for p in common["plugins"]:
+        if p.tasks and info.task not in p.tasks:
+            raise RecipeError(
+                f"plugins.{p.name}: works on {' or '.join(p.tasks)} data only; data {recipe.data.name!r} is {info.task}"
+            )
     model = build_model(recipe.model.name, recipe.model.config, info)
     if info.task == "preference":
         from paperhooks.preference import PreferenceModule

@@ -73,6 +73,7 @@ class Dpo3d(Plugin):
     Config = Dpo3dConfig
     name = NAME
     family: ClassVar[str] = "objective"
+    tasks: ClassVar[tuple[str, ...]] = ("preference",)
     replaces_task_loss: ClassVar[bool] = True
     paper: ClassVar[Paper] = Paper(
         title="3D-Properties: Identifying Challenges in DPO and Charting a Path Forward",

@@ -101,6 +101,7 @@ class Inpo(Plugin):
     Config = InpoConfig
     name = NAME
     family: ClassVar[str] = "objective"
+    tasks: ClassVar[tuple[str, ...]] = ("preference",)
     replaces_task_loss: ClassVar[bool] = True
     paper: ClassVar[Paper] = Paper(
         title="Iterative Nash Policy Optimization: Aligning LLMs with General Preferences via No-Regret Learning",

@@ -60,6 +60,7 @@ class LnDpo(Plugin):
     Config = LnDpoConfig
     name = NAME
     family: ClassVar[str] = "objective"
+    tasks: ClassVar[tuple[str, ...]] = ("preference",)
     replaces_task_loss: ClassVar[bool] = True
     paper: ClassVar[Paper] = Paper(
         title="The Hitchhiker's Guide to Human Alignment with *PO",

@@ -162,6 +162,7 @@ class RankingAccuracy(Plugin):
     Config = RankingAccuracyConfig
     name = NAME
     family: ClassVar[str] = "metric"
+    tasks: ClassVar[tuple[str, ...]] = ("preference",)
     paper: ClassVar[Paper] = Paper(
         title="Preference Learning Algorithms Do Not Learn Preference Rankings",
         authors=(

@@ -62,6 +62,7 @@ class RobustDpo(Plugin):
     Config = RobustDpoConfig
     name = NAME
     family: ClassVar[str] = "objective"
+    tasks: ClassVar[tuple[str, ...]] = ("preference",)
     replaces_task_loss: ClassVar[bool] = True
     paper: ClassVar[Paper] = Paper(
         title="Provably Robust DPO: Aligning Language Models with Noisy Feedback",

@@ -67,6 +67,7 @@ class Rpo(Plugin):
     Config = RpoConfig
     name = NAME
     family: ClassVar[str] = "objective"
+    tasks: ClassVar[tuple[str, ...]] = ("preference",)
     paper: ClassVar[Paper] = Paper(
         title="Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an Adversarial Regularizer",
         authors=("Zhihan Liu", "Miao Lu", "Shenao Zhang", "Boyi Liu", "Hongyi Guo", "Yingxiang Yang",

@@ -91,6 +91,7 @@ class SparsePo(Plugin):
     Config = SparsePoConfig
     name = NAME
     family: ClassVar[str] = "objective"
+    tasks: ClassVar[tuple[str, ...]] = ("preference",)
     replaces_task_loss: ClassVar[bool] = True
     paper: ClassVar[Paper] = Paper(
         title="SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks",
