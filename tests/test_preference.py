@@ -116,6 +116,77 @@ def test_length_bias_and_steps():
     assert row.tolist() == sorted(row.tolist()) and row[0] == 0 and row[-1] == 1
 
 
+def test_chain_reward_generator_by_hand():
+    """``reward: chain``: V = 6 (content tokens 2..5), one topic, chains of 3 tokens, each
+    token a step, chain_valid 0.5 → |V[k, t]| = round(0.5 · 4) = 2 valid tokens per position."""
+    cfg = {"reward": "chain", "vocab_size": 6, "topics": 1, "prompt_length": 1, "min_response": 3,
+           "max_response": 3, "steps": 3, "chain_valid": 0.5, "n_train": 2000, "n_val": 8, "flip_rate": 0.25}  # fmt: skip
+    dm = build_datamodule("synthetic-preferences", cfg, 0)
+    valid = dm.reward_table  # [1, 3, 6]
+    assert valid.shape == (1, 3, 6) and valid.sum(-1).tolist() == [[2.0, 2.0, 2.0]]
+    assert bool((valid[..., :2] == 0).all())  # pad and EOS are never a valid step
+    good = [int(valid[0, t].nonzero()[0]) for t in range(3)]
+    bad = [int((valid[0, t, 2:] == 0).nonzero()[0]) + 2 for t in range(3)]
+    topic, ones = torch.zeros(1, dtype=torch.int64), torch.ones(1, 3)
+    # a valid chain scores 1; one invalid step anywhere scores 0; too short (2 < min_response) 0
+    assert dm.hidden_reward(topic, torch.tensor([good]), ones).tolist() == [1.0]
+    for t in range(3):
+        broken = list(good)
+        broken[t] = bad[t]
+        assert dm.hidden_reward(topic, torch.tensor([broken]), ones).tolist() == [0.0]
+    short = torch.tensor([[good[0], good[1], PAD]])
+    assert dm.hidden_reward(topic, short, torch.tensor([[1.0, 1.0, 0.0]])).tolist() == [0.0]
+    # a sampled 4th token (sample() may write max_response + 1) is past the chain: 0
+    assert dm.hidden_reward(topic, torch.tensor([good + [good[0]]]), torch.ones(1, 4)).tolist() == [0.0]
+
+    t = dm.train_set.tensors
+    flipped = t["flipped"]
+    assert abs(flipped.float().mean().item() - 0.25) < 0.03
+    for side in ("chosen", "rejected"):
+        ids, mask, pit = t[f"{side}_ids"], t[f"{side}_mask"], t[f"{side}_pit"]
+        resp = ids[:, 1:4]
+        ok = valid[0, torch.arange(3), resp].bool()  # [N, 3]: y_t ∈ V[k, t]
+        content = (mask.bool() & (ids >= 2)).float()
+        reward = dm.hidden_reward(t["prompt"], ids[:, 1:], content[:, 1:])
+        torch.testing.assert_close(reward, t[f"reward_{side}"])
+        is_chain = pit < 0
+        assert bool(ok[is_chain].all()) and bool((reward[is_chain] == 1).all())  # valid chains
+        broken = ~is_chain
+        # before the pit every step is valid, at the pit it is not; reward 0
+        pos = torch.arange(3)
+        assert bool((ok | (pos >= pit[:, None]))[broken].all())
+        assert not bool(ok[broken, pit[broken]].any()) and bool((reward[broken] == 0).all())
+        # each token is a step: the pit step is the pit position
+        assert torch.equal(t[f"{side}_steps"][broken, 1 + pit[broken]], pit[broken])
+        # chosen is the valid chain except in flipped rows
+        assert torch.equal(is_chain, ~flipped if side == "chosen" else flipped)
+    # pits uniform over the 3 positions
+    counts = torch.bincount(t["rejected_pit"][~flipped], minlength=3).float()
+    assert bool(((counts / counts.sum() - 1 / 3).abs() < 0.05).all())
+    # the rejected chain is drawn independently of the chosen one: its valid steps differ often
+    before = (torch.arange(3) < t["rejected_pit"][:, None]) & ~flipped[:, None]
+    same = (t["chosen_ids"][:, 1:4] == t["rejected_ids"][:, 1:4])[before].float().mean().item()
+    assert abs(same - 0.5) < 0.05  # 2 valid tokens per position: equal half of the time
+    assert not bool(dm.val_set.tensors["flipped"].any())
+    # the default reward keeps its data: chain options change nothing there
+    plain = build_datamodule("synthetic-preferences", {"n_train": 64}, 0).train_set.tensors
+    assert "rejected_pit" not in plain
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [({"chain_valid": 1.0}, r"data: chain_valid must be in \(0, 1\)"),
+     ({"length_bias": 0.5}, "data: length_bias must be 0 with reward chain"),
+     ({"vocab_size": 6, "chain_valid": 0.1}, r"data: chain_valid must be such that round\(chain_valid · 4 content tokens\) "
+                                              r"leaves at least one valid and one invalid token per position \(it gives 0\)")],
+)  # fmt: skip
+def test_chain_reward_refuses_bad_options_naming_the_key(tmp_path, extra, message):
+    raw = {"model": {"name": "causal-lm"}, "data": {"name": "synthetic-preferences", "reward": "chain", **extra},
+           "trainer": {"max_steps": 1}}  # fmt: skip
+    with pytest.raises(PaperhooksError, match=message):
+        R.validate(raw)
+
+
 def test_tabular_fixture():
     dm = build_datamodule("tabular-preferences", {"prompts": 3, "responses": 4}, 0)
     t = dm.train_set.tensors

@@ -15,6 +15,21 @@ Datasets (no download; built deterministically from the recipe seed):
   makes longer responses preferred beyond their reward: a length-biased task), then a
   ``flip_rate`` fraction of training labels are swapped (``flipped`` marks them). Validation
   labels are never flipped.
+
+  ``reward: chain`` is a chain of steps judged by a binary verifier (the setting of per-step
+  credit assignment, Setlur et al. 2024): for every topic ``k`` and response position ``t`` a
+  set ``V[k, t]`` of ``round(chain_valid · (vocab_size − 2))`` valid content tokens, drawn
+  from the seed (a random subset per ``(k, t)``, at least one valid and one invalid token).
+  The hidden reward is
+
+      r(x, y) = 1  if min_response ≤ n ≤ max_response and y_t ∈ V[k, t] for every t,  else 0.
+
+  The *chosen* response is a valid chain (tokens uniform in ``V[k, t]``); the *rejected* one,
+  drawn independently (its own length and valid tokens), is valid up to its *pit*, a token
+  position uniform in ``0..n−1``, holds a token outside ``V[k, pit]`` there, and uniform
+  content tokens after it. ``chosen_pit``/``rejected_pit`` give the pit's response position
+  (−1: a valid chain); with ``steps`` the pit step is the step of that token. ``flip_rate``
+  swaps the labels as above; ``length_bias`` is refused (the labels do not use a score).
 - ``tabular-preferences``: the tabular fixture for exact, fast checks: ``P`` prompts with
   ``M`` canned responses each, hidden rewards ``r[p, y] ~ N(0, 1)`` (or a cyclic,
   non-transitive preference ``y ≻ y'`` iff ``(y' - y) mod M`` is in ``1..⌊(M-1)/2⌋``), every
@@ -25,7 +40,7 @@ Every row has ``chosen_ids``/``rejected_ids`` ``[T]`` (prompt + response, right-
 ``rejected_mask`` (1 on response tokens, whose log-probability counts; never on the prompt or
 padding), ``chosen_steps``/``rejected_steps`` (step index of each response token, -1
 elsewhere), ``prompt`` (the topic or prompt id), ``reward_chosen``/``reward_rejected`` (hidden
-rewards), ``flipped`` and ``index``.
+rewards), ``flipped`` and ``index``; ``reward: chain`` adds ``chosen_pit``/``rejected_pit``.
 
 Models: ``causal-lm`` (a ``transformers`` GPT-2 or Llama built from a small config, random
 init; or any local/Hub ``AutoModelForCausalLM`` by ``pretrained``) and ``tabular-policy``
@@ -55,16 +70,19 @@ class PreferenceDataModule(PaperhooksDataModule):
     """Pairs with their hidden reward: :meth:`hidden_reward` scores any response.
 
     Attributes:
-        reward_table: ``u`` ``[K, V]`` for ``synthetic-preferences`` (rows: topic) or ``r``
-            ``[P, M]`` for ``tabular-preferences``.
+        reward_table: ``u`` ``[K, V]`` for ``synthetic-preferences`` (rows: topic), the
+            validity table ``1[v ∈ V[k, t]]`` ``[K, max_response, V]`` for its ``reward: chain``,
+            or ``r`` ``[P, M]`` for ``tabular-preferences``.
         preference_matrix: ``[P, M, M]``, the probability that response ``i`` beats ``j``
             (0/1 here; 0.5 on the diagonal), for tabular data.
-        reward_kind: ``mean`` or ``sum`` (synthetic data).
+        reward_kind: ``mean``, ``sum`` or ``chain`` (synthetic data).
+        chain_lengths: ``(min_response, max_response)``, the lengths a valid chain may have.
     """
 
     reward_table: torch.Tensor
     preference_matrix: torch.Tensor | None = None
     reward_kind: str = "mean"
+    chain_lengths: tuple[int, int] = (0, 0)
 
     def hidden_reward(self, prompt: torch.Tensor, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Hidden rewards ``[B]`` of responses ``[B, T]`` (``mask``: 1 on content tokens).
@@ -74,6 +92,8 @@ class PreferenceDataModule(PaperhooksDataModule):
         table = self.reward_table.to(response.device)
         if response.dim() == 1:
             return table[prompt, response]
+        if self.reward_kind == "chain":
+            return _chain_reward(table, self.chain_lengths, prompt, response, mask)
         per_token = table[prompt.unsqueeze(1), response] * mask
         total = per_token.sum(1)
         return total / mask.sum(1).clamp_min(1) if self.reward_kind == "mean" else total
@@ -92,10 +112,11 @@ class SyntheticPreferencesConfig:
     prompt_length: int = 2
     min_response: int = 2
     max_response: int = 6
-    reward: Literal["mean", "sum"] = "mean"
+    reward: Literal["mean", "sum", "chain"] = "mean"
     length_bias: float = 0.0
     flip_rate: float = 0.0
     steps: int = 0
+    chain_valid: float = 0.5
 
     def __post_init__(self) -> None:
         check_field(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
@@ -108,6 +129,23 @@ class SyntheticPreferencesConfig:
         check_field(0 <= self.flip_rate < 0.5, "flip_rate", "in [0, 0.5)", self.flip_rate)
         check_field(self.steps >= 0, "steps", ">= 0 (0: no step boundaries)", self.steps)
         check_field(self.steps <= self.min_response, "steps", f"<= min_response ({self.min_response})", self.steps)
+        check_field(0 < self.chain_valid < 1, "chain_valid", "in (0, 1) (the fraction of valid tokens per step)", self.chain_valid)
+        if self.reward == "chain":
+            m, content = self.chain_valid_tokens, self.vocab_size - 2
+            check_field(
+                1 <= m < content, "chain_valid",
+                f"such that round(chain_valid · {content} content tokens) leaves at least one valid and one invalid "
+                f"token per position (it gives {m})", self.chain_valid,
+            )  # fmt: skip
+            check_field(
+                self.length_bias == 0, "length_bias", "0 with reward chain (chosen: a valid chain, no score)",
+                self.length_bias,
+            )  # fmt: skip
+
+    @property
+    def chain_valid_tokens(self) -> int:
+        """``|V[k, t]|`` of ``reward: chain``: ``round(chain_valid · (vocab_size − 2))``."""
+        return round(self.chain_valid * (self.vocab_size - 2))
 
 
 def _response_steps(lengths: torch.Tensor, steps: int, width: int, offset: int) -> torch.Tensor:
@@ -162,9 +200,82 @@ def _synthetic_split(config: SyntheticPreferencesConfig, u: torch.Tensor, n: int
     return out
 
 
+def _chain_reward(
+    valid: torch.Tensor, lengths: tuple[int, int], prompt: torch.Tensor, response: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``reward: chain``: 1 if ``min ≤ n ≤ max`` and every content token is valid at its position, else 0.
+
+    ``valid`` ``[K, P, V]``; ``response`` ``[B, T]`` with its content tokens (``mask`` 1) first.
+    """
+    positions = valid.shape[1]
+    pos = torch.arange(response.shape[1], device=response.device)
+    ok = valid[prompt.unsqueeze(1), pos.clamp_max(positions - 1).unsqueeze(0), response].bool() & (pos < positions)
+    content = mask.bool()
+    n = content.sum(1)
+    chain = (ok | ~content).all(1) & (n >= lengths[0]) & (n <= lengths[1])
+    return chain.to(torch.float32)
+
+
+def _chain_table(config: SyntheticPreferencesConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The content tokens of every ``(topic, position)`` in random order ``[K, P, V − 2]`` (the first
+    ``chain_valid_tokens`` are ``V[k, t]``) and the validity table ``[K, P, V]``."""
+    c = config
+    order = torch.rand(c.topics, c.max_response, c.vocab_size - 2, generator=g).argsort(-1) + 2
+    valid = torch.zeros(c.topics, c.max_response, c.vocab_size)
+    valid.scatter_(2, order[..., : c.chain_valid_tokens], 1.0)
+    return order, valid
+
+
+def _chain_split(config: SyntheticPreferencesConfig, order: torch.Tensor, n: int, flip_rate: float, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """``reward: chain`` pairs: a valid chain against an independent chain broken at its pit (module doc)."""
+    c, width, m = config, config.prompt_length + config.max_response + 1, config.chain_valid_tokens
+    content = torch.arange(2, c.vocab_size)
+    topic = torch.randint(0, c.topics, (n,), generator=g)
+    prompt = content[torch.randint(0, len(content), (n, c.prompt_length), generator=g)]
+    prompt[:, 0] = content[topic]
+    pos = torch.arange(c.max_response)
+    rows = order[topic]  # [n, P, V − 2]
+
+    def chain(broken: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        length = torch.randint(c.min_response, c.max_response + 1, (n,), generator=g)
+        good = rows.gather(2, torch.randint(0, m, (n, c.max_response, 1), generator=g)).squeeze(2)
+        if not broken:
+            return torch.where(pos < length[:, None], good, PAD), length, torch.full((n,), -1)
+        bad = rows.gather(2, torch.randint(m, len(content), (n, c.max_response, 1), generator=g)).squeeze(2)
+        rest = content[torch.randint(0, len(content), (n, c.max_response), generator=g)]
+        pit = (torch.rand(n, generator=g) * length).long()  # uniform in 0..n−1
+        tokens = torch.where(pos < pit[:, None], good, torch.where(pos == pit[:, None], bad, rest))
+        return torch.where(pos < length[:, None], tokens, PAD), length, pit
+
+    (ya, la, pa), (yb, lb, pb) = chain(False), chain(True)
+    flipped = torch.rand(n, generator=g) < flip_rate
+    out: dict[str, torch.Tensor] = {"prompt": topic, "flipped": flipped}
+    for side, first in (("chosen", ~flipped), ("rejected", flipped)):
+        y = torch.where(first[:, None], ya, yb)
+        n_tok = torch.where(first, la, lb)
+        pit = torch.where(first, pa, pb)
+        ids = torch.full((n, width), PAD, dtype=torch.int64)
+        ids[:, : c.prompt_length] = prompt
+        ids[:, c.prompt_length : c.prompt_length + c.max_response] = y
+        end = c.prompt_length + n_tok
+        ids[torch.arange(n), end] = EOS
+        at = torch.arange(width)
+        attention = at[None] <= end[:, None]
+        mask = (at[None] >= c.prompt_length) & attention
+        out[f"{side}_ids"] = ids
+        out[f"{side}_attention"] = attention.long()
+        out[f"{side}_mask"] = mask.float()
+        out[f"{side}_steps"] = _response_steps(n_tok, c.steps, width, c.prompt_length)
+        out[f"{side}_pit"] = pit
+        out[f"reward_{side}"] = (pit < 0).to(torch.float32)
+    return out
+
+
 @register_dataset("synthetic-preferences", SyntheticPreferencesConfig)
 def build_synthetic_preferences(config: SyntheticPreferencesConfig, seed: int) -> PreferenceDataModule:
     """Preference pairs over a small vocabulary with a hidden per-token reward (see module doc)."""
+    if config.reward == "chain":
+        return _build_chain(config, seed)
     u = torch.randn(config.topics, config.vocab_size, generator=generator(seed, "preferences.reward"))
     u[:, :2] = 0.0  # pad and EOS carry no reward
     train = _synthetic_split(config, u, config.n_train, config.flip_rate, generator(seed, "preferences.train"))
@@ -175,6 +286,21 @@ def build_synthetic_preferences(config: SyntheticPreferencesConfig, seed: int) -
     )
     dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
     dm.reward_table, dm.reward_kind = u, config.reward
+    dm.prompt_length = config.prompt_length
+    return dm
+
+
+def _build_chain(config: SyntheticPreferencesConfig, seed: int) -> PreferenceDataModule:
+    order, valid = _chain_table(config, generator(seed, "preferences.chain"))
+    train = _chain_split(config, order, config.n_train, config.flip_rate, generator(seed, "preferences.train"))
+    val = _chain_split(config, order, config.n_val, 0.0, generator(seed, "preferences.val"))
+    width = config.prompt_length + config.max_response + 1
+    info = DataInfo(
+        "preference", config.vocab_size, (width,), sizes=(("vocab_size", config.vocab_size), ("max_length", width))
+    )
+    dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
+    dm.reward_table, dm.reward_kind = valid, "chain"
+    dm.chain_lengths = (config.min_response, config.max_response)
     dm.prompt_length = config.prompt_length
     return dm
 
