@@ -19,6 +19,11 @@ class StepContext:
     :ivar step: optimizer steps completed before this one (Lightning's ``global_step``).
     :ivar epoch: current epoch (0-based).
     :ivar max_steps: total optimizer steps of the fit when known, else ``None``.
+    :ivar steps_per_epoch: optimizer steps in one epoch, as Lightning counts them:
+        ``ceil(num_training_batches / accumulate_grad_batches)`` (per process; the global
+        batch is fixed, so the same on 1 and N processes). Filled by the core when training
+        starts (fresh or resumed), before the first schedule call; ``None`` when the training
+        data has no length (an iterable dataset) or outside a Lightning fit.
     :ivar seed: the recipe's seed.
     :ivar strategy: strategy kind: one of :data:`paperhooks.plugin.STRATEGIES`.
     """
@@ -29,6 +34,7 @@ class StepContext:
     batch_idx: int = 0
     max_steps: int | None = None
     max_epochs: int | None = None
+    steps_per_epoch: int | None = None
     strategy: str = "single"
     logged: dict[str, torch.Tensor | float] = field(default_factory=dict)
     #: set by the core: a context manager that skips DDP gradient synchronization

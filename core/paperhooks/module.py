@@ -6,6 +6,7 @@ your loss); the step order is in the package docstring of :mod:`paperhooks`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -142,6 +143,7 @@ class HookedModule(L.LightningModule):
         if self._pending_rng is not None:
             _set_rng(self._pending_rng)
             self._pending_rng = None
+        self.hooks.ctx.steps_per_epoch = _steps_per_epoch(self.trainer)  # the data is set up by now
         if self.masks and self.global_step == 0:
             # the schedule's step 0: before the first update (a one-shot prune of a trained model)
             self.hooks.begin_step(0, self.current_epoch, 0)
@@ -290,6 +292,15 @@ class HookedModule(L.LightningModule):
         self.hooks.plugins.load_state_dict(state["plugins"])
         self.sparsity = state["sparsity"]
         self._pending_rng = state["rng"]
+
+
+def _steps_per_epoch(trainer: L.Trainer) -> int | None:
+    """Optimizer steps per epoch as Lightning takes them: the last, partial accumulation of an
+    epoch steps too (``estimated_stepping_batches`` uses the same count); ``None`` without a length."""
+    n = trainer.num_training_batches
+    if not isinstance(n, int):  # float("inf"): an iterable dataset of unknown length
+        return None
+    return math.ceil(n / trainer.accumulate_grad_batches)
 
 
 def _get_rng_raw() -> tuple[Any, ...]:

@@ -16,13 +16,17 @@ allocation plugin is named.
 Schedules are called after every optimizer step with ``ctx.step`` = the number of steps
 done, and once before the first step with ``ctx.step = 0`` (so ``one-shot-pruning`` at
 step 0 prunes a model before any update, e.g. a trained model loaded for fine-tuning).
+
+Every schedule counts in optimizer steps (``unit: step``, the default) or in epochs
+(``unit: epoch``): a value e then means e·S optimizer steps, S = ``ctx.steps_per_epoch``
+(Lightning's optimizer steps per epoch, after gradient accumulation, filled by the core).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from paperhooks import pruning
 from paperhooks.plugin import NoConfig, Paper, Plugin, Support, hookimpl
@@ -92,16 +96,41 @@ def _step(plugin: str, key: str, value: Any, least: int = 0) -> None:
         raise ValueError(f"{plugin}: {key} must be an integer >= {least}, got {value!r}")
 
 
+#: what a schedule's step-valued keys count: optimizer steps, or epochs of ``ctx.steps_per_epoch`` steps
+Unit = Literal["step", "epoch"]
+
+
+def steps_per_epoch(plugin: str, keys: str, ctx: StepContext) -> int:
+    """S, the optimizer steps of one epoch, for a schedule with ``unit: epoch`` (``keys``: its
+    epoch-valued keys, named in the error); refused when unknown or 0."""
+    s = ctx.steps_per_epoch
+    if s is None:
+        raise ValueError(
+            f"{plugin}: unit: epoch counts {keys} in epochs, but the number of optimizer steps per epoch is unknown "
+            "(the training data has no length, e.g. an iterable dataset, or no Lightning fit runs); use unit: step"
+        )
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        raise ValueError(
+            f"{plugin}: unit: epoch counts {keys} in epochs, but an epoch has {s!r} optimizer steps (no training "
+            "batch); use unit: step or give the fit training data"
+        )
+    return s
+
+
 # -- one-shot ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OneShotConfig:
     """:ivar sparsity: fraction of the prunable weights set to zero, in [0, 1).
-    :ivar step: prune once when this many optimizer steps are done; 0 prunes before the
-        first update (the model as loaded: prune a trained model, then fine-tune).
+    :ivar step: prune once when this many optimizer steps (epochs with ``unit: epoch``) are
+        done; 0 prunes before the first update (the model as loaded: prune a trained model,
+        then fine-tune).
+    :ivar unit: ``step`` or ``epoch``: what ``step`` counts; ``epoch`` e prunes after e·S
+        optimizer steps, S = ``ctx.steps_per_epoch``.
     """
 
     sparsity: float = 0.5
     step: int = 0
+    unit: Unit = "step"
 
     def __post_init__(self) -> None:
         _sparsity("one-shot-pruning", "sparsity", self.sparsity)
@@ -124,7 +153,9 @@ class OneShotPruning(Plugin):
 
     @hookimpl
     def pruning_schedule(self, ctx: StepContext) -> float | None:
-        return self.config.sparsity if ctx.step == self.config.step else None
+        c = self.config
+        at = c.step if c.unit == "step" else c.step * steps_per_epoch("one-shot-pruning", "step", ctx)
+        return c.sparsity if ctx.step == at else None
 
 
 # -- gradual (Zhu & Gupta) -------------------------------------------------------------------------
@@ -139,6 +170,9 @@ class GradualConfig:
         multiple of ``frequency``.
     :ivar frequency: Δt, optimizer steps between two mask updates.
     :ivar exponent: 3 in the paper's equation (1) (``sparsity_function_exponent``).
+    :ivar unit: ``step`` or ``epoch``: what ``begin_step``, ``end_step`` and ``frequency``
+        count; with ``epoch`` each value v stands for v·S optimizer steps (S =
+        ``ctx.steps_per_epoch``), so t_0, nΔt and Δt are whole epochs.
     """
 
     initial_sparsity: float = 0.0
@@ -147,6 +181,7 @@ class GradualConfig:
     end_step: int = 100
     frequency: int = 10
     exponent: float = 3.0
+    unit: Unit = "step"
 
     def __post_init__(self) -> None:
         name = "gradual-pruning"
@@ -170,11 +205,26 @@ class GradualConfig:
             raise ValueError(f"{name}: exponent must be a number > 0, got {self.exponent!r}")
 
 
-def cubic_sparsity(t: int, c: GradualConfig) -> float | None:
+def in_steps(c: GradualConfig, steps_per_epoch: int) -> GradualConfig:
+    """``c`` with ``unit: epoch`` as the same schedule in optimizer steps: t_0, t_0 + nΔt and Δt
+    times S (S = ``steps_per_epoch``); a ``unit: step`` config is returned as it is."""
+    if c.unit == "step":
+        return c
+    s = steps_per_epoch
+    return replace(c, begin_step=c.begin_step * s, end_step=c.end_step * s, frequency=c.frequency * s, unit="step")
+
+
+def cubic_sparsity(t: int, c: GradualConfig, steps_per_epoch: int | None = None) -> float | None:
     """Equation (1) of Zhu & Gupta (2017), or ``None`` when ``t`` is not a pruning step.
 
     s_t = s_f + (s_i − s_f)·(1 − (t − t_0)/(nΔt))³   for t ∈ {t_0, t_0 + Δt, ..., t_0 + nΔt}
+
+    ``t`` is in optimizer steps; a ``unit: epoch`` config needs ``steps_per_epoch`` (S).
     """
+    if c.unit == "epoch":
+        if steps_per_epoch is None:
+            raise ValueError("gradual-pruning: unit: epoch needs steps_per_epoch to count begin_step, end_step, frequency")
+        c = in_steps(c, steps_per_epoch)
     if t < c.begin_step or t > c.end_step or (t - c.begin_step) % c.frequency:
         return None
     frac = (t - c.begin_step) / (c.end_step - c.begin_step)
@@ -198,7 +248,97 @@ class GradualPruning(Plugin):
 
     @hookimpl
     def pruning_schedule(self, ctx: StepContext) -> float | None:
-        return cubic_sparsity(ctx.step, self.config)
+        c = self.config
+        if c.unit == "epoch":
+            c = in_steps(c, steps_per_epoch("gradual-pruning", "begin_step, end_step, frequency", ctx))
+        return cubic_sparsity(ctx.step, c)
+
+
+# -- iterative prune–retrain (Han et al.) ----------------------------------------------------------
+@dataclass(frozen=True)
+class IterativeConfig:
+    """No paper default: Han et al. prune a trained network and leave the number of cycles open.
+
+    :ivar final_sparsity: s_f, reached at the last cycle and kept after it, in [0, 1).
+    :ivar cycles: n ≥ 1 prune–retrain cycles; each prunes the fraction
+        r = 1 − (1 − s_f)^{1/n} of the weights still unpruned (``cycles: 1`` is one-shot).
+    :ivar begin: the first prune, after this many optimizer steps (epochs with ``unit:
+        epoch``) of dense training; 0 prunes before the first update.
+    :ivar every: steps (epochs) of retraining between two prunes; cycle k prunes at
+        ``begin + (k − 1)·every``, and the steps after the last prune retrain the final mask.
+    :ivar unit: ``step`` or ``epoch``: what ``begin`` and ``every`` count (epoch: ×S,
+        S = ``ctx.steps_per_epoch``).
+    """
+
+    final_sparsity: float = 0.9
+    cycles: int = 3
+    begin: int = 100
+    every: int = 100
+    unit: Unit = "step"
+
+    def __post_init__(self) -> None:
+        name = "iterative-pruning"
+        _sparsity(name, "final_sparsity", self.final_sparsity)
+        _step(name, "cycles", self.cycles, least=1)
+        _step(name, "begin", self.begin)
+        _step(name, "every", self.every, least=1)
+
+    @property
+    def rate(self) -> float:
+        """r = 1 − (1 − s_f)^{1/n}: the fraction of the remaining weights each cycle prunes."""
+        return 1.0 - (1.0 - self.final_sparsity) ** (1.0 / self.cycles)
+
+
+def iterative_sparsity(t: int, c: IterativeConfig, steps_per_epoch: int | None = None) -> float | None:
+    """The sparsity of cycle k at its step, or ``None`` when ``t`` is not a pruning step.
+
+    Cycle k = 1..n prunes at t_k = begin + (k − 1)·every (×S with ``unit: epoch``) to
+
+        s_k = 1 − (1 − r)^k = 1 − (1 − s_f)^{k/n},   r = 1 − (1 − s_f)^{1/n},
+
+    i.e. it removes the fraction r of the weights still unpruned after cycle k − 1
+    (s_k − s_{k−1} = r·(1 − s_{k−1})); s_n = s_f exactly.
+    """
+    begin, every = c.begin, c.every
+    if c.unit == "epoch":
+        if steps_per_epoch is None:
+            raise ValueError("iterative-pruning: unit: epoch needs steps_per_epoch to count begin, every")
+        begin, every = begin * steps_per_epoch, every * steps_per_epoch
+    if t < begin or (t - begin) % every:
+        return None
+    k = (t - begin) // every + 1
+    if k > c.cycles:
+        return None
+    if k == c.cycles:
+        return c.final_sparsity
+    return 1.0 - (1.0 - c.final_sparsity) ** (k / c.cycles)
+
+
+class IterativePruning(Plugin):
+    """Han et al. (2015): prune, retrain, prune again: ``cycles`` magnitude prunes ``every`` apart.
+
+    Section 3.3 (*Iterative Pruning*) of arXiv:1506.02626: "Pruning followed by a retraining
+    is one iteration"; repeated, it reaches a higher sparsity at the same accuracy than
+    "single-step aggressive pruning" (9× vs 5× on AlexNet). Here cycle k removes the
+    fraction r = 1 − (1 − s_f)^{1/n} of the weights still in, so after k of n cycles the
+    sparsity is s_k = 1 − (1 − s_f)^{k/n} (the schedule of iterative magnitude pruning
+    without weight rewinding), by the core's magnitude criterion and global threshold unless
+    a criterion or allocation plugin is named. Han prunes by a per-layer threshold (a
+    multiple of each layer's weight standard deviation); the amount is a sparsity here.
+    Retraining is the ordinary training between prunes (same optimizer, same learning-rate
+    schedule); pruned weights stay pruned.
+    """
+
+    Config = IterativeConfig
+    family = "pruning"
+    paper = HAN
+    strategies = STRATEGIES
+
+    @hookimpl
+    def pruning_schedule(self, ctx: StepContext) -> float | None:
+        c = self.config
+        s = steps_per_epoch("iterative-pruning", "begin, every", ctx) if c.unit == "epoch" else None
+        return iterative_sparsity(ctx.step, c, s)
 
 
 # -- uniform allocation --------------------------------------------------------------------------
@@ -242,7 +382,8 @@ CARDS: dict[str, str] = {
     "one-shot-pruning": """# one-shot-pruning
 
 Prune to `sparsity` once, when `step` optimizer steps are done (`step: 0`: before the
-first update), then train on with the masks fixed. Built into the core distribution.
+first update), then train on with the masks fixed. With `unit: epoch`, `step` counts
+epochs (e × S optimizer steps, S the steps of one epoch). Built into the core distribution.
 
 ## Checked against
 
@@ -259,7 +400,9 @@ A baseline: no claim of its own.
 Zhu & Gupta (2017), *To prune, or not to prune*, equation (1):
 `s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(nΔt))³` for `t ∈ {t_0, t_0 + Δt, …, t_0 + nΔt}`.
 Built into the core distribution. Config: `initial_sparsity` (s_i), `final_sparsity`
-(s_f), `begin_step` (t_0), `end_step` (t_0 + nΔt), `frequency` (Δt), `exponent` (3).
+(s_f), `begin_step` (t_0), `end_step` (t_0 + nΔt), `frequency` (Δt), `exponent` (3), and
+`unit` (`step`, or `epoch`: t_0, t_0 + nΔt and Δt in epochs of S optimizer steps; the same
+masks as the step schedule with the values times S, tested).
 
 ## Checked against
 
@@ -273,6 +416,41 @@ nΔt = 100, Δt = 10.
 A baseline. `recipes/gradual-pruning.yaml` (MLP 64-128-64-10 on digits, 20 epochs, 90%
 sparsity reached at step 300 of 460; seed 0, one run each): dense `val/acc` 0.964, 90%
 sparse with `uniform-allocation` 0.950, 90% sparse with the global threshold 0.950.
+""" + _SHARED,
+    "iterative-pruning": """# iterative-pruning
+
+Han et al. (2015), *Learning both Weights and Connections for Efficient Neural Networks*,
+section 3.3: prune, retrain, prune again. Cycle k = 1..n prunes at step
+`begin + (k − 1)·every` the fraction r = 1 − (1 − s_f)^{1/n} of the weights still
+unpruned, so the sparsity after it is s_k = 1 − (1 − r)^k = 1 − (1 − s_f)^{k/n}, and s_n =
+s_f exactly; the training between prunes (and after the last) is the retraining. Config:
+`final_sparsity` (s_f), `cycles` (n), `begin`, `every`, `unit` (`step`, or `epoch`: `begin`
+and `every` in epochs of S optimizer steps). `cycles: 1` is one-shot pruning at `begin`.
+Built into the core distribution. Without weight rewinding (this is not the lottery-ticket
+rewind: retraining continues from the pruned weights, as in Han et al.).
+
+## Checked against
+
+The sequence worked out by hand in `tests/test_pruning.py` (s_f = 0.875, n = 3: r = 0.5,
+s_k = 0.5, 0.75, 0.875 at the cycle steps, in steps and in epochs). Each cycle prunes
+`round(s_k·N)` of all N weights (or of each layer with `uniform-allocation`), the core's
+count for a sparsity; `torch.nn.utils.prune` applied n times instead prunes
+`round(r·remaining)` more each time, which can differ by one weight per cycle. Han et al.
+prune by a per-layer threshold (a quality parameter times the layer's weight standard
+deviation) and retrain with a lower learning rate; here the amount is a sparsity and the
+retraining uses the recipe's optimizer and schedule.
+
+## Measured effect
+
+Han et al.: iterative pruning reaches a given accuracy at a higher sparsity than
+"single-step aggressive pruning". On digits (MLP 64-64-10, 10 epochs of 11 steps, SGD 0.1,
+dense for 2 epochs, 90% by global magnitude): 3 cycles at epochs 2, 4, 6 end above one-shot
+to 90% at epoch 2 in the same 110 steps, `val/acc` +0.006, +0.017, +0.031 (seeds 0–2,
+pinned in `tests/test_pruning.py`; over seeds 0–7: 7 wins and 1 tie, mean +0.014), and
+above one-shot at epoch 6 (the last cycle's step) in 7 of 8 seeds (mean +0.008, one loss).
+`recipes/iterative-pruning.yaml` (MLP 64-128-64-10, 20 epochs, cycles at epochs 5, 8, 11;
+seed 0, one run each): dense 0.964, iterative 0.961, one-shot at epoch 5 0.950, one-shot
+at epoch 11 0.955, iterative with `uniform-allocation` 0.953.
 """ + _SHARED,
     "uniform-allocation": """# uniform-allocation
 
@@ -291,4 +469,14 @@ A baseline: no claim of its own.
 """ + _SHARED,
 }
 
-__all__ = ["CARDS", "GradualPruning", "OneShotPruning", "UniformAllocation", "cubic_sparsity"]
+__all__ = [
+    "CARDS",
+    "GradualPruning",
+    "IterativePruning",
+    "OneShotPruning",
+    "UniformAllocation",
+    "cubic_sparsity",
+    "in_steps",
+    "iterative_sparsity",
+    "steps_per_epoch",
+]
