@@ -524,29 +524,32 @@ def test_two_processes_hold_identical_masks_and_equal_one_process_under_ddp_and_
 
 
 @pytest.mark.slow
-def test_iterative_pruning_in_epochs_on_two_ddp_processes_equals_one_process(tmp_path, test_plugins):
+def test_iterative_pruning_in_epochs_on_two_processes_equals_one_process_under_ddp_and_fsdp2(tmp_path, test_plugins):
     """The global batch is fixed, so an epoch is S = 7 optimizer steps on 1 and on 2 processes:
-    the cycles (steps 7 and 14) fall on the same steps and select the same global masks."""
+    the cycles (steps 7 and 14) fall on the same steps and select the same global masks (under
+    FSDP2 over the shards, with ``dist.topk_mask``)."""
     recipe = write_recipe(tmp_path / "d.yaml", DDP.replace("batch_size: 64", "batch_size: 200").replace("max_steps: 8", "max_steps: 16"))
     schedule = "{name: iterative-pruning, final_sparsity: 0.75, cycles: 2, begin: 1, every: 1, unit: epoch}"
     probes, runs = {}, {}
-    for name in ("one", "ddp"):
+    for name in ("one", "ddp", "fsdp2"):
         out = tmp_path / f"probe-{name}"
         out.mkdir()
         overrides = [f"name={name}", f"plugins=[{schedule}, {{name: mask-probe, out: '{out}'}}]", f"run_dir={tmp_path}/runs"]
         if name == "one":  # in this process; the 2 processes through the CLI
             runs[name] = fit(R.load(recipe, overrides))[0].run_dir
         else:
-            runs[name] = fit_cli(recipe, [*overrides, "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+            runs[name] = fit_cli(recipe, [*overrides, "trainer.devices=2", f"trainer.strategy={name}"], cwd=tmp_path)
         probes[name] = [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
-    (single,), (r0, r1) = probes["one"], probes["ddp"]
-    assert int(single["checked"]) == int(r0["checked"]) == int(r1["checked"]) == 16
+    (single,) = probes["one"]
     masks = [k for k in single if k != "checked"]
     # global threshold: round(0.75 · 2368) = 1776 of the 64x32 and 32x10 weights pruned
     assert sum(int((~single[k]).sum()) for k in masks) == 1776
-    for k in masks:
-        assert torch.equal(r0[k], r1[k]) and torch.equal(r0[k], single[k]), k
-    assert_states_close(final_state(runs["one"]), final_state(runs["ddp"]), atol=1e-6, rtol=1e-5)
+    for name in ("ddp", "fsdp2"):
+        r0, r1 = probes[name]
+        assert int(single["checked"]) == int(r0["checked"]) == int(r1["checked"]) == 16
+        for k in masks:
+            assert torch.equal(r0[k], r1[k]) and torch.equal(r0[k], single[k]), (name, k)
+        assert_states_close(final_state(runs["one"]), final_state(runs[name]), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow
