@@ -168,6 +168,10 @@ def test_chain_reward_generator_by_hand():
     same = (t["chosen_ids"][:, 1:4] == t["rejected_ids"][:, 1:4])[before].float().mean().item()
     assert abs(same - 0.5) < 0.05  # 2 valid tokens per position: equal half of the time
     assert not bool(dm.val_set.tensors["flipped"].any())
+    # chain_tail valid: only the pit is wrong, every step after it is valid again
+    tail = build_datamodule("synthetic-preferences", {**cfg, "chain_tail": "valid", "flip_rate": 0.0}, 0).train_set.tensors
+    ok = valid[0, torch.arange(3), tail["rejected_ids"][:, 1:4]].bool()
+    assert bool((ok == (torch.arange(3) != tail["rejected_pit"][:, None])).all())
     # the default reward keeps its data: chain options change nothing there
     plain = build_datamodule("synthetic-preferences", {"n_train": 64}, 0).train_set.tensors
     assert "rejected_pit" not in plain

@@ -27,7 +27,7 @@ Datasets (no download; built deterministically from the recipe seed):
   The *chosen* response is a valid chain (tokens uniform in ``V[k, t]``); the *rejected* one,
   drawn independently (its own length and valid tokens), is valid up to its *pit*, a token
   position uniform in ``0..n−1``, holds a token outside ``V[k, pit]`` there, and uniform
-  content tokens after it. ``chosen_pit``/``rejected_pit`` give the pit's response position
+  content tokens after it (``chain_tail: valid``: valid tokens after it, only the pit wrong). ``chosen_pit``/``rejected_pit`` give the pit's response position
   (−1: a valid chain); with ``steps`` the pit step is the step of that token. ``flip_rate``
   swaps the labels as above; ``length_bias`` is refused (the labels do not use a score).
 - ``tabular-preferences``: the tabular fixture for exact, fast checks: ``P`` prompts with
@@ -117,6 +117,7 @@ class SyntheticPreferencesConfig:
     flip_rate: float = 0.0
     steps: int = 0
     chain_valid: float = 0.5
+    chain_tail: Literal["uniform", "valid"] = "uniform"
 
     def __post_init__(self) -> None:
         check_field(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
@@ -242,7 +243,10 @@ def _chain_split(config: SyntheticPreferencesConfig, order: torch.Tensor, n: int
         if not broken:
             return torch.where(pos < length[:, None], good, PAD), length, torch.full((n,), -1)
         bad = rows.gather(2, torch.randint(m, len(content), (n, c.max_response, 1), generator=g)).squeeze(2)
-        rest = content[torch.randint(0, len(content), (n, c.max_response), generator=g)]
+        if c.chain_tail == "valid":  # only the pit is wrong: the steps after it are valid again
+            rest = rows.gather(2, torch.randint(0, m, (n, c.max_response, 1), generator=g)).squeeze(2)
+        else:
+            rest = content[torch.randint(0, len(content), (n, c.max_response), generator=g)]
         pit = (torch.rand(n, generator=g) * length).long()  # uniform in 0..n−1
         tokens = torch.where(pos < pit[:, None], good, torch.where(pos == pit[:, None], bad, rest))
         return torch.where(pos < length[:, None], tokens, PAD), length, pit
