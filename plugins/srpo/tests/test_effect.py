@@ -1,0 +1,85 @@
+"""The paper's effect (its Fig. 3, in direction): revisions sampled from the trained policy,
+conditioned on a previous response, have a higher hidden reward than what they revise.
+
+``recipes/srpo.yaml``: a 1-layer GPT-2 (width 32, 16 positions) on 1024 synthetic pairs, Adam 3e-3,
+batch 64, 4 epochs, β = 0.05; DPO is the same recipe with ``plugins=[]`` (same seed: same initial policy,
+reference, data order). Each trained policy samples 4 drafts y ∼ π(·|x) for each of the 256
+validation prompts, then revises them twice, y' ∼ π(·|x, y) (:func:`paperhooks_srpo.revise`,
+one generator for everything, seeded). Numbers: the method card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from paperhooks import recipe as R
+from paperhooks.run import fit
+from paperhooks.tasks.preference import sample
+from paperhooks.tasks.sampler import generator
+from paperhooks_srpo import response_rows, revise
+
+RECIPE = Path(__file__).parents[3] / "recipes" / "srpo.yaml"
+SEEDS = (0, 1, 2)
+REPS = 4
+
+
+def _rewards(built, policy, reviser, seed: int) -> list[float]:
+    """Mean hidden reward of drafts from ``policy``, then of two successive revisions by ``reviser``."""
+    dm = built.datamodule
+    rows = dm.val_set.tensors
+    L, W = dm.prompt_length, rows["chosen_ids"].shape[1]
+    prompts = rows["chosen_ids"][:, :L].repeat(REPS, 1)
+    topic = rows["prompt"].repeat(REPS)
+    g = generator(seed, "srpo.effect")
+    tokens, lengths = sample(policy, prompts, W - L - 1, g)
+    out = [dm.hidden_reward(topic, tokens, (tokens >= 2).float()).mean().item()]
+    ids, attention = response_rows(prompts, tokens, lengths, W)
+    for _ in range(2):
+        ids, attention, tokens, _ = revise(reviser, ids, g, prompt_length=L, attention=attention)
+        out.append(dm.hidden_reward(topic, tokens, (tokens >= 2).float()).mean().item())
+    return out
+
+
+def _train(tmp_path: Path, seed: int, *over: str):
+    built, _ = fit(R.load(RECIPE, [f"seed={seed}", f"name=s{seed}", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false",
+                                   "trainer.limit_val_batches=0", *over]))  # fmt: skip
+    built.module.eval()
+    return built
+
+
+def test_revisions_improve_weak_drafts_and_keep_strong_ones(tmp_path):
+    """Measured (seeds 0, 1, 2; draft → 1st → 2nd revision, mean hidden reward of 1024 samples):
+
+    - SRPO revising the reference's drafts: −0.120 → 0.738 → 0.745, 0.064 → 0.777 → 0.786,
+      −0.010 → 0.603 → 0.625: a large gain on every seed (asserted: > +0.3);
+    - SRPO revising its own drafts: 0.697 → 0.729 → 0.747, 0.766 → 0.783 → 0.788,
+      0.614 → 0.596 → 0.625: the paper's direction on average (+0.010 after one revision,
+      +0.028 after two; the second beats the draft on every seed, the first on 2 of 3, each
+      difference's standard error ≈ 0.015); asserted: both mean gains > 0 and no seed loses
+      more than 0.05;
+    - DPO's policy used the same way (never trained to revise): 0.576 → 0.110, 0.810 → 0.409,
+      0.759 → 0.474: its "revisions" lose on every seed (asserted in direction only).
+
+    The reviser ends near the same reward whatever it revises (own or the reference's drafts):
+    on this toy it learned which tokens are good for the topic, hardly how to use the draft.
+    """
+    gains, fmt = [], (lambda v: " → ".join(f"{x:.3f}" for x in v))
+    for seed in SEEDS:
+        with torch.no_grad():
+            srpo = _train(tmp_path / "srpo", seed)
+            m = srpo.module
+            own = _rewards(srpo, m.model, m.model, seed)
+            of_ref = _rewards(srpo, m.reference_model, m.model, seed)
+            dpo = _train(tmp_path / "dpo", seed, "plugins=[]")
+            d = dpo.module
+            dpo_own = _rewards(dpo, d.model, d.model, seed)
+            dpo_ref = _rewards(dpo, d.reference_model, d.model, seed)
+        print(f"seed {seed}: SRPO own {fmt(own)} | SRPO on reference drafts {fmt(of_ref)} | "
+              f"DPO own {fmt(dpo_own)} | DPO on reference drafts {fmt(dpo_ref)}")  # fmt: skip
+        assert of_ref[1] > of_ref[0] + 0.3 and of_ref[2] > of_ref[0] + 0.3, (seed, of_ref)
+        assert own[1] > own[0] - 0.05 and own[2] > own[0] - 0.05, (seed, own)
+        assert dpo_own[1] < dpo_own[0] and dpo_own[2] < dpo_own[0], (seed, dpo_own)
+        gains.append((own[1] - own[0], own[2] - own[0]))
+    assert all(sum(g[k] for g in gains) / len(gains) > 0.0 for k in (0, 1)), gains
