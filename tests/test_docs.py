@@ -54,8 +54,10 @@ def test_each_plugin_gets_its_method_card_as_a_page(generated):
 
 def test_recipe_reference_lists_every_field_with_type_and_default(generated):
     from paperhooks.schema import type_name
-    from paperhooks.tasks import DATASETS, MODELS
+    from paperhooks.tasks import DATASETS, MODELS, load_tasks
 
+    load_tasks()  # the page documents the built-in tasks and every installed plugin's
+    assert "reward-mlp" in MODELS and "digits-difficulty" in DATASETS  # registered by plugins (more, rerank-curriculum)
     page = (generated / "recipe.md").read_text()
     for cls in (R.OptimizerSection, R.TrainerSection):
         hints = typing.get_type_hints(cls)

@@ -340,3 +340,42 @@ def test_lightning_resume_after_max_steps_finishes_the_interrupted_epoch(tmp_pat
     _trainer(max_steps=5, limit_val_batches=0, enable_checkpointing=True, callbacks=[last]).fit(part, datamodule=dm)
     _trainer(max_steps=25, limit_val_batches=0).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "last.ckpt")
     assert part.seen + resumed.seen == _expected(dm, 0) + _expected(dm, 1)[:3]
+
+
+# -- tasks registered by plugin distributions (entry-point group paperhooks.tasks) -----------------
+def test_plugin_tasks_register_through_their_entry_point_and_a_broken_one_is_named(tmp_path, monkeypatch) -> None:
+    """Installed plugins' task modules register on the first lookup, so a recipe may use a
+    plugin's dataset without naming the plugin; a task module that fails to import is named in
+    the unknown-name error and does not stop the others."""
+    import subprocess
+    import sys
+
+    from paperhooks import recipe as R
+    from paperhooks.tasks import registry
+
+    # listing plugins imports no task module, so no Lightning (a fresh interpreter)
+    code = (
+        "import sys\nfrom paperhooks import discovery\n"
+        "for name in discovery.entry_points(): discovery.load(name)\n"
+        "print(sorted(m for m in ('lightning', 'paperhooks.tasks.data', 'paperhooks_more.tasks') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+    # a recipe uses rerank-curriculum's dataset without naming the plugin
+    rec = R.validate({"model": {"name": "mlp"}, "data": {"name": "digits-difficulty"}, "trainer": {"max_steps": 1}})
+    assert rec.data.name == "digits-difficulty"
+
+    site = tmp_path / "site"
+    (site / "broken_tasks.py").parent.mkdir(parents=True)
+    (site / "broken_tasks.py").write_text("raise ImportError('needs a library that is not installed')\n")
+    info = site / "paperhooks_broken-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: paperhooks-broken\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[paperhooks.tasks]\nbroken = broken_tasks\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(registry, "_plugin_tasks_loaded", False)
+    monkeypatch.setattr(registry, "TASK_ERRORS", {})
+    with pytest.raises(ValueError, match=r"unknown dataset 'nope'.*tasks that failed to load: broken \(paperhooks-broken: ImportError: needs a library"):
+        build_datamodule("nope", None, 0)
+    assert "digits-difficulty" in registry.DATASETS  # the others registered

@@ -117,7 +117,9 @@ def _cell(text: str) -> str:
 # -- recipe reference ---------------------------------------------------------------------------
 def recipe_page() -> str:
     from paperhooks import recipe
-    from paperhooks.tasks import DATASETS, MODELS
+    from paperhooks.tasks.registry import DATASETS, MODELS, load_tasks
+
+    load_tasks()  # the core's tasks and every installed plugin's
 
     intro, _, example = (inspect.getdoc(recipe) or "").partition("::\n")
     out = [HEADER, "# Recipe reference\n\n", _md(intro).strip() + ":\n\n"]

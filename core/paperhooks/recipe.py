@@ -217,8 +217,11 @@ def _registered(section: str, raw: Any, registry: Mapping[str, Any]) -> Section:
     values = dict(raw)
     name = values.pop("name")
     if name not in registry:
+        from paperhooks.tasks.registry import task_errors_hint
+
         raise ConfigTypeError(
-            f"{section}.name {name!r} is not registered{did_you_mean(str(name), registry)}; registered: {', '.join(registry)}"
+            f"{section}.name {name!r} is not registered{did_you_mean(str(name), registry)}; "
+            f"registered: {', '.join(registry)}{task_errors_hint()}"
         )
     return Section(name, schema.build(registry[name].config_cls, values, section))
 
@@ -226,7 +229,7 @@ def _registered(section: str, raw: Any, registry: Mapping[str, Any]) -> Section:
 def validate(raw: Mapping[str, Any]) -> Recipe:
     """Check a raw recipe completely (keys, types, plugins, combinations, strategy)."""
     from paperhooks import discovery
-    from paperhooks.tasks import DATASETS, MODELS
+    from paperhooks.tasks.registry import DATASETS, MODELS, load_tasks
 
     for key in raw:
         if key not in TOP_KEYS:
@@ -252,7 +255,8 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
         config = schema.build(cls.Config, values, f"plugins[{i}] ({name})")
         entries.append(PluginEntry(name, cls, config, found[name].distribution, found[name].version))
     _check_versions(raw.get("plugin_versions"), entries)
-    # plugins load first: a plugin package may register the model or dataset its paper needs
+    # the built-in tasks and every installed plugin's (entry-point group paperhooks.tasks)
+    load_tasks()
     model = _registered("model", raw.get("model"), MODELS)
     data = _registered("data", raw.get("data"), DATASETS)
     optimizer = schema.build(OptimizerSection, raw.get("optimizer") or {}, "optimizer")

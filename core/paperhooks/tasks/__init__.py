@@ -2,24 +2,22 @@
 
 ``MODELS`` and ``DATASETS`` map registered names to their config class and builder;
 :func:`build_model` and :func:`build_datamodule` build them from a config (its dataclass,
-a plain mapping or ``None`` for the defaults). Importing this package registers the
-built-ins: models ``timm``, ``mlp``, ``linear``, ``causal-lm``, ``tabular-policy``; datasets
-``digits``, ``regression``, ``synthetic-preferences`` and ``tabular-preferences``.
+a plain mapping or ``None`` for the defaults). The built-ins — models ``timm``, ``mlp``,
+``linear``, ``causal-lm``, ``tabular-policy``; datasets ``digits``, ``regression``,
+``synthetic-preferences`` and ``tabular-preferences`` — and every installed plugin's tasks
+(entry-point group ``paperhooks.tasks``) register on the first lookup
+(:func:`paperhooks.tasks.registry.load_tasks`).
+
+Importing this package is cheap: the data and model modules (which import Lightning and
+timm) load when one of their names is first used, so listing plugins or importing
+``paperhooks.tasks.registry`` does not pay for them.
 """
 
 from __future__ import annotations
 
-from paperhooks.tasks import data as data
-from paperhooks.tasks import models as models
-from paperhooks.tasks import preference as preference
-from paperhooks.tasks.data import (
-    DigitsConfig,
-    Duplicates,
-    LabelNoise,
-    PaperhooksDataModule,
-    RegressionConfig,
-)
-from paperhooks.tasks.models import LinearConfig, MLPConfig, TimmConfig
+import importlib
+from typing import Any
+
 from paperhooks.tasks.registry import (
     DATASETS,
     MODELS,
@@ -29,10 +27,37 @@ from paperhooks.tasks.registry import (
     build_model,
     check_field,
     config_from_mapping,
+    load_tasks,
     register_dataset,
     register_model,
 )
-from paperhooks.tasks.sampler import DictDataset, ShardedBatchSampler, make_loader
+
+#: names re-exported from the heavier submodules, loaded on first use
+_LAZY = {
+    "data": "paperhooks.tasks.data",
+    "models": "paperhooks.tasks.models",
+    "preference": "paperhooks.tasks.preference",
+    "DigitsConfig": "paperhooks.tasks.data",
+    "Duplicates": "paperhooks.tasks.data",
+    "LabelNoise": "paperhooks.tasks.data",
+    "PaperhooksDataModule": "paperhooks.tasks.data",
+    "RegressionConfig": "paperhooks.tasks.data",
+    "LinearConfig": "paperhooks.tasks.models",
+    "MLPConfig": "paperhooks.tasks.models",
+    "TimmConfig": "paperhooks.tasks.models",
+    "DictDataset": "paperhooks.tasks.sampler",
+    "ShardedBatchSampler": "paperhooks.tasks.sampler",
+    "make_loader": "paperhooks.tasks.sampler",
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'paperhooks.tasks' has no attribute {name!r}")
+    module = importlib.import_module(target)
+    return module if target.endswith("." + name) else getattr(module, name)
+
 
 __all__ = [
     "DATASETS",
@@ -53,6 +78,7 @@ __all__ = [
     "build_model",
     "check_field",
     "config_from_mapping",
+    "load_tasks",
     "make_loader",
     "register_dataset",
     "register_model",

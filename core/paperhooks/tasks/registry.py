@@ -88,17 +88,58 @@ def check_field(ok: bool, name: str, allowed: str, value: object) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+#: entry-point group of plugin distributions that register models or datasets: each entry
+#: names a module whose import registers them (``[project.entry-points."paperhooks.tasks"]
+#: my-method = "paperhooks_my_method.tasks"``)
+TASKS_GROUP = "paperhooks.tasks"
+#: plugin task modules that failed to import: entry-point name → "distribution: error"
+TASK_ERRORS: dict[str, str] = {}
+_plugin_tasks_loaded = False
+
+
 def _load_builtins() -> None:
     for mod in _BUILTIN_MODULES:
         importlib.import_module(mod)
 
 
-def _lookup(table: dict[str, Registered], kind: str, name: str) -> Registered:
+def load_tasks() -> None:
+    """Register the built-in tasks and every installed plugin's tasks (group ``paperhooks.tasks``).
+
+    Plugin task modules are imported once, on the first lookup (they usually import
+    Lightning), so listing plugins stays cheap and a recipe can use a plugin's dataset or model
+    without naming the plugin. A module that fails to import is recorded in
+    :data:`TASK_ERRORS` (and named in unknown-name errors); the other tasks still register.
+    """
+    global _plugin_tasks_loaded
     _load_builtins()
+    if _plugin_tasks_loaded:
+        return
+    _plugin_tasks_loaded = True
+    from importlib import metadata
+
+    for dist in metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != TASKS_GROUP:
+                continue
+            try:
+                ep.load()
+            except Exception as e:  # a broken plugin must not break the other tasks
+                TASK_ERRORS[ep.name] = f"{dist.metadata['Name']}: {type(e).__name__}: {e}"
+
+
+def task_errors_hint() -> str:
+    """``"; tasks that failed to load: ..."`` for unknown-name errors, or ``""``."""
+    if not TASK_ERRORS:
+        return ""
+    return "; tasks that failed to load: " + "; ".join(f"{k} ({v})" for k, v in sorted(TASK_ERRORS.items()))
+
+
+def _lookup(table: dict[str, Registered], kind: str, name: str) -> Registered:
+    load_tasks()
     if name not in table:
         close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown {kind} {name!r}{hint} (registered: {', '.join(sorted(table))})")
+        raise ValueError(f"unknown {kind} {name!r}{hint} (registered: {', '.join(sorted(table))}){task_errors_hint()}")
     return table[name]
 
 
@@ -140,6 +181,7 @@ __all__ = [
     "build_model",
     "check_field",
     "config_from_mapping",
+    "load_tasks",
     "register_dataset",
     "register_model",
 ]

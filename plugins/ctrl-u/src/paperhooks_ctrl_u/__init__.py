@@ -1,11 +1,9 @@
 """paperhooks plugin ``ctrl-u``: Zhang et al., ICLR 2025, uncertainty-aware loss weighting.
 
-Importing the package also registers the dataset ``digits-ambiguous`` (:mod:`.data`): digits
+Installing the package registers (entry point ``paperhooks.tasks``) the dataset ``digits-ambiguous`` (:mod:`.data`): digits
 whose most ambiguous training images carry wrong labels (label noise that depends on x).
 """
 
-from paperhooks_ctrl_u import data
-from paperhooks_ctrl_u.data import DigitsAmbiguousConfig, ambiguous_labels
 from paperhooks_ctrl_u.functional import (
     U_MAX,
     check_finite,
@@ -17,6 +15,19 @@ from paperhooks_ctrl_u.functional import (
     uncertainty_weights,
 )
 from paperhooks_ctrl_u.plugin import CtrlU, CtrlUConfig
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``data`` and its names load on first use: importing them registers the plugin's tasks
+    (also done through the ``paperhooks.tasks`` entry point) and imports Lightning, which
+    listing plugins should not pay for."""
+    if name == "data" or name in ("DigitsAmbiguousConfig", "ambiguous_labels"):
+        import importlib
+
+        module = importlib.import_module("paperhooks_ctrl_u.data")
+        return module if name == "data" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "U_MAX",

@@ -1,10 +1,9 @@
 """paperhooks plugin ``kernel-balancing``: Li et al., ICLR 2024, kernel-balancing weights.
 
-Importing the package also registers the task the method needs: dataset
+Installing the package registers (entry point ``paperhooks.tasks``) the task the method needs: dataset
 ``synthetic-recsys`` (ratings missing not at random) and model ``mf``.
 """
 
-from paperhooks_kernel_balancing import tasks
 from paperhooks_kernel_balancing.features import all_pairs, fit_embeddings, pair_features
 from paperhooks_kernel_balancing.functional import (
     KERNELS,
@@ -19,7 +18,19 @@ from paperhooks_kernel_balancing.functional import (
     kernel_means,
 )
 from paperhooks_kernel_balancing.plugin import KernelBalancing, KernelBalancingConfig
-from paperhooks_kernel_balancing.tasks import MFConfig, RecsysInfo, SyntheticRecsysConfig
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``tasks`` and its names load on first use: importing them registers the plugin's tasks
+    (also done through the ``paperhooks.tasks`` entry point) and imports Lightning, which
+    listing plugins should not pay for."""
+    if name == "tasks" or name in ("MFConfig", "RecsysInfo", "SyntheticRecsysConfig"):
+        import importlib
+
+        module = importlib.import_module("paperhooks_kernel_balancing.tasks")
+        return module if name == "tasks" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "KERNELS",

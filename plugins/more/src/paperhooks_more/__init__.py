@@ -1,11 +1,10 @@
 """paperhooks plugin ``more``: MORE, multi-objective reward learning (Zeng et al., arXiv 2312.07401).
 
-Importing the package also registers the task the method needs: dataset
+Installing the package registers (entry point ``paperhooks.tasks``) the task the method needs: dataset
 ``diverse-preferences`` (preference pairs from datasets that partly disagree) and model
 ``reward-mlp`` (an MLP encoder with a linear reward head).
 """
 
-from paperhooks_more import tasks
 from paperhooks_more.functional import (
     ema,
     loss_coefficients,
@@ -20,7 +19,19 @@ from paperhooks_more.functional import (
 )
 from paperhooks_more.metric import PreferenceCalibrationError
 from paperhooks_more.plugin import More, MoreConfig
-from paperhooks_more.tasks import DiversePreferencesConfig, RewardMLP, RewardMLPConfig
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``tasks`` and its names load on first use: importing them registers the plugin's tasks
+    (also done through the ``paperhooks.tasks`` entry point) and imports Lightning, which
+    listing plugins should not pay for."""
+    if name == "tasks" or name in ("DiversePreferencesConfig", "RewardMLP", "RewardMLPConfig"):
+        import importlib
+
+        module = importlib.import_module("paperhooks_more.tasks")
+        return module if name == "tasks" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DiversePreferencesConfig",

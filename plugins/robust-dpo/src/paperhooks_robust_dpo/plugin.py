@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from paperhooks.plugin import Paper, Plugin, Support, hookimpl
-from paperhooks.preference import log_ratio_margin
 from paperhooks_robust_dpo import functional as F
 
 if TYPE_CHECKING:
@@ -103,5 +102,9 @@ class RobustDpo(Plugin):
                 f"{NAME}: needs a preference task (outputs with chosen_logps/rejected_logps, e.g. "
                 f"data synthetic-preferences); got outputs {sorted(outputs)}"
             )
+        from paperhooks.preference import (
+            log_ratio_margin,  # imports Lightning: not at plugin listing
+        )
+
         h = log_ratio_margin(outputs)  # [B]
         return {"loss": F.robust_dpo_loss(h, module.objective.beta, self.config.epsilon)}
