@@ -17,14 +17,18 @@ from paperhooks_more.functional import (
     task_pair_counts,
     uniform_lambda,
 )
-from paperhooks_more.metric import PreferenceCalibrationError
 from paperhooks_more.plugin import More, MoreConfig
 
 
 def __getattr__(name: str):  # noqa: ANN202
     """``tasks`` and its names load on first use: importing them registers the plugin's tasks
     (also done through the ``paperhooks.tasks`` entry point) and imports Lightning, which
-    listing plugins should not pay for."""
+    listing plugins should not pay for. ``PreferenceCalibrationError`` too: it subclasses a
+    torchmetrics metric, and importing torchmetrics (and torchvision) is as slow."""
+    if name == "PreferenceCalibrationError":
+        from paperhooks_more.metric import PreferenceCalibrationError
+
+        return PreferenceCalibrationError
     if name == "tasks" or name in ("DiversePreferencesConfig", "RewardMLP", "RewardMLPConfig"):
         import importlib
 

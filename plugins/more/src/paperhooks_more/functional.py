@@ -19,6 +19,7 @@ w is the reward head (the last linear layer), T' the number of tasks with pairs 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -151,10 +152,38 @@ def loss_coefficients(lam: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return lam.to(torch.float64) * present * counts / total
 
 
+def batch_rewards_and_scores(
+    outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rewards [B, M], scores [B, M])`` of a batch.
+
+    The rewards are ``outputs["logits"]`` (the M responses' rewards). The scores are
+    ``batch["score"]`` when the data ranks the responses (the official format, < 0 for
+    padding), else 1 for the preferred response ``batch["target"]`` and 0 for the others.
+    """
+    rewards = outputs.get("logits")
+    if rewards is None or rewards.dim() != 2 or rewards.shape[1] < 2:
+        shape = None if rewards is None else tuple(rewards.shape)
+        raise ValueError(
+            f"{PLUGIN}: needs outputs['logits'] of shape [B, M >= 2], the rewards of M responses "
+            f"per prompt (e.g. model: reward-mlp), got {shape}"
+        )
+    if "score" in batch:
+        scores = batch["score"].to(rewards.device, torch.float32)
+    elif "target" in batch:
+        scores = scores_from_target(batch["target"].to(rewards.device), rewards.shape[1])
+    else:
+        raise ValueError(
+            f"{PLUGIN}: the batch has neither 'score' nor 'target' (which response is preferred)"
+        )
+    return rewards, scores
+
+
 __all__ = [
     "MAX_ITER",
     "PLUGIN",
     "STOP_CRIT",
+    "batch_rewards_and_scores",
     "ema",
     "loss_coefficients",
     "min_norm_lambda",

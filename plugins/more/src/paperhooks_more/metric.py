@@ -12,6 +12,12 @@ pairs of every rank before binning, so N processes report what one process repor
 Binning: torchmetrics puts p in [e_k, e_{k+1}) (``bucketize(right=True)``), the official
 code in (e_k, e_{k+1}] (``searchsorted`` on the inner edges); they differ only for a
 probability lying exactly on an inner edge.
+
+This module imports torchmetrics (and torchvision with it), so only
+:meth:`~paperhooks_more.plugin.More.metric_build` and the package's lazy
+``PreferenceCalibrationError`` import it; loading the plugin does not. The batch helper
+:func:`~paperhooks_more.functional.batch_rewards_and_scores` lives in :mod:`.functional`
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -22,33 +28,7 @@ import torch
 from torchmetrics.classification import BinaryCalibrationError
 
 from paperhooks_more import functional as F
-
-
-def batch_rewards_and_scores(
-    outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rewards [B, M], scores [B, M])`` of a batch.
-
-    The rewards are ``outputs["logits"]`` (the M responses' rewards). The scores are
-    ``batch["score"]`` when the data ranks the responses (the official format, < 0 for
-    padding), else 1 for the preferred response ``batch["target"]`` and 0 for the others.
-    """
-    rewards = outputs.get("logits")
-    if rewards is None or rewards.dim() != 2 or rewards.shape[1] < 2:
-        shape = None if rewards is None else tuple(rewards.shape)
-        raise ValueError(
-            f"{F.PLUGIN}: needs outputs['logits'] of shape [B, M >= 2], the rewards of M responses "
-            f"per prompt (e.g. model: reward-mlp), got {shape}"
-        )
-    if "score" in batch:
-        scores = batch["score"].to(rewards.device, torch.float32)
-    elif "target" in batch:
-        scores = F.scores_from_target(batch["target"].to(rewards.device), rewards.shape[1])
-    else:
-        raise ValueError(
-            f"{F.PLUGIN}: the batch has neither 'score' nor 'target' (which response is preferred)"
-        )
-    return rewards, scores
+from paperhooks_more.functional import batch_rewards_and_scores
 
 
 class PreferenceCalibrationError(BinaryCalibrationError):

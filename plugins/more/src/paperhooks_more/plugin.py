@@ -14,11 +14,11 @@ import torch
 from paperhooks import dist
 from paperhooks.plugin import Paper, Plugin, Support, hookimpl
 from paperhooks_more import functional as F
-from paperhooks_more.metric import PreferenceCalibrationError, batch_rewards_and_scores
 
 if TYPE_CHECKING:
     from paperhooks.context import StepContext
     from paperhooks.gradients import Direction, GradientSet
+    from paperhooks_more.metric import PreferenceCalibrationError
 
 NAME = "more"
 
@@ -221,7 +221,7 @@ class More(Plugin):
         world size, N_t the global pair count of t): the core averages over the B_local rows
         and over the R ranks, which leaves Σ_{i∈t} S_i / N_t = L_t.
         """
-        rewards, scores = batch_rewards_and_scores(outputs, batch)
+        rewards, scores = F.batch_rewards_and_scores(outputs, batch)
         rows = rewards.shape[0]
         task = self._task_ids(batch, rows, rewards.device)
         sums, counts = F.pair_losses(rewards, scores)  # [B], [B]
@@ -289,6 +289,8 @@ class More(Plugin):
     @hookimpl
     def metric_build(self, module: Any, ctx: StepContext) -> dict[str, PreferenceCalibrationError]:
         """``rm_ece_bin{n}``: the ECE of σ(r_i − r_j) over all ranked pairs, n equal bins."""
+        from paperhooks_more.metric import PreferenceCalibrationError
+
         return {
             f"rm_ece_bin{n}": PreferenceCalibrationError(n_bins=n) for n in self.config.ece_bins
         }

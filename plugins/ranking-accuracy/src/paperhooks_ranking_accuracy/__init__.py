@@ -9,11 +9,18 @@ from paperhooks_ranking_accuracy.functional import (
     ranking_correct,
     reference_misranking,
 )
-from paperhooks_ranking_accuracy.plugin import (
-    PairCountMetric,
-    RankingAccuracy,
-    RankingAccuracyConfig,
-)
+from paperhooks_ranking_accuracy.plugin import RankingAccuracy, RankingAccuracyConfig
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``PairCountMetric`` loads on first use: it subclasses ``torchmetrics.Metric``, and
+    importing torchmetrics (and torchvision with it) is what listing plugins should not pay for."""
+    if name == "PairCountMetric":
+        from paperhooks_ranking_accuracy.pair_count import PairCountMetric
+
+        return PairCountMetric
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PairCountMetric",

@@ -1,4 +1,5 @@
-"""The ``ranking-accuracy`` plugin: :mod:`.functional` wired to the metric hooks."""
+"""The ``ranking-accuracy`` plugin: :mod:`.functional` wired to the metric hooks through the
+count metrics of :mod:`.pair_count` (imported only when metrics are built)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-import torchmetrics
-
 from paperhooks.plugin import Paper, Plugin, Support, hookimpl
-from paperhooks_ranking_accuracy import functional as F
 
 if TYPE_CHECKING:
+    import torchmetrics
+
     from paperhooks.context import StepContext
 
 NAME = "ranking-accuracy"
@@ -83,69 +82,6 @@ class RankingAccuracyConfig:
             )
 
 
-class PairCountMetric(torchmetrics.Metric):
-    """One of R, R*, R̃, R̃* as ``correct / total`` over every pair seen on every rank.
-
-    ``update(outputs, batch)`` reads :meth:`~paperhooks.preference.PreferenceModule.outputs`
-    (``chosen_logps``/``rejected_logps`` summed over response tokens only, the response masks,
-    and ``ref_chosen_logps``/``ref_rejected_logps``). Both states are int64 counts with
-    ``dist_reduce_fx="sum"``: the value over N ranks is the value over the whole evaluation set.
-    """
-
-    full_state_update = False
-    higher_is_better = True
-
-    def __init__(
-        self,
-        kind: str,
-        beta: float,
-        alpha: float = 1.0,
-        eps: float = 1e-3,
-        alpha_key: str | None = None,
-    ) -> None:
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"{NAME}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        self.kind, self.beta, self.alpha, self.eps, self.alpha_key = (
-            kind,
-            beta,
-            alpha,
-            eps,
-            alpha_key,
-        )
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(
-        self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
-    ) -> None:
-        ideal = self.kind.startswith("idealized")
-        prefix = "ref_" if ideal else ""
-        win, lose = (
-            outputs[f"{prefix}chosen_logps"].detach(),
-            outputs[f"{prefix}rejected_logps"].detach(),
-        )
-        if self.kind.endswith("_ln"):
-            win = F.length_normalize(win, outputs["chosen_mask"])
-            lose = F.length_normalize(lose, outputs["rejected_mask"])
-        if ideal:
-            alpha: torch.Tensor | float = self.alpha
-            if self.alpha_key is not None:
-                if self.alpha_key not in batch:
-                    raise ValueError(
-                        f"{NAME}: alpha_key {self.alpha_key!r} is not in the batch (keys: {sorted(batch)})"
-                    )
-                alpha = batch[self.alpha_key].to(torch.float64)
-            c = F.idealized_correct(win, lose, alpha, self.beta, self.eps)
-        else:
-            c = F.ranking_correct(win, lose)
-        self.correct += c.sum()
-        self.total += c.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.double() / self.total.clamp_min(1)
-
-
 class RankingAccuracy(Plugin):
     """Ranking accuracy R (Def. 2.3) and idealized ranking accuracy R* (Cor. 3.3) of Chen et al.
 
@@ -199,6 +135,8 @@ class RankingAccuracy(Plugin):
     @hookimpl
     def metric_build(self, module: Any, ctx: StepContext) -> Mapping[str, torchmetrics.Metric]:
         """R and R* (and R̃, R̃*) as count metrics; β defaults to the module's ``objective.beta``."""
+        from paperhooks_ranking_accuracy.pair_count import PairCountMetric
+
         cfg = self.config
         beta = cfg.beta
         if beta is None:
@@ -214,3 +152,13 @@ class RankingAccuracy(Plugin):
             f"{NAME}/{kind}": PairCountMetric(kind, float(beta), cfg.alpha, cfg.eps, cfg.alpha_key)
             for kind in kinds
         }
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """``PairCountMetric`` (now in :mod:`.pair_count`) loads on first use: it imports
+    torchmetrics, which loading the plugin should not pay for."""
+    if name == "PairCountMetric":
+        from paperhooks_ranking_accuracy.pair_count import PairCountMetric
+
+        return PairCountMetric
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
