@@ -26,10 +26,15 @@ class Settings:
     device: str = "cpu"  # "cpu" or "cuda"
     quick: bool = False
     seed: int = 0
+    rounds: int | None = None  # overrides the rounds of the core and per-family comparisons
 
     @property
     def cuda(self) -> bool:
         return self.device == "cuda"
+
+    def pick_rounds(self, quick: int, full: int, cuda: int | None = None) -> int:
+        """Rounds of a comparison: ``rounds`` when given, else :meth:`pick`."""
+        return self.rounds or self.pick(quick, full, cuda)
 
     def pick(self, quick: Any, full: Any, cuda: Any = None) -> Any:
         """A size or count: ``quick`` under --quick, else ``cuda`` on a GPU (when given), else ``full``."""

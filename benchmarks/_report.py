@@ -94,15 +94,17 @@ def summary_text(results: dict) -> str:
 
 
 # -- plots ------------------------------------------------------------------------------------------------
-def plots(results: dict, figs: Path) -> dict[str, str]:
-    """Write the PNGs; returns {key: file name}."""
+def plots(results: dict, figs: Path, suffix: str = "") -> dict[str, str]:
+    """Write the PNGs (``overhead{suffix}.png``...); returns {key: file name}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made: dict[str, str] = {}
-    tag = " (--quick)" if results.get("quick") else ""
+    tag = (f" [{results['label']}]" if results.get("label") else "") + (
+        " (--quick)" if results.get("quick") else ""
+    )
 
     rows = [("core: " + r["model"], r, r["goal"]) for r in results.get("core", {}).get("rows", [])]
     rows += [
@@ -130,9 +132,9 @@ def plots(results: dict, figs: Path) -> dict[str, str]:
         )
         ax.set_title("Overhead of the core and of each family" + tag)
         fig.tight_layout()
-        fig.savefig(figs / "overhead.png", dpi=110)
+        fig.savefig(figs / f"overhead{suffix}.png", dpi=110)
         plt.close(fig)
-        made["overhead"] = "overhead.png"
+        made["overhead"] = f"overhead{suffix}.png"
 
     surg = results.get("surgery", {}).get("results", [])
     if surg:
@@ -179,9 +181,11 @@ def plots(results: dict, figs: Path) -> dict[str, str]:
             axes[0][0].legend(fontsize=8)
             fig.suptitle(title + tag)
             fig.tight_layout()
+            key = fname.removesuffix(".png")
+            fname = f"{key}{suffix}.png"
             fig.savefig(figs / fname, dpi=110)
             plt.close(fig)
-            made[fname.removesuffix(".png")] = fname
+            made[key] = fname
 
     traffic = results.get("dist", {}).get("rows", [])
     if traffic:
@@ -201,9 +205,9 @@ def plots(results: dict, figs: Path) -> dict[str, str]:
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(figs / "dist_traffic.png", dpi=110)
+        fig.savefig(figs / f"dist_traffic{suffix}.png", dpi=110)
         plt.close(fig)
-        made["dist"] = "dist_traffic.png"
+        made["dist"] = f"dist_traffic{suffix}.png"
 
     cli = results.get("cli", {}).get("rows", [])
     if cli:
@@ -218,9 +222,9 @@ def plots(results: dict, figs: Path) -> dict[str, str]:
         ax.set_xlabel("seconds (median, min–max)")
         ax.set_title("CLI latency" + tag)
         fig.tight_layout()
-        fig.savefig(figs / "cli_latency.png", dpi=110)
+        fig.savefig(figs / f"cli_latency{suffix}.png", dpi=110)
         plt.close(fig)
-        made["cli"] = "cli_latency.png"
+        made["cli"] = f"cli_latency{suffix}.png"
     return made
 
 
@@ -229,7 +233,12 @@ def _img(images: dict[str, str], key: str, rel: str, alt: str) -> str:
     return f"\n![{alt}]({rel}/{images[key]})\n" if key in images else ""
 
 
-def page(results: dict, images: dict[str, str], figs_rel: str = "benchmarks") -> str:
+def page(
+    results: dict,
+    images: dict[str, str],
+    figs_rel: str = "benchmarks",
+    others: tuple[str, ...] = (),
+) -> str:
     q = results.get("quick")
     L: list[str] = [
         "# Benchmarks",
@@ -255,6 +264,16 @@ def page(results: dict, images: dict[str, str], figs_rel: str = "benchmarks") ->
         "```",
         "",
     ]
+    if others:
+        L += [
+            "The sections up to *5. CLI latency* are this reference run; runs made apart from it",
+            "(`--label`, their own results file) follow at the end of the page: "
+            + ", ".join(f"`{o}`" for o in others)
+            + ".",
+            "",
+        ]
+    if results.get("note"):
+        L += [results["note"], ""]
     if q:
         L += [
             '!!! warning "A --quick run"',
@@ -335,19 +354,21 @@ def _lightning_method() -> list[str]:
     ]
 
 
-def _core(results: dict, images: dict, rel: str) -> list[str]:
+def _core(results: dict, images: dict, rel: str, short: bool = False) -> list[str]:
     core = results.get("core")
     if not core:
         return []
-    L = [
-        "## 1. Core overhead",
-        "",
-        "A `HookedModule` with no plugin against the plain `LightningModule` a user would write",
-        'for the same training (`F.cross_entropy(..., reduction="none").mean()`, the same',
-        "`self.log` call, SGD with lr 0.1). Goal: ≤ 1.02×.",
-        "",
-        *_lightning_method(),
-    ]
+    L = ["## 1. Core overhead", ""]
+    if short:
+        L += ["The same arms as in the reference run's section 1. Goal: ≤ 1.02×.", ""]
+    else:
+        L += [
+            "A `HookedModule` with no plugin against the plain `LightningModule` a user would write",
+            'for the same training (`F.cross_entropy(..., reduction="none").mean()`, the same',
+            "`self.log` call, SGD with lr 0.1). Goal: ≤ 1.02×.",
+            "",
+            *_lightning_method(),
+        ]
     rows = [
         (
             r["model"],
@@ -378,28 +399,46 @@ def _core(results: dict, images: dict, rel: str) -> list[str]:
     return L
 
 
-def _families(results: dict, images: dict, rel: str) -> list[str]:
+def _families(results: dict, images: dict, rel: str, short: bool = False) -> list[str]:
     fam = results.get("families")
     if not fam:
         return []
-    L = [
-        "## 2. Per-family overhead",
-        "",
-        "A `HookedModule` with one plugin against a plain `LightningModule` that does the same",
-        "math inline. Goal: ≤ 1.05×.",
-        "",
-        "- **sample weighting**: the installed `loss-reweighting` plugin (LinUpper, r = 1,",
-        "  `burnin_steps=0` so that it acts from the first step) against a `training_step` that",
-        "  computes the same softmax weights of the normalized losses and logs the same two",
-        "  diagnostics (weight entropy and effective sample size) the plugin logs;",
-        "- **pruning masks**: a schedule-only pruning plugin (sparsity rising linearly to 50%,",
-        "  updated every 5 steps) with the core's built-in magnitude criterion, global allocation",
-        "  and `torch.nn.utils.parametrize` masks, against a module that registers the same",
-        "  masks itself and prunes in `optimizer_step` (global threshold by a stable sort of",
-        "  |w| over all Linear/Conv weights, pruned weights stay pruned).",
-        "",
-        *_lightning_method(),
-    ]
+    L = ["## 2. Per-family overhead", ""]
+    if short:
+        L += ["The same arms as in the reference run's section 2. Goal: ≤ 1.05×.", ""]
+    else:
+        L += [
+            "A `HookedModule` with one plugin against a plain `LightningModule` that does the same",
+            "math inline. Goal: ≤ 1.05×.",
+            "",
+            "- **sample weighting**: the installed `loss-reweighting` plugin (LinUpper, r = 1,",
+            "  `burnin_steps=0` so that it acts from the first step) against a `training_step` that",
+            "  computes the same softmax weights of the normalized losses and logs the same two",
+            "  diagnostics (weight entropy and effective sample size) the plugin logs;",
+            "- **pruning masks**: a schedule-only pruning plugin (sparsity rising linearly to 50%,",
+            "  updated every 5 steps) with the core's built-in magnitude criterion, global allocation",
+            "  and `torch.nn.utils.parametrize` masks, against a module that registers the same",
+            "  masks itself and prunes in `optimizer_step` (global threshold by a stable sort of",
+            "  |w| over all Linear/Conv weights, pruned weights stay pruned);",
+            "- **reparameterization**: the installed `weight-compander` plugin (fixed a = 0.8,",
+            "  b = 0.5: w = Ψ(v) = a·arctan(v/b) on every Linear/Conv weight as a",
+            "  `torch.nn.utils.parametrize` parametrization, v₀ = b·tan(w₀/a), the decay",
+            "  (λ/2)‖Ψ(v)‖² with λ = 1e-4 as an objective term, and its two logged diagnostics)",
+            "  against a module that stores v in each layer and computes w = a·arctan(v/b) in a",
+            "  forward pre-hook (no parametrize), with the same decay and diagnostics;",
+            "- **preference objective**: DPO, the core's base objective for preference data",
+            "  (`PreferenceModule`: one policy forward over [chosen; rejected], a frozen reference",
+            "  forward, the DPO loss with β = 0.1, reward accuracy and margin logged as torchmetrics)",
+            "  against a `training_step` that does the same by hand, on a 2-layer GPT-2 (width 64)",
+            "  and synthetic preference pairs.",
+            "",
+            "Same math: before timing, each pair of arms trains a few steps once more (fresh",
+            "modules, the same seed and batches) and the benchmark asserts that the per-step losses",
+            "and the trained model's outputs on the first batch agree (relative L2 ≤ 1e-4); the",
+            "*same math* column gives the differences found.",
+            "",
+            *_lightning_method(),
+        ]
     rows = [
         (
             r["family"],
@@ -410,12 +449,13 @@ def _families(results: dict, images: dict, rel: str) -> list[str]:
             fmt_ratio(r["ratio"]),
             fmt_spread(r["ratio"]),
             f"{r['rounds']} × {r['steps']} (+{r['warmup']})",
+            _check(r.get("check")),
             verdict(r["ratio"], r["goal"]),
         )
         for r in fam["rows"]
     ]
     rows += [
-        (name, "—", "—", "—", "—", "—", "—", "—", why)
+        (name, "—", "—", "—", "—", "—", "—", "—", "—", why)
         for name, why in fam.get("not_measured", {}).items()
     ]
     L += [
@@ -429,16 +469,26 @@ def _families(results: dict, images: dict, rel: str) -> list[str]:
                 "ratio",
                 "spread",
                 "rounds × steps (+warm-up)",
+                "same math (losses, outputs)",
                 "goal ≤ 1.05",
             ],
             rows,
         ),
         "",
-        "Reparameterization and preference objectives are not measured: the last column says",
-        "whether a plugin of the family was installed when this page was made.",
-        "",
     ]
+    if fam.get("not_measured"):
+        L += [
+            f"Not measured in this run: {', '.join(fam['not_measured'])} (the benchmark had no arm",
+            "for them when it ran; the last column is the reason it recorded then).",
+            "",
+        ]
     return L
+
+
+def _check(c: dict | None) -> str:
+    if not c:
+        return "not checked (run predates the check)"
+    return f"{c['loss_rel']:.0e}, {c['output_rel']:.0e} over {c['steps']} steps"
 
 
 def _surgery(results: dict, images: dict, rel: str) -> list[str]:
@@ -779,4 +829,149 @@ def _cli(results: dict, images: dict, rel: str) -> list[str]:
         ),
         _img(images, "cli", rel, "CLI latency"),
     ]
+    return L
+
+
+# -- labelled runs ------------------------------------------------------------------------------------------
+def no_reference() -> str:
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            "<!-- Generated by benchmarks/run_all.py: rerun it rather than editing this page. -->",
+            "",
+            "No reference run yet (`benchmarks/results.json`): run `python benchmarks/run_all.py`",
+            "without `--label`.",
+            "",
+        ]
+    )
+
+
+def _demote(lines: list[str]) -> list[str]:
+    return ["#" + x if x.startswith("#") else x for x in lines]
+
+
+def labelled_section(
+    label: str, results: dict, images: dict[str, str], figs_rel: str = "benchmarks"
+) -> str:
+    """A run apart from the reference one (``results-LABEL.json``), as one ``##`` section."""
+    runs = results.get("runs") or [
+        {
+            "command": results["command"],
+            "started": results["started"],
+            "parts": results.get("parts_run", []),
+            "load": results.get("machine", {}).get("load average at start", "?"),
+            "quick": results.get("quick", False),
+        }
+    ]
+    L = [
+        f"## Run `{label}`: {_where_run(results)}",
+        "",
+        "A run apart from the reference one above, kept in",
+        f"[`benchmarks/results-{label}.json`](benchmarks/results-{label}.json) (the reference",
+        "run's numbers are not touched by it). Commands that measured it, one per part:",
+        "",
+        md_table(
+            ["command", "started", "parts", "load average at start", "--quick"],
+            [
+                (
+                    f"`{r['command']}`",
+                    r["started"],
+                    ", ".join(r["parts"]),
+                    r.get("load", "?"),
+                    "yes" if r.get("quick") else "no",
+                )
+                for r in runs
+            ],
+        ),
+        "",
+        md_table(["", ""], [(k, v) for k, v in results.get("machine", {}).items()]),
+        "",
+    ]
+    if results.get("note"):
+        L += [results["note"], ""]
+    for part, err in results.get("errors", {}).items():
+        L += [f"**Part `{part}` failed** in this run: `{err.splitlines()[-1][:300]}`", ""]
+    gl = goals(results)
+    if gl:
+        L += [
+            f"### Goals (`{label}`)",
+            "",
+            md_table(
+                ["part", "comparison", "goal", "result (median, spread)", "verdict"],
+                [(g["part"], g["what"], g["goal"], g["result"], g["verdict"]) for g in gl],
+            ),
+            "",
+        ]
+    body = _core(results, images, figs_rel, short=True) + _families(
+        results, images, figs_rel, short=True
+    )
+    body += (
+        _surgery(results, images, figs_rel)
+        + _dist(results, images, figs_rel)
+        + _cli(results, images, figs_rel)
+    )
+    body += _profiles(results)
+    L += _demote(body)
+    return "\n".join(L).rstrip() + "\n"
+
+
+def _where_run(results: dict) -> str:
+    m = results.get("machine", {})
+    if results.get("device") == "cuda":
+        return m.get("GPU", "cuda")
+    return f"CPU ({m.get('CPU', '?')}), {results.get('started', '')[:10]}"
+
+
+def _profiles(results: dict) -> list[str]:
+    prof = results.get("profiles")
+    if not prof:
+        return []
+    L = [
+        "## Profiles of the missed goals",
+        "",
+        prof.get("method", ""),
+        "",
+        "Each table lists the functions the paperhooks arm calls more often than the hand-written",
+        "one, or alone, by the self time they add per step. Some are paperhooks' own versions of",
+        "work both arms do (the hand-written arm's versions, under its own names, are in the line",
+        "under each table); the *why* lines are a reading of the whole profile files.",
+        "",
+    ]
+    for p in prof.get("entries", []):
+        L += [
+            f"**{p['title']}** ([`benchmarks/{p['file']}`](benchmarks/{p['file']})), "
+            f"{p['steps']} steps per arm: {p['arm_ms']:.2f} ms per profiled step with paperhooks, "
+            f"{p['base_ms']:.2f} ms hand-written ({p['arm_ms'] - p['base_ms']:+.2f} ms in this one "
+            f"run); the functions paperhooks calls more often add {p['added_ms']:+.2f} ms of self "
+            f"time per step, {p['only_in_paperhooks_ms']:.2f} ms in functions only it calls. The largest:",
+            "",
+            md_table(
+                ["function", "paperhooks ms", "hand-written ms", "extra ms", "calls per step"],
+                [
+                    (
+                        f"`{d['function']}`",
+                        f"{d['arm_ms']:.3f}",
+                        f"{d['base_ms']:.3f}",
+                        f"{d['extra_ms']:+.3f}",
+                        f"{d['arm_calls']:g} vs {d['base_calls']:g}",
+                    )
+                    for d in p["extra"]
+                ],
+            ),
+            "",
+        ]
+        if p.get("savings"):
+            L += [
+                "Where the hand-written arm spends more (often the same work under its own function "
+                "names): "
+                + "; ".join(
+                    f"`{d['function']}` {d['base_ms']:.3f} ms vs {d['arm_ms']:.3f} ms"
+                    for d in p["savings"]
+                )
+                + ".",
+                "",
+            ]
+        if p.get("why"):
+            L += ["Why: " + p["why"], ""]
     return L

@@ -146,7 +146,7 @@ def mlp_case(s: Settings) -> tuple:
         mlp,
         (64,),
         64,
-        s.pick(5, 9, 7),
+        s.pick_rounds(5, 9, 7),
         s.pick(40, 120),
         s.pick(10, 20),
     )
@@ -160,7 +160,7 @@ def resnet_case(s: Settings) -> tuple:
         resnet18,
         (3, 32, 32),
         batch,
-        s.pick(3, 7, 5),
+        s.pick_rounds(3, 7, 5),
         s.pick(4, 20, 40),
         s.pick(2, 5, 10),
     )

@@ -13,7 +13,17 @@ LightningModule. Goal: ratio ≤ 1.05.
   forward, the DPO loss, reward accuracy and margin logged as torchmetrics) vs a
   ``training_step`` that does the same by hand, on a 2-layer GPT-2 (width 64) and synthetic
   preference pairs;
-- reparameterization: not measured (the page says whether a plugin of the family is installed).
+- reparameterization: the installed ``weight-compander`` plugin (Cakaj et al., IJCNN 2023;
+  fixed a = 0.8, b = 0.5: w = Ψ(v) = a·arctan(v/b) on every Linear/Conv weight through
+  ``torch.nn.utils.parametrize``, v₀ = b·tan(w₀/a), the Eq. 5 decay (λ/2)‖Ψ(v)‖² with
+  λ = 1e-4 and the two diagnostics the plugin logs) vs a LightningModule that stores v in
+  each layer and computes w = a·arctan(v/b) inline in a forward pre-hook (no parametrize),
+  with the same decay and diagnostics.
+
+Before timing, every arm pair runs the same few steps once more (a fresh module each, the
+same seed and batches) and the benchmark asserts that both compute the same loss at every
+step and the same function afterwards (outputs on the first batch): the hand-written arm
+really is the same math.
 
 Part of ``benchmarks/run_all.py``; alone: ``python benchmarks/families.py [--device cpu|cuda] [--quick]``.
 """
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from _common import Settings, quiet
@@ -33,9 +44,7 @@ from torch.nn.utils import parametrize
 GOAL = 1.05
 
 # family on the page -> the family name plugins declare
-UNMEASURED_FAMILIES = {
-    "reparameterization": "reparameterization",
-}
+UNMEASURED_FAMILIES: dict[str, str] = {}  # every family of the issue has an arm now
 
 
 def not_measured() -> dict[str, str]:
@@ -164,6 +173,120 @@ class PlainPruning(Plain):
         self.log("pruning/sparsity", self.sparsity, on_step=True, on_epoch=False)
 
 
+# -- reparameterization ----------------------------------------------------------------------------------
+A, B, WD = 0.8, 0.5, 1e-4  # Ψ(v) = A·arctan(v/B); decay (WD/2)‖Ψ(v)‖² (the plugin's defaults)
+NEAR_ZERO = 1e-2  # |w| below this counts as near zero in the logged fraction (the plugin's)
+REPARAM_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def compander_plugin():
+    from paperhooks_weight_compander import WeightCompander, WeightCompanderConfig
+
+    p = WeightCompander(WeightCompanderConfig(a=A, b=B, weight_decay=WD))
+    p.name = "weight-compander"
+    return p
+
+
+def _compand_weight(layer: nn.Module, _inputs) -> None:
+    """Forward pre-hook: the layer's weight for this forward, w = A·arctan(v/B) (Eq. 1)."""
+    layer.weight = A * torch.atan(layer.v / B)
+
+
+class PlainCompander(Plain):
+    """Weight Compander written by hand: every Linear/Conv layer stores v = B·tan(w₀/A) (Eq. 4)
+    in place of its weight and computes w = A·arctan(v/B) before each forward; the loss adds
+    (WD/2)·Σ‖w‖² (Eq. 5) and the step logs the same two diagnostics the plugin logs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.layers = [m for m in model.modules() if isinstance(m, REPARAM_KINDS)]
+        for m in self.layers:
+            w = m.weight.detach()
+            del m._parameters["weight"]
+            m.v = nn.Parameter(B * torch.tan(w / A))
+            m.weight = A * torch.atan(m.v / B)  # a plain attribute, recomputed every forward
+            m.register_forward_pre_hook(_compand_weight)
+
+    def training_step(self, batch, batch_idx):
+        ce = F.cross_entropy(self(batch["input"]), batch["target"], reduction="none").mean()
+        ws = [m.weight for m in self.layers]  # this forward's w
+        decay = 0.5 * WD * sum((w * w).sum() for w in ws)
+        self.log("train/loss", ce.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/weight_decay", decay.detach(), on_step=True, on_epoch=True)
+        with torch.no_grad():
+            near = sum((w.abs() < NEAR_ZERO).sum() for w in ws) / sum(w.numel() for w in ws)
+            biggest = torch.stack([w.abs().max() for w in ws]).max()
+        self.log("compander/near_zero_fraction", near, on_step=True, on_epoch=False)
+        self.log("compander/max_abs_weight", biggest, on_step=True, on_epoch=False)
+        return ce + decay
+
+
+# -- same math? -------------------------------------------------------------------------------------------
+CHECK_STEPS = EVERY  # the pruning arm updates its masks once in as many steps
+CHECK_TOL = 1e-4
+
+
+class _Losses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+
+def _fit_steps(module: L.LightningModule, data, steps: int, device: str) -> list[float]:
+    rec = _Losses()
+    L.Trainer(
+        max_steps=steps,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[rec],
+    ).fit(module, data)
+    return rec.losses
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def same_math(arms: dict, data, probe, s: Settings, steps: int = CHECK_STEPS) -> dict:
+    """Run both arms ``steps`` steps (fresh modules, the same seed and batches); the largest
+    relative difference of their per-step losses and of ``probe(module)`` afterwards.
+
+    Raises ``AssertionError`` above ``CHECK_TOL``: then the two arms do not compute the same
+    thing and their times cannot be compared.
+    """
+    losses, outs = {}, {}
+    for name, make in arms.items():
+        torch.manual_seed(s.seed)
+        module = make()
+        losses[name] = torch.tensor(_fit_steps(module, data, steps, s.device), dtype=torch.float64)
+        module.eval()
+        with torch.no_grad():
+            outs[name] = probe(module).double().cpu()
+    (a, b) = arms
+    if len(losses[a]) != steps or len(losses[b]) != steps:
+        raise AssertionError(
+            f"same_math: {steps} steps expected, got {len(losses[a])} and {len(losses[b])}"
+        )
+    check = {
+        "steps": steps,
+        "loss_rel": _rel(losses[b], losses[a]),
+        "output_rel": _rel(outs[b], outs[a]),
+    }
+    if not (check["loss_rel"] <= CHECK_TOL and check["output_rel"] <= CHECK_TOL):
+        raise AssertionError(
+            f"same_math: {a} and {b} differ after {steps} steps (relative L2: losses "
+            f"{check['loss_rel']:.2e}, outputs {check['output_rel']:.2e}; tolerance {CHECK_TOL:g})"
+        )
+    return check
+
+
 # -- preference objective ---------------------------------------------------------------------------------
 BETA = 0.1
 
@@ -204,7 +327,8 @@ def preference_case(s: Settings) -> tuple:
     from paperhooks.tasks.sampler import collate
 
     batch = 32
-    steps, warmup, rounds = (20, 5, 3) if s.quick else (60, 10, 7)
+    steps, warmup = (20, 5) if s.quick else (60, 10)
+    rounds = s.pick_rounds(3, 7)
     dm = build_datamodule(
         "synthetic-preferences", {"n_train": batch * (steps + warmup), "batch_size": batch}, s.seed
     )
@@ -220,11 +344,18 @@ def preference_row(s: Settings) -> dict:
     from paperhooks.preference import PreferenceModule, PreferenceObjective
 
     name, make, data, rounds, steps, warmup = preference_case(s)
+    arms = {
+        "hand-written": lambda: PlainDPO(make()),
+        "plugin": lambda: PreferenceModule(make(), PreferenceObjective(beta=BETA)),
+    }
+    first = next(iter(data))
+
+    def probe(m):
+        return m.model(first["chosen_ids"].to(m.device), first["chosen_attention"].to(m.device))
+
+    check = same_math(arms, data, probe, s)
     times = compare(
-        {
-            "hand-written": lambda: PlainDPO(make()),
-            "plugin": lambda: PreferenceModule(make(), PreferenceObjective(beta=BETA)),
-        },
+        arms,
         data,
         rounds=rounds,
         steps=steps,
@@ -233,12 +364,23 @@ def preference_row(s: Settings) -> dict:
         seed=s.seed,
     )
     r = row(name, times, "hand-written", "plugin", GOAL)
-    r.update(family="preference objective", plugin="core DPO (PreferenceModule)", rounds=rounds, steps=steps, warmup=warmup)
+    r.update(
+        family="preference objective",
+        plugin="core DPO (PreferenceModule)",
+        rounds=rounds,
+        steps=steps,
+        warmup=warmup,
+        check=check,
+    )
     return r
 
 
 # -- the part ---------------------------------------------------------------------------------------------
-def run(s: Settings) -> dict:
+FAMILIES = ("sample weighting", "pruning masks", "reparameterization", "preference objective")
+
+
+def run(s: Settings, only: tuple[str, ...] = ()) -> dict:
+    """Every family's rows (``only``: just these families, for debugging and profiling)."""
     from paperhooks import HookedModule
 
     quiet()
@@ -256,16 +398,27 @@ def run(s: Settings) -> dict:
             PlainPruning,
             lambda model: HookedModule(model, [pruning_plugin()]),
         ),
+        (
+            "reparameterization",
+            f"weight-compander (a={A:g}, b={B:g}, λ={WD:g})",
+            PlainCompander,
+            lambda model: HookedModule(model, [compander_plugin()]),
+        ),
     ]
+    if only:
+        families = [f for f in families if f[0] in only]
     rows = []
     for fam, plugin, plain_cls, hooked in families:
         for name, make, shape, batch, rounds, steps, warmup in models:
             data = loader(shape, batch * (steps + warmup), batch, seed=s.seed)
+            arms = {
+                "hand-written": lambda make=make, plain_cls=plain_cls: plain_cls(make()),
+                "plugin": lambda make=make, hooked=hooked: hooked(make()),
+            }
+            first = next(iter(data))["input"]
+            check = same_math(arms, data, lambda m, x=first: m.model(x.to(m.device)), s)
             times = compare(
-                {
-                    "hand-written": lambda make=make, plain_cls=plain_cls: plain_cls(make()),
-                    "plugin": lambda make=make, hooked=hooked: hooked(make()),
-                },
+                arms,
                 data,
                 rounds=rounds,
                 steps=steps,
@@ -274,21 +427,26 @@ def run(s: Settings) -> dict:
                 seed=s.seed,
             )
             r = row(name, times, "hand-written", "plugin", GOAL)
-            r.update(family=fam, plugin=plugin, rounds=rounds, steps=steps, warmup=warmup)
-            rows.append(r)
-            print(
-                f"  family {fam} ({name}): {r['base_ms']:.2f} ms vs {r['arm_ms']:.2f} ms, "
-                f"ratio {r['ratio']['median']:.3f} [{r['ratio']['min']:.3f}, {r['ratio']['max']:.3f}]",
-                flush=True,
+            r.update(
+                family=fam, plugin=plugin, rounds=rounds, steps=steps, warmup=warmup, check=check
             )
-    r = preference_row(s)
-    rows.append(r)
+            rows.append(r)
+            _print(r)
+    if not only or "preference objective" in only:
+        r = preference_row(s)
+        rows.append(r)
+        _print(r)
+    return {"rows": rows, "not_measured": not_measured()}
+
+
+def _print(r: dict) -> None:
+    c = r["check"]
     print(
         f"  family {r['family']} ({r['model']}): {r['base_ms']:.2f} ms vs {r['arm_ms']:.2f} ms, "
-        f"ratio {r['ratio']['median']:.3f} [{r['ratio']['min']:.3f}, {r['ratio']['max']:.3f}]",
+        f"ratio {r['ratio']['median']:.3f} [{r['ratio']['min']:.3f}, {r['ratio']['max']:.3f}]; "
+        f"same math over {c['steps']} steps: losses {c['loss_rel']:.1e}, outputs {c['output_rel']:.1e}",
         flush=True,
     )
-    return {"rows": rows, "not_measured": not_measured()}
 
 
 def main() -> None:
@@ -297,12 +455,16 @@ def main() -> None:
     )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--family", nargs="+", choices=FAMILIES, default=(), help="only these families")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "--device cuda: CUDA is not available here (torch.cuda.is_available() is False)"
         )
-    run(Settings(device=args.device, quick=args.quick))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(Settings(device=args.device, quick=args.quick), only=tuple(args.family))
 
 
 if __name__ == "__main__":

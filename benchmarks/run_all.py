@@ -14,15 +14,22 @@ Parts (each also runs alone, see its docstring):
 Times are medians over rounds in which the arms alternate, after warm-up; ratios are taken
 round by round and given as median with min–max. ``--quick`` (fewer rounds, smaller models)
 checks that the whole thing works in about three minutes on a small CPU machine; its numbers
-are indicative only. ``--only`` runs some parts (for debugging; the page then says which
-parts did not run); ``--render-only`` rewrites the page and plots from the saved
-``results.json`` without measuring anything.
+are indicative only. ``--render-only`` rewrites the page and plots from the saved results
+without measuring anything.
+
+Results files: ``OUT/benchmarks/results.json`` is the reference run (the page's main
+sections); ``--label NAME`` writes ``OUT/benchmarks/results-NAME.json`` instead, shown in a
+section of its own after the reference run (e.g. ``--label cpu`` for a run on a CPU machine
+next to the GPU reference). ``--only`` runs some parts and merges them into the results file
+it writes (the other parts keep their earlier numbers; the page says which command measured
+which part); without ``--only`` a run replaces the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import time
@@ -56,13 +63,102 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch CPU threads (default: torch's own choice); 1 is steadier on a busy machine",
     )
-    ap.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts (debugging)")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=PARTS,
+        help="run only these parts, merged into the results file (the others keep their numbers)",
+    )
+    ap.add_argument(
+        "--label",
+        help="a run apart from the reference one: results in OUT/benchmarks/results-LABEL.json, "
+        "shown in their own section of the page (results.json is left as it is)",
+    )
+    ap.add_argument(
+        "--note",
+        default=None,
+        help="a sentence about the machine or the run, printed with its results (e.g. that the "
+        "machine was shared with other jobs); kept by later --only runs that give none",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of the core and per-family comparisons (default: 9/7 on CPU, 7/5 on CUDA)",
+    )
     ap.add_argument(
         "--render-only",
         action="store_true",
-        help="measure nothing: rewrite the page and plots from OUT/benchmarks/results.json",
+        help="measure nothing: rewrite the page and plots from OUT/benchmarks/results*.json",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.label is not None and not LABEL.fullmatch(args.label):
+        ap.error(f"--label {args.label!r}: letters, digits, '-' and '_' only (it names a file)")
+    if args.rounds is not None and args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
+
+
+LABEL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def results_file(figs: Path, label: str | None) -> Path:
+    """The reference run's ``results.json``, or ``results-LABEL.json``."""
+    return figs / ("results.json" if not label else f"results-{label}.json")
+
+
+def labelled_runs(figs: Path) -> dict[str, dict]:
+    """``{label: results}`` of every ``results-LABEL.json`` in ``figs``, by label."""
+    out = {}
+    for f in sorted(figs.glob("results-*.json")):
+        label = f.stem.removeprefix("results-")
+        if LABEL.fullmatch(label):
+            out[label] = json.loads(f.read_text())
+    return out
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``new``'s parts over ``old``'s: the parts ``new`` ran replace the old ones, the others
+    stay, and ``runs`` lists which command measured which part, when, on what load."""
+    merged = dict(old)
+    for part in new["parts_run"]:
+        merged.pop(part, None)
+        merged.get("errors", {}).pop(part, None)
+        if part in new:
+            merged[part] = new[part]
+    if new.get("errors"):
+        merged.setdefault("errors", {}).update(new["errors"])
+    if not merged.get("errors"):
+        merged.pop("errors", None)
+    merged["parts_run"] = [
+        p for p in PARTS if p in set(old.get("parts_run", [])) | set(new["parts_run"])
+    ]
+    durations = dict(old.get("durations_s", {}))
+    durations.update({k: v for k, v in new["durations_s"].items() if k != "total"})
+    durations["total"] = round(sum(v for k, v in durations.items() if k != "total"), 1)
+    merged["durations_s"] = durations
+    runs = [r for r in _runs(old) if set(r["parts"]) - set(new["parts_run"])]
+    for r in runs:
+        r["parts"] = [p for p in r["parts"] if p not in new["parts_run"]]
+    merged["runs"] = runs + _runs(new)
+    for key in ("command", "started", "quick", "device", "machine", "note"):
+        if key in new:
+            merged[key] = new[key]
+    return merged
+
+
+def _runs(results: dict) -> list[dict]:
+    if "runs" in results:
+        return [dict(r) for r in results["runs"]]
+    return [
+        {
+            "command": results["command"],
+            "started": results["started"],
+            "parts": list(results.get("parts_run", [])),
+            "load": results.get("machine", {}).get("load average at start", "?"),
+            "quick": results.get("quick", False),
+        }
+    ]
 
 
 def command_line(argv: list[str]) -> str:
@@ -79,12 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         import _report as report
 
         results = json.loads((figs / "results.json").read_text())
-        images = report.plots(results, figs)
-        (out / "benchmarks.md").write_text(report.page(results, images, figs_rel="benchmarks"))
-        print(
-            f"rewrote {out / 'benchmarks.md'} and {len(images)} plots from {figs / 'results.json'}"
-        )
+        images = render(results, out, figs)
+        print(f"rewrote {out / 'benchmarks.md'} and {images} plots from {figs}/results*.json")
         print(report.summary_text(results))
+        for label, extra in labelled_runs(figs).items():
+            print(f"[{label}] " + report.summary_text(extra))
         return 0
     import torch
 
@@ -102,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     import _common
     import _report as report
 
-    settings = _common.Settings(device=args.device, quick=args.quick)
+    settings = _common.Settings(device=args.device, quick=args.quick, rounds=args.rounds)
     _common.quiet()
     parts = args.only or list(PARTS)
     results: dict = {
@@ -114,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         "parts_run": parts,
         "durations_s": {},
     }
+    if args.label:
+        results["label"] = args.label
+    if args.note:
+        results["note"] = args.note
+    target = results_file(figs, args.label)
+    earlier = json.loads(target.read_text()) if args.only and target.exists() else None
     runners = {
         "core": ("core_overhead", "1. core overhead"),
         "families": ("families", "2. per-family overhead"),
@@ -141,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         results["durations_s"][part] = round(time.perf_counter() - t0, 1)
         results["durations_s"]["total"] = round(time.perf_counter() - t_all, 1)
         print(f"{title}: {results['durations_s'][part]:.0f} s", flush=True)
-        write(results, out, figs)  # after every part: a run cut short still leaves a page
+        write(results, earlier, target, out, figs)  # after every part: a cut run leaves a page
 
-    images = write(results, out, figs)
+    images = write(results, earlier, target, out, figs)
     print(
-        f"wrote {out / 'benchmarks.md'} and {len(images)} plots in {figs} "
+        f"wrote {target}, {out / 'benchmarks.md'} and {images} plots in {figs} "
         f"({results['durations_s']['total']:.0f} s)"
     )
     print(report.summary_text(results))
@@ -160,13 +261,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write(results: dict, out: Path, figs: Path) -> dict[str, str]:
+def write(results: dict, earlier: dict | None, target: Path, out: Path, figs: Path) -> int:
+    """Save this run (merged into ``earlier`` under ``--only``) and rewrite the whole page."""
+    saved = merge(earlier, results) if earlier is not None else results
+    target.write_text(json.dumps(saved, indent=1, default=str))
+    main_file = figs / "results.json"
+    reference = json.loads(main_file.read_text()) if main_file.exists() else None
+    return render(reference, out, figs)
+
+
+def render(reference: dict | None, out: Path, figs: Path) -> int:
+    """The page: the reference run (``results.json``), then one section per labelled run.
+    Returns the number of plots written."""
     import _report as report
 
-    (figs / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    images = report.plots(results, figs)
-    (out / "benchmarks.md").write_text(report.page(results, images, figs_rel="benchmarks"))
-    return images
+    images = report.plots(reference, figs) if reference else {}
+    extras = labelled_runs(figs)
+    text = (
+        report.page(reference, images, figs_rel="benchmarks", others=tuple(extras))
+        if reference
+        else report.no_reference()
+    )
+    n = len(images)
+    for label, extra in extras.items():
+        extra_images = report.plots(extra, figs, suffix=f"-{label}")
+        text += "\n" + report.labelled_section(label, extra, extra_images, figs_rel="benchmarks")
+        n += len(extra_images)
+    (out / "benchmarks.md").write_text(text)
+    return n
 
 
 if __name__ == "__main__":
