@@ -777,11 +777,41 @@ def _dist(results: dict, images: dict, rel: str) -> list[str]:
         "row count (one int64 per rank) before the padded payload.",
         "",
         "Under DDP, pruning needs no global top-k over shards: every rank holds all the weights",
-        "and computes the same masks. Under FSDP2 (not measured here) a mask update selects over",
-        "the shards with `dist.topk_mask`: 33 all-reduces of one or two int64 and one all-gather of",
-        "1 + L int64 per rank for L layers (no score leaves its rank), then the mask rows, a byte a weight.",
-        _img(images, "dist", rel, "Bytes per step under 2-process DDP"),
+        "and computes the same masks. Under FSDP2 a mask update selects over the shards with",
+        "`dist.topk_mask`: one all-reduce of the element count, 32 bisection rounds of one",
+        "all-reduced int64 count each, and one all-gather of 2 int64 per layer per rank (no score",
+        "leaves its rank).",
     ]
+    if d.get("topk"):
+        t0 = d["topk"][0]
+        L += [
+            f"Measured on {d['world']} gloo processes, each holding its block of rows of the trunk's",
+            f"{t0['layers']} weight matrices ({t0['scores']:,} scores), global magnitude selection:",
+            "",
+            md_table(
+                [
+                    "sparsity",
+                    "top-k payload",
+                    "sent per rank",
+                    "gather every score instead",
+                    "masks = 1 process",
+                ],
+                [
+                    (
+                        f"{t['sparsity']:.2f}",
+                        ", ".join(f"{op} {fmt_bytes(b)}" for op, b in sorted(t["traffic"].items())),
+                        fmt_bytes(t["wire"]),
+                        f"{fmt_bytes(t['gather_payload'])} payload, {fmt_bytes(t['gather_wire'])} sent",
+                        "yes" if t["equals_one_process"] and t["ranks_agree"] else "**no**",
+                    )
+                    for t in d["topk"]
+                ],
+            ),
+            "",
+            "The selection's traffic does not grow with the number of weights (only with the",
+            "number of layers); gathering the scores grows with it.",
+        ]
+    L.append(_img(images, "dist", rel, "Bytes per step under 2-process DDP"))
     return L
 
 

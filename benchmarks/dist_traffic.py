@@ -178,10 +178,63 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                         "sparsity": hooks[0].sparsity if arm.startswith("pruning") else None,
                     }
                 )
+        topk = _topk_traffic(rank, world)
         with open(Path(out) / f"rank{rank}.json", "w") as f:
-            json.dump(results, f)
+            json.dump({"rows": results, "topk": topk}, f)
     finally:
         tdist.destroy_process_group()
+
+
+def _topk_traffic(rank: int, world: int) -> list[dict]:
+    """Global magnitude top-k over row shards, as under FSDP2 (``Shard(0)``): rank r holds its
+    block of rows of every trunk weight and :func:`paperhooks.dist.topk_mask` selects over all
+    of them; the payload is counted, and the masks checked against one process's selection."""
+    from paperhooks import dist
+
+    torch.manual_seed(0)
+    weights = [
+        p.detach() for n, p in Net(8).named_parameters() if n.startswith("trunk.") and p.dim() == 2
+    ]
+    scores = torch.cat([w.abs().reshape(-1) for w in weights])
+    out = []
+    for s in (0.5, 0.9):
+        local = [w.abs().chunk(world, 0)[rank] for w in weights]
+        dist.traffic.clear()
+        masks = dist.topk_mask(local, lambda n, s=s: n - round(s * n))
+        traffic = dict(dist.traffic)
+        whole = torch.zeros(scores.numel(), dtype=torch.bool)
+        whole[
+            torch.argsort(scores, descending=True, stable=True)[
+                : scores.numel() - round(s * scores.numel())
+            ]
+        ] = True
+        mine = torch.cat(
+            [
+                whole[o : o + w.numel()].reshape(w.shape).chunk(world, 0)[rank].reshape(-1)
+                for o, w in zip(_offsets(weights), weights, strict=True)
+            ]
+        )
+        out.append(
+            {
+                "sparsity": s,
+                "scores": scores.numel(),
+                "local_scores": sum(t.numel() for t in local),
+                "layers": len(weights),
+                "traffic": traffic,
+                "equals_one_process": bool(
+                    torch.equal(torch.cat([m.reshape(-1) for m in masks]), mine)
+                ),
+            }
+        )
+    return out
+
+
+def _offsets(weights: list[torch.Tensor]) -> list[int]:
+    out, o = [], 0
+    for w in weights:
+        out.append(o)
+        o += w.numel()
+    return out
 
 
 def free_port() -> int:
@@ -207,8 +260,33 @@ def run(s: Settings) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(WORLD, free_port(), tmp), nprocs=WORLD, join=True)
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    rows = ranks[0]
-    same = all(r == rows for r in ranks[1:])
+    rows = ranks[0]["rows"]
+    same = all(r["rows"] == rows for r in ranks[1:])
+    topk = []
+    for case in zip(*(r["topk"] for r in ranks), strict=True):
+        first = case[0]
+        payload = sum(first["traffic"].values())
+        topk.append(
+            {
+                "sparsity": first["sparsity"],
+                "scores": first["scores"],
+                "layers": first["layers"],
+                "traffic": first["traffic"],
+                "payload": payload,
+                "wire": sum(wire_bytes(op, b) for op, b in first["traffic"].items()),
+                # the alternative: all-gather every rank's float32 scores, then select locally
+                "gather_payload": 4 * first["local_scores"],
+                "gather_wire": wire_bytes("all_gather", 4 * first["local_scores"]),
+                "ranks_agree": all(c["traffic"] == first["traffic"] for c in case),
+                "equals_one_process": all(c["equals_one_process"] for c in case),
+            }
+        )
+        t = topk[-1]
+        print(
+            f"  top-k over shards at sparsity {t['sparsity']}: {t['traffic']} ({t['payload']} B) vs gathering the "
+            f"scores {t['gather_payload']} B; masks equal one process: {t['equals_one_process']}",
+            flush=True,
+        )
     for r in rows:
         r["paperhooks_bytes"] = sum(r["paperhooks"].values())
         r["total_bytes"] = r["ddp_bytes"] + r["paperhooks_bytes"]
@@ -224,7 +302,13 @@ def run(s: Settings) -> dict:
             f"-> {r['total_bytes']} B ({r['ratio']:.3f}× no plugin)",
             flush=True,
         )
-    return {"rows": rows, "world": WORLD, "batch_per_rank": BATCH, "ranks_agree": same}
+    return {
+        "rows": rows,
+        "world": WORLD,
+        "batch_per_rank": BATCH,
+        "ranks_agree": same,
+        "topk": topk,
+    }
 
 
 def main() -> None:
