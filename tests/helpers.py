@@ -39,3 +39,12 @@ def write_distribution(where: Path, dist: str, entries: dict[str, str], version:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def fit_here(recipe: Path, overrides: list[str], tmp_path: Path) -> Path:
+    """A 1-process reference run in this process (no interpreter start-up, unlike ``fit_cli``);
+    its run directory goes under ``tmp_path/runs``. Multi-process runs still go through the CLI."""
+    from paperhooks import recipe as R
+    from paperhooks.run import fit
+
+    return fit(R.load(recipe, [f"run_dir={tmp_path}/runs", *overrides]))[0].run_dir

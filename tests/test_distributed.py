@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import write_recipe
+from helpers import fit_here, write_recipe
 from paperhooks.testing import assert_states_close, final_state, fit_cli, load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,8 @@ plugins:
 
 def test_two_processes_equal_one_process_on_global_batch(tmp_path, test_plugins):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE)
-    one = final_state(fit_cli(recipe, ["name=one"], cwd=tmp_path))
-    plain = final_state(fit_cli(recipe, ["name=plain", "plugins=[]"], cwd=tmp_path))
+    one = final_state(fit_here(recipe, ["name=one"], tmp_path))
+    plain = final_state(fit_here(recipe, ["name=plain", "plugins=[]"], tmp_path))
     # the plugins change training, so the equalities below are not vacuous
     assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-4
     for strategy in ("ddp", "fsdp2"):
@@ -62,8 +62,8 @@ def test_gradient_surgery_on_two_processes_equals_one_process(tmp_path, test_plu
     passes, FSDP2's own reduce-scatter, inner products summed over shards) all end where one
     process ends on the global batch."""
     recipe = write_recipe(tmp_path / "s.yaml", SURGERY)
-    one = final_state(fit_cli(recipe, ["name=one"], cwd=tmp_path))
-    plain = final_state(fit_cli(recipe, ["name=plain", "plugins=[{name: logit-penalty}]"], cwd=tmp_path))
+    one = final_state(fit_here(recipe, ["name=one"], tmp_path))
+    plain = final_state(fit_here(recipe, ["name=plain", "plugins=[{name: logit-penalty}]"], tmp_path))
     assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-4  # MGDA changed training
     runs = {
         "ddp-columns": ["trainer.strategy=ddp"],
@@ -88,14 +88,14 @@ def test_preference_objective_with_pair_weights_on_two_processes_equals_one(tmp_
         f"run_dir={tmp_path}/runs", "trainer.max_epochs=null", "trainer.max_steps=6", "trainer.limit_val_batches=0",
         "optimizer.name=sgd", "optimizer.lr=0.5", "optimizer.momentum=0.9",
     ]  # fmt: skip
-    one = final_state(fit_cli(recipe, [*common, "name=one"], cwd=tmp_path))
-    plain = final_state(fit_cli(recipe, [*common, "name=plain", "plugins=[]"], cwd=tmp_path))
+    one = final_state(fit_here(recipe, [*common, "name=one"], tmp_path))
+    plain = final_state(fit_here(recipe, [*common, "name=plain", "plugins=[]"], tmp_path))
     assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-5  # the weights mattered
     assert any(k.startswith("reference_model.") for k in one)
     for strategy in ("ddp", "fsdp2"):
         run = fit_cli(recipe, [*common, f"name={strategy}", "trainer.devices=2", f"trainer.strategy={strategy}"], cwd=tmp_path)
         assert_states_close(one, final_state(run), atol=1e-6, rtol=1e-5)
     pre = [*common, "objective.reference=precomputed"]
-    one_pre = final_state(fit_cli(recipe, [*pre, "name=one-pre"], cwd=tmp_path))
+    one_pre = final_state(fit_here(recipe, [*pre, "name=one-pre"], tmp_path))
     ddp_pre = fit_cli(recipe, [*pre, "name=ddp-pre", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
     assert_states_close(one_pre, final_state(ddp_pre), atol=1e-6, rtol=1e-5)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import prune
 
-from helpers import write_recipe
+from helpers import fit_here, write_recipe
 from paperhooks import cli, dist, pruning
 from paperhooks import recipe as R
 from paperhooks.builtins.pruning import (
@@ -509,7 +509,8 @@ def test_two_processes_hold_identical_masks_and_equal_one_process_under_ddp_and_
             out.mkdir()
             plugins = f"plugins=[{schedule}{allocation}, {{name: mask-probe, out: '{out}'}}]"
             devices = ["trainer.devices=2"] if extra else []
-            runs[name] = fit_cli(recipe, [f"name={name}{bool(allocation)}", plugins, *devices, *extra], cwd=tmp_path)
+            overrides = [f"name={name}{bool(allocation)}", plugins, *devices, *extra]
+            runs[name] = fit_cli(recipe, overrides, cwd=tmp_path) if extra else fit_here(recipe, overrides, tmp_path)
             probes[name] = [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
         single = probes.pop("one")
         assert len(single) == 1 and int(single[0]["checked"]) == 8
@@ -524,6 +525,7 @@ def test_two_processes_hold_identical_masks_and_equal_one_process_under_ddp_and_
 
 
 @pytest.mark.slow
+@pytest.mark.full_suite  # the selection path is the gradual-pruning check's above; this adds epoch units
 def test_iterative_pruning_in_epochs_on_two_processes_equals_one_process_under_ddp_and_fsdp2(tmp_path, test_plugins):
     """The global batch is fixed, so an epoch is S = 7 optimizer steps on 1 and on 2 processes:
     the cycles (steps 7 and 14) fall on the same steps and select the same global masks (under

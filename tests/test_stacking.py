@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import fit_here
 from paperhooks.share import _build_module, _validated, effective_state_dict, read_run_recipe
 from paperhooks.testing import assert_states_close, final_state, fit_cli, load_checkpoint
 
@@ -32,7 +33,7 @@ SHORT = [
 
 @pytest.mark.slow
 def test_two_reparameterizations_and_a_mask_stack_and_train_under_ddp(tmp_path):
-    one_dir = fit_cli(RECIPE, [*SHORT, "name=one", f"run_dir={tmp_path}/runs"], cwd=tmp_path)
+    one_dir = fit_here(RECIPE, [*SHORT, "name=one"], tmp_path)
     ddp_dir = fit_cli(
         RECIPE, [*SHORT, "name=ddp", f"run_dir={tmp_path}/runs", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path
     )
