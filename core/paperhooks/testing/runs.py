@@ -143,8 +143,8 @@ def check_ddp_equals_single(
 ) -> None:
     """``devices`` processes under ``strategy`` end where 1 process ends on the global batch.
 
-    Both runs go through ``paperhooks fit`` in a subprocess (6 steps, global batch 64, no
-    dropout).
+    The 1-process run trains in this process, the ``devices``-process run through
+    ``paperhooks fit`` in subprocesses (6 steps, global batch 64, no dropout).
     Weights must agree within ``atol``/``rtol`` and plugin states likewise. Skipped (with
     pytest) when the plugin declares the strategy unsupported.
     """
@@ -166,7 +166,10 @@ def check_ddp_equals_single(
     )
     path = tmp_path / "ddp.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
-    one = load_checkpoint(fit_cli(path, ["name=one"], cwd=tmp_path))
+    from paperhooks import recipe as R
+    from paperhooks.run import fit
+
+    one = load_checkpoint(fit(R.load(path, ["name=one"]))[0].run_dir)
     many = load_checkpoint(
         fit_cli(path, [f"name={strategy}", f"trainer.devices={devices}", f"trainer.strategy={strategy}"], cwd=tmp_path)
     )
