@@ -10,7 +10,7 @@ effect experiments do run. Those run with
 as skipped, with that command, in the default run. So are the few core tests marked
 ``full_suite``: multi-process checks whose code path another default test already runs (e.g.
 ``iterative-pruning`` under DDP/FSDP2, whose selection is the one the gradual-pruning check
-exercises).
+exercises; the template's every-family test, whose parts other default template tests cover).
 """
 
 from __future__ import annotations

@@ -52,13 +52,19 @@ def test_a_plugin_that_fails_to_import_does_not_break_the_listing(tmp_path, test
     assert rows["loss-reweighting"]["error"] == ""
 
 
-def test_validate_cite_explain(tmp_path, test_plugins):
+def test_validate_cite_explain(tmp_path, test_plugins, capsys):
     path = write_recipe(tmp_path / "r.yaml", RECIPE)
     assert "ok: " in paperhooks_cli("validate", str(path), cwd=tmp_path).stdout
-    cite = paperhooks_cli("cite", str(path), cwd=tmp_path).stdout
+    # cite and explain through the same entry function, in this process (no interpreter start-up)
+    from paperhooks.cli import main
+
+    capsys.readouterr()
+    assert main(["cite", str(path)]) == 0
+    cite = capsys.readouterr().out
     assert "@inproceedings" in cite or "@article" in cite or "@misc" in cite
     assert "% loss-reweighting:" in cite and "% class-weight:" in cite
-    explain = paperhooks_cli("explain", str(path), cwd=tmp_path).stdout
+    assert main(["explain", str(path)]) == 0
+    explain = capsys.readouterr().out
     assert "weighting_sample_weights: loss-reweighting -> class-weight" in explain
 
 

@@ -202,6 +202,7 @@ def test_placeholder_test_fails_once_the_formula_changes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.full_suite  # default run: one family's own tests (test_installed_plugin_passes_its_own_tests) and every family's lint + family checks
 def test_every_family_passes_its_own_tests(tmp_path):
     rendered = [render(f"tpl-all-{f}", f, output=tmp_path / f) for f in FAMILIES]
     pip_install_target(tmp_path / "site", *rendered)
