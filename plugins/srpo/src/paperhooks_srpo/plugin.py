@@ -77,6 +77,7 @@ class Srpo(Plugin):
     Config = SrpoConfig
     name = NAME
     family: ClassVar[str] = "objective"
+    tasks: ClassVar[tuple[str, ...]] = ("preference",)
     replaces_task_loss: ClassVar[bool] = True
     paper: ClassVar[Paper] = Paper(
         title="Self-Improving Robust Preference Optimization",
@@ -115,7 +116,7 @@ class Srpo(Plugin):
         info = getattr(dm, "info", None)
         if info is None:
             return
-        if info.task != "preference" or not hasattr(dm, "prompt_length"):
+        if not hasattr(dm, "prompt_length"):  # the core refuses non-preference data (Plugin.tasks)
             raise ValueError(
                 f"{NAME} needs token sequences with a fixed-width prompt (data synthetic-preferences, model causal-lm) "
                 f"to build revisions; got data with sizes {dict(info.sizes)}"
@@ -138,11 +139,9 @@ class Srpo(Plugin):
                 f"{NAME}: needs a preference task (outputs with chosen_logps/rejected_logps, e.g. "
                 f"data synthetic-preferences); got outputs {sorted(outputs)}"
             )
-        check_reference(module)
-        check_policy(module.model)
+        # reference mode, policy and positions were checked once, in lifecycle_setup
         L = F.prompt_length_of(batch["chosen_mask"])
         ids, attention, mask = F.revision_batch(dict(batch), L)
-        check_positions(module.model, ids.shape[1])
         rev = (module(ids, attention) * mask).sum(1)
         if module.objective.reference == "model":
             with torch.no_grad():
@@ -153,10 +152,13 @@ class Srpo(Plugin):
         gen_l = outputs["rejected_logps"] - outputs["ref_rejected_logps"]
         c = self.config
         loss, self_loss, gen_loss = F.srpo_losses(w_l, l_l, w_w, l_w, gen_w, gen_l, module.objective.beta, c.alpha, c.preference_prob)
-        if ctx is not None:
-            ctx.log(f"{NAME}/self_loss", ctx.dist.global_mean(self_loss))
-            ctx.log(f"{NAME}/gen_loss", ctx.dist.global_mean(gen_loss))
-            ctx.log(f"{NAME}/improvement_acc", ctx.dist.global_mean((w_l > l_w).float()))
+        if ctx is not None:  # the three global means in one all-reduce
+            n = torch.tensor(float(loss.numel()), device=loss.device)
+            sums = torch.stack([self_loss.detach().sum(), gen_loss.detach().sum(), (w_l > l_w).float().sum(), n])
+            sums = ctx.dist.sum_over_ranks({"sums": sums})["sums"]
+            ctx.log(f"{NAME}/self_loss", sums[0] / sums[3])
+            ctx.log(f"{NAME}/gen_loss", sums[1] / sums[3])
+            ctx.log(f"{NAME}/improvement_acc", sums[2] / sums[3])
         return {"loss": loss}
 
 
