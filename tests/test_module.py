@@ -73,6 +73,42 @@ def test_invalid_weights_raise_naming_the_plugin():
         Hooks([named(Negative(), "neg")]).weighted_mean(torch.ones(3), {})
 
 
+class Ones(Plugin):
+    family = "sample-weighting"
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        return torch.ones_like(losses)
+
+
+def test_invalid_weights_on_another_rank_raise_on_this_one(monkeypatch):
+    # The validity counts travel with the weights' global sum: [Σw, bad_1, bad_2] is all-reduced
+    # once. Here another rank adds 3 to the sum and 2 invalid weights of plugin 'b'.
+    from paperhooks import dist
+
+    sent = []
+
+    def other_rank_adds(t):
+        sent.append(t.clone())
+        return t + torch.tensor([3.0, 0.0, 2.0], dtype=t.dtype)
+
+    monkeypatch.setattr(dist, "all_reduce_sum", other_rank_adds)
+    hooks = Hooks([named(Ones(), "a"), named(Ones(), "b")])
+    with pytest.raises(ValueError, match="plugin 'b' returned invalid sample weights"):
+        hooks.weighted_mean(torch.ones(4), {})
+    assert [t.tolist() for t in sent] == [[4.0, 0.0, 0.0]]  # one all-reduce: local sum and counts
+
+
+def test_weights_summing_to_zero_over_the_global_batch_raise():
+    class Zero(Ones):
+        @hookimpl
+        def weighting_sample_weights(self, losses, batch, ctx):
+            return torch.zeros_like(losses)
+
+    with pytest.raises(ValueError, match="sample weights sum to 0.0 over the global batch"):
+        Hooks([named(Zero(), "z")]).weighted_mean(torch.ones(3), {})
+
+
 # -- registration errors ---------------------------------------------------------------------------
 
 

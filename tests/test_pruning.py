@@ -317,8 +317,19 @@ def _metrics(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_gradual_schedule_trains_with_zeros_after_every_step_and_logs_each_layer(tmp_path, test_plugins):
-    path = write_recipe(tmp_path / "g.yaml", GRADUAL + f"run_dir: {tmp_path}/runs\n")
+def test_gradual_schedule_trains_with_zeros_after_every_step_and_logs_each_layer(tmp_path, test_plugins, monkeypatch):
+    # every 4th step is a logging step: sparsity is logged on those and on mask changes only
+    logged = []
+    real_log = StepContext.log
+
+    def spy(self, name, value):
+        if name == "pruning/sparsity":
+            logged.append(self.step)
+        real_log(self, name, value)
+
+    monkeypatch.setattr(StepContext, "log", spy)
+    path = write_recipe(tmp_path / "g.yaml", GRADUAL.replace("log_every_n_steps: 1", "log_every_n_steps: 4")
+                        + f"run_dir: {tmp_path}/runs\n")
     built, _ = fit(R.load(path))
     ckpt = load_checkpoint(built.run_dir)
     assert ckpt["paperhooks"]["plugins"][2]["state"] == {"checked": 20}  # the probe ran after all 20 steps
@@ -329,15 +340,19 @@ def test_gradual_schedule_trains_with_zeros_after_every_step_and_logs_each_layer
         assert mask.numel() == n and int((~mask).sum()) == pruned
         assert bool((state[f"{key}.parametrizations.weight.original"][~mask] == 0).all())
     assert ckpt["paperhooks"]["sparsity"] == pytest.approx((1638 + 256) / 2368)
+    # ctx.step counts completed steps: the first step (nothing counted yet), the steps whose masks
+    # changed (6, 10, 14; at 2 the target 0 is the current sparsity) and the logging steps 4k
+    assert logged == [1, 4, 6, 8, 10, 12, 14, 16, 20]
     rows = _metrics(built.run_dir)
     by_step = {int(r["step"]): r for r in rows if r.get("pruning/sparsity/1")}
+    assert sorted(by_step) == [3, 7, 11, 15, 19]  # Lightning's step index: after step t it is t - 1
     # schedule: s_t = 0.8 - 0.8(1 - (t - 2)/12)^3 at t = 2, 6, 10, 14, held in between
-    # (the logged step is Lightning's step index: the value after step t is logged at t - 1)
-    expected = {1: 0.0, 5: 0.8 - 0.8 * (2 / 3) ** 3, 9: 0.8 - 0.8 * (1 / 3) ** 3, 13: 0.8, 19: 0.8}
+    expected = {3: 0.0, 7: 0.8 - 0.8 * (2 / 3) ** 3, 11: 0.8 - 0.8 * (1 / 3) ** 3, 15: 0.8, 19: 0.8}
     for step, s in expected.items():
         assert float(by_step[step]["pruning/sparsity/1"]) == pytest.approx(round(s * 2048) / 2048), step
         assert float(by_step[step]["pruning/sparsity/4"]) == pytest.approx(round(s * 320) / 320), step
-    assert float(by_step[7]["pruning/sparsity/1"]) == float(by_step[5]["pruning/sparsity/1"])  # held between updates
+        assert float(by_step[step]["pruning/sparsity"]) == pytest.approx(
+            (round(s * 2048) + round(s * 320)) / 2368), step
 
 
 def test_one_shot_at_step_zero_prunes_before_the_first_update(tmp_path, test_plugins):

@@ -54,6 +54,7 @@ class Hooks:
         self._weighting = c["weighting_sample_weights"]
         self._objweight = self.plugins.owner("objweight_coefficients")
         self._surgery = c["surgery_combine"]
+        self._unchecked: list[tuple[str, torch.Tensor]] = []
         self.engine = Engine()
 
     @property
@@ -102,19 +103,27 @@ class Hooks:
         outputs: Mapping[str, torch.Tensor] | None = None,
         module: Any = None,
     ) -> torch.Tensor | None:
-        """Product of the plugins' weights for this rank's samples (not yet normalized)."""
+        """Product of the plugins' weights for this rank's samples (not yet normalized).
+
+        Each plugin's weights must be finite and non-negative. That is checked in :meth:`reduce`,
+        on the device and together with the global sum (one all-reduce, one host sync per step
+        instead of one per plugin); the error names the plugin, on every rank at once.
+        """
         weights = None
         losses = losses.detach()
         outputs = outputs or {}
+        self._unchecked = []
         for f in self._weighting:
             w = f(losses=losses, batch=batch, outputs=outputs, module=module, ctx=self.ctx)
             if w is None:
                 continue
-            if w.shape != losses.shape or not bool((torch.isfinite(w) & (w >= 0)).all()):
-                name = f.plugin.name
+            name = f.plugin.name
+            if not isinstance(w, torch.Tensor) or w.shape != losses.shape:
                 raise ValueError(
-                    f"plugin {name!r} returned invalid sample weights: need finite, non-negative, shape {tuple(losses.shape)}"
+                    f"plugin {name!r} returned invalid sample weights: need a tensor of shape "
+                    f"{tuple(losses.shape)}, got {getattr(w, 'shape', type(w).__name__)}"
                 )
+            self._unchecked.append((name, (~(torch.isfinite(w) & (w >= 0))).sum()))
             weights = w if weights is None else weights * w
         return weights
 
@@ -125,12 +134,27 @@ class Hooks:
 
         The local value is multiplied by the world size, because DDP and FSDP average the
         gradients over ranks: the averaged gradient is then that of the global weighted mean.
+
+        The global ``Σ_j w_j`` and the count of invalid weights of each plugin (from
+        :meth:`sample_weights`) travel in one all-reduce and reach the host in one sync, so every
+        rank raises the same error, before any gradient is computed.
         """
         if weights is None:
             return {k: v.mean() for k, v in objectives.items()}
-        total = dist.global_sum(weights)
-        if not bool(total > 0):
-            raise ValueError("sample weights sum to zero over the global batch")
+        checks, self._unchecked = self._unchecked, []
+        local = weights.detach().sum()  # in the weights' dtype, as the sum itself is taken
+        packed = torch.stack([local.to(torch.float64)] + [bad.to(torch.float64) for _, bad in checks])
+        packed = dist.all_reduce_sum(packed)
+        total = packed[0].to(local.dtype)
+        values = packed.tolist()  # the one host sync of the weighting path
+        invalid = [name for (name, _), n in zip(checks, values[1:], strict=True) if n > 0]
+        if invalid:
+            raise ValueError(
+                f"plugin {invalid[0]!r} returned invalid sample weights: need finite, non-negative "
+                f"values, shape {tuple(weights.shape)}"
+            )
+        if not values[0] > 0 or values[0] == float("inf"):
+            raise ValueError(f"sample weights sum to {values[0]} over the global batch; need a finite sum > 0")
         scale = dist.world_size() / total
         return {k: (weights.to(v.dtype) * v).sum() * scale for k, v in objectives.items()}
 

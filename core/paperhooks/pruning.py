@@ -202,15 +202,19 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mask], keep: Mapping[str, to
 
 
 @torch.no_grad()
-def zero_pruned(model: nn.Module, masks: Mapping[str, Mask]) -> None:
+def zero_pruned(
+    model: nn.Module, masks: Mapping[str, Mask], layers: Mapping[str, nn.Module] | None = None
+) -> None:
     """Set the stored weight's pruned entries to zero where the mask is its only parametrization.
 
     The effective weight ``original ⊙ M`` is zero there anyway; zeroing ``original`` too means
     momentum and weight decay cannot move a pruned entry, ``inf·0`` cannot make a NaN, and
     removing the parametrization either way leaves a clean sparse tensor. (Under other
     parametrizations ``original`` is not the weight, so it is left alone.)
+
+    :param layers: ``prunable(model)``, when the caller keeps it (it walks every module).
     """
-    layers = prunable(model)
+    layers = prunable(model) if layers is None else layers
     for k, m in masks.items():
         layer = layers[k]
         if only_mask(layer):
