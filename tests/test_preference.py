@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
 from helpers import write_recipe
+from paperhooks import cli
 from paperhooks import recipe as R
 from paperhooks.errors import PaperhooksError
 from paperhooks.preference import PreferenceObjective, dpo_loss
-from paperhooks.run import fit
+from paperhooks.run import build_module, fit
 from paperhooks.tasks import build_datamodule, build_model
 from paperhooks.tasks.preference import EOS, PAD, TabularPolicy
 from paperhooks.testing import assert_states_close, load_checkpoint
@@ -275,7 +278,7 @@ def test_dpo_raises_the_hidden_reward_of_samples(recipe):
 # -- recipes ----------------------------------------------------------------------------------------
 
 
-def test_recipe_errors_name_the_objective_key(tmp_path, recipe):
+def test_recipe_errors_name_the_objective_key(tmp_path, recipe, capsys):
     with pytest.raises(PaperhooksError, match=r"objective.beta must be > 0"):
         R.load(recipe, ["objective.beta=0"])
     with pytest.raises(PaperhooksError, match=r"objective.reference"):
@@ -286,13 +289,20 @@ def test_recipe_errors_name_the_objective_key(tmp_path, recipe):
         f"run_dir: {tmp_path}/runs\n",
     )
     with pytest.raises(PaperhooksError, match="only preference data"):
-        fit(R.load(digits))
+        R.load(digits)  # at validation: digits is registered as classification data
     rpo = write_recipe(
         tmp_path / "r.yaml",
         f"model: {{name: mlp}}\ndata: {{name: digits}}\nplugins: [{{name: rpo}}]\ntrainer: {{max_steps: 1}}\nrun_dir: {tmp_path}/runs\n",
     )
-    with pytest.raises(PaperhooksError, match=r"plugins.rpo: works on preference data only; data 'digits' is classification"):
-        fit(R.load(rpo))  # refused before any training (Plugin.tasks)
+    refusal = r"plugins.rpo: works on preference data only; data 'digits' is classification"
+    with pytest.raises(PaperhooksError, match=refusal):
+        R.load(rpo)  # refused at validation (Plugin.tasks against the dataset's registered task)
+    assert cli.main(["validate", str(rpo)]) != 0
+    assert re.search(refusal, capsys.readouterr().err)
+    # a dataset registered without its task: the same refusal when the module is built
+    ok = R.validate({**R.load_raw(rpo), "data": {"name": "synthetic-preferences"}, "model": {"name": "causal-lm"}})
+    with pytest.raises(PaperhooksError, match=refusal):
+        build_module(dataclasses.replace(ok, data=R.Section("digits", None)), build_datamodule("digits", None, 0).info)
     wrong = write_recipe(tmp_path / "w.yaml", "model: {name: causal-lm}\ndata: {name: digits}\ntrainer: {max_steps: 1}\n")
     with pytest.raises(ValueError, match="causal-lm needs preference data"):
         fit(R.load(wrong))

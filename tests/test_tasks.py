@@ -380,3 +380,19 @@ def test_plugin_tasks_register_through_their_entry_point_and_a_broken_one_is_nam
     with pytest.raises(ValueError, match=r"unknown dataset 'nope'.*tasks that failed to load: broken \(paperhooks-broken: ImportError: needs a library"):
         build_datamodule("nope", None, 0)
     assert "digits-difficulty" in registry.DATASETS  # the others registered
+
+
+def test_every_registered_dataset_declares_its_task_and_builds_it(monkeypatch) -> None:
+    from paperhooks.tasks import registry
+
+    registry.load_tasks()
+    # each one declares the kind of data it builds: `paperhooks validate` checks plugins against it
+    assert {k: v.task for k, v in registry.DATASETS.items() if v.task is None} == {}
+    assert registry.DATASETS["digits"].task == "classification"
+    assert registry.DATASETS["synthetic-preferences"].task == "preference"
+    with pytest.raises(ValueError, match=r"dataset 'x': task must be one of classification, regression, preference, got 'text'"):
+        registry.register_dataset("x", registry.DATASETS["digits"].config_cls, task="text")
+    # a declaration that does not match the build is the registering author's error
+    monkeypatch.setitem(registry.DATASETS, "digits", dataclasses.replace(registry.DATASETS["digits"], task="regression"))
+    with pytest.raises(ValueError, match="dataset 'digits' is registered as regression data but built classification data"):
+        build_datamodule("digits", None, 0)

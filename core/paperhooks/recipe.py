@@ -266,6 +266,7 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
         from paperhooks.preference import PreferenceObjective
 
         objective = schema.build(PreferenceObjective, raw["objective"], "objective")
+    _check_data_kind(entries, data, objective, DATASETS)
     recipe = Recipe(
         seed=seed,
         name=raw.get("name", "run"),
@@ -287,6 +288,21 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
 
     check_combination([(e.name, e.cls) for e in entries])
     return recipe
+
+
+def _check_data_kind(entries: Sequence[PluginEntry], data: Section, objective: Any, datasets: Mapping[str, Any]) -> None:
+    """Plugins' ``tasks`` and the ``objective`` section against the dataset's declared kind.
+
+    Datasets registered without ``task`` are checked when the module is built instead.
+    """
+    kind = datasets[data.name].task
+    if kind is None:
+        return
+    for e in entries:
+        if e.cls.tasks and kind not in e.cls.tasks:
+            raise RecipeError(f"plugins.{e.name}: works on {' or '.join(e.cls.tasks)} data only; data {data.name!r} is {kind}")
+    if objective is not None and kind != "preference":
+        raise RecipeError(f"objective: only preference data takes objective settings; data {data.name!r} is {kind}")
 
 
 #: (family, strategy kind) pairs the core itself cannot run yet, and why

@@ -162,7 +162,7 @@ def _groups(y: torch.Tensor, groups: int, majority: float, gen: torch.Generator)
     return torch.where(torch.rand(y.shape, generator=gen) < majority, aligned, other)
 
 
-@register_dataset("digits", DigitsConfig)
+@register_dataset("digits", DigitsConfig, task="classification")
 def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
     """scikit-learn digits as [1, S, S] images in [0, 1], with imbalance, duplicates, noise, groups."""
     from sklearn.datasets import load_digits
@@ -208,7 +208,7 @@ def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
     )
 
 
-@register_dataset("regression", RegressionConfig)
+@register_dataset("regression", RegressionConfig, task="regression")
 def build_regression(config: RegressionConfig, seed: int) -> PaperhooksDataModule:
     """Synthetic linear regression; ``redundant_fraction`` of train repeats a pool of 8 points."""
     g = generator(seed, "regression")

@@ -275,7 +275,7 @@ def _chain_split(config: SyntheticPreferencesConfig, order: torch.Tensor, n: int
     return out
 
 
-@register_dataset("synthetic-preferences", SyntheticPreferencesConfig)
+@register_dataset("synthetic-preferences", SyntheticPreferencesConfig, task="preference")
 def build_synthetic_preferences(config: SyntheticPreferencesConfig, seed: int) -> PreferenceDataModule:
     """Preference pairs over a small vocabulary with a hidden per-token reward (see module doc)."""
     if config.reward == "chain":
@@ -354,7 +354,7 @@ def _tabular_split(p_matrix: torch.Tensor, r: torch.Tensor, flip_rate: float, g:
     }
 
 
-@register_dataset("tabular-preferences", TabularPreferencesConfig)
+@register_dataset("tabular-preferences", TabularPreferencesConfig, task="preference")
 def build_tabular_preferences(config: TabularPreferencesConfig, seed: int) -> PreferenceDataModule:
     """The tabular fixture: canned responses per prompt, exact rewards and preferences."""
     P, M = config.prompts, config.responses

@@ -43,12 +43,18 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class Registered:
-    """One registered model or dataset: its config class, builder and one-line doc."""
+    """One registered model or dataset: its config class, builder and one-line doc.
+
+    ``task`` (datasets): the kind of data it builds (``DataInfo.task``), when the registration
+    declares it; recipe validation then refuses plugins that do not work on it before anything
+    is built.
+    """
 
     name: str
     config_cls: type
     builder: Callable[..., Any]
     doc: str
+    task: str | None = None
 
 
 MODELS: dict[str, Registered] = {}
@@ -58,7 +64,14 @@ _BUILTIN_MODULES = ("paperhooks.tasks.models", "paperhooks.tasks.data", "paperho
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _register(table: dict[str, Registered], kind: str, name: str, config_cls: type) -> Callable[[_F], _F]:
+TASK_KINDS = ("classification", "regression", "preference")
+
+
+def _register(
+    table: dict[str, Registered], kind: str, name: str, config_cls: type, task: str | None = None
+) -> Callable[[_F], _F]:
+    if task is not None and task not in TASK_KINDS:
+        raise ValueError(f"{kind} {name!r}: task must be one of {', '.join(TASK_KINDS)}, got {task!r}")
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
         raise TypeError(f"{kind} {name!r}: config class {config_cls.__name__} must be a frozen dataclass")
 
@@ -66,7 +79,7 @@ def _register(table: dict[str, Registered], kind: str, name: str, config_cls: ty
         if name in table:
             raise ValueError(f"{kind} {name!r} is already registered")
         doc = (builder.__doc__ or "").strip().splitlines()
-        table[name] = Registered(name, config_cls, builder, doc[0] if doc else "")
+        table[name] = Registered(name, config_cls, builder, doc[0] if doc else "", task)
         return builder
 
     return deco
@@ -77,9 +90,14 @@ def register_model(name: str, config_cls: type) -> Callable[[_F], _F]:
     return _register(MODELS, "model", name, config_cls)
 
 
-def register_dataset(name: str, config_cls: type) -> Callable[[_F], _F]:
-    """Decorator: register ``builder(config, seed) -> PaperhooksDataModule`` under ``name``."""
-    return _register(DATASETS, "dataset", name, config_cls)
+def register_dataset(name: str, config_cls: type, task: str | None = None) -> Callable[[_F], _F]:
+    """Decorator: register ``builder(config, seed) -> PaperhooksDataModule`` under ``name``.
+
+    :param task: the ``DataInfo.task`` every build of it has (``classification``,
+        ``regression`` or ``preference``). Declared, it lets ``paperhooks validate`` refuse
+        plugins that do not work on this data (``Plugin.tasks``); the build is checked against it.
+    """
+    return _register(DATASETS, "dataset", name, config_cls, task)
 
 
 def check_field(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -169,7 +187,10 @@ def build_model(name: str, config: Any, info: DataInfo) -> torch.nn.Module:
 def build_datamodule(name: str, config: Any, seed: int) -> PaperhooksDataModule:
     """Build registered dataset ``name``; its ``info`` is available before any trainer exists."""
     entry = _lookup(DATASETS, "dataset", name)
-    return entry.builder(_coerce(entry, config), seed)
+    dm = entry.builder(_coerce(entry, config), seed)
+    if entry.task is not None and dm.info.task != entry.task:
+        raise ValueError(f"dataset {name!r} is registered as {entry.task} data but built {dm.info.task} data")
+    return dm
 
 
 __all__ = [
@@ -177,6 +198,7 @@ __all__ = [
     "MODELS",
     "DataInfo",
     "Registered",
+    "TASK_KINDS",
     "build_datamodule",
     "build_model",
     "check_field",

@@ -84,7 +84,7 @@ def sample_stream(config: FairStreamConfig, n: int, g: torch.Generator) -> dict[
     return {"input": x, "target": y, "group": a}
 
 
-@register_dataset("online-fair-stream", FairStreamConfig)
+@register_dataset("online-fair-stream", FairStreamConfig, task="classification")
 def build_online_fair_stream(config: FairStreamConfig, seed: int) -> PaperhooksDataModule:
     """Synthetic online stream: binary label, binary protected group correlated with it."""
     train = sample_stream(

@@ -64,7 +64,7 @@ def ambiguous_labels(x: torch.Tensor, y: torch.Tensor, rate: float, num_classes:
     return out
 
 
-@register_dataset("digits-ambiguous", DigitsAmbiguousConfig)
+@register_dataset("digits-ambiguous", DigitsAmbiguousConfig, task="classification")
 def build_digits_ambiguous(config: DigitsAmbiguousConfig, seed: int) -> PaperhooksDataModule:
     """digits with the labels of its most ambiguous training images flipped (instance noise)."""
     dm = build_datamodule("digits", config, seed)

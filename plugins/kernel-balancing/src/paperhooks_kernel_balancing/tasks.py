@@ -93,7 +93,7 @@ def simulate(config: SyntheticRecsysConfig, seed: int) -> dict[str, torch.Tensor
     return {"rating": r, "propensity": propensity, "observed": observed, "noisy": noisy}
 
 
-@register_dataset("synthetic-recsys", SyntheticRecsysConfig)
+@register_dataset("synthetic-recsys", SyntheticRecsysConfig, task="regression")
 def build_synthetic_recsys(config: SyntheticRecsysConfig, seed: int) -> PaperhooksDataModule:
     """Ratings missing not at random: train on the observed pairs, validate on all pairs."""
     sim = simulate(config, seed)

@@ -105,7 +105,7 @@ def sample_pairs(
     }
 
 
-@register_dataset("diverse-preferences", DiversePreferencesConfig)
+@register_dataset("diverse-preferences", DiversePreferencesConfig, task="classification")
 def build_diverse_preferences(config: DiversePreferencesConfig, seed: int) -> PaperhooksDataModule:
     """Preference pairs from T datasets that share one utility and split into two camps."""
     w = utilities(config, seed)

@@ -88,7 +88,7 @@ def sample_blobs(
     return points.float(), labels
 
 
-@register_dataset("rotated-blobs", RotatedBlobsConfig)
+@register_dataset("rotated-blobs", RotatedBlobsConfig, task="classification")
 def build_rotated_blobs(config: RotatedBlobsConfig, seed: int) -> PaperhooksDataModule:
     """Source Gaussian blobs (labelled) and the same blobs rotated (unlabelled target, held-out target)."""
     g = generator(seed, "rotated-blobs")

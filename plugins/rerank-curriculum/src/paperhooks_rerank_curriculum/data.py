@@ -60,7 +60,7 @@ def centroid_ranker(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[
     }
 
 
-@register_dataset("digits-difficulty", DigitsDifficultyConfig)
+@register_dataset("digits-difficulty", DigitsDifficultyConfig, task="classification")
 def build_digits_difficulty(config: DigitsDifficultyConfig, seed: int) -> PaperhooksDataModule:
     """digits plus ``rank``, ``normscore`` and ``relevance`` from a nearest-centroid ranker."""
     dm = build_datamodule("digits", config, seed)
