@@ -78,6 +78,15 @@ ROWS: dict[str, Setting] = {
     "mlp-shift-dropout": dataclasses.replace(MLP, shift=True, dropout=0.5),
     "mlp-shift-10-per-class": dataclasses.replace(MLP, shift=True, per_class=10),
     "mlp-shift-64-64": dataclasses.replace(MLP, shift=True, hidden=(64, 64)),
+    "mlp-shift-wd1e-4-lr0.2": dataclasses.replace(MLP, shift=True, wd=1e-4, lr=0.2),
+    "mlp-shift-dropout-lr0.2": dataclasses.replace(MLP, shift=True, dropout=0.5, lr=0.2),
+    "mlp-shift-10-per-class-lr0.2": dataclasses.replace(MLP, shift=True, per_class=10, lr=0.2),
+    "mlp-shift-64-64-lr0.2": dataclasses.replace(MLP, shift=True, hidden=(64, 64), lr=0.2),
+    "mlp-shift-10-per-class-lr0.3": dataclasses.replace(MLP, shift=True, per_class=10, lr=0.3),
+    "mlp-shift-10-per-class-lr0.5": dataclasses.replace(MLP, shift=True, per_class=10, lr=0.5),
+    "mlp-shift-10-per-class-fresh-seeds": dataclasses.replace(
+        MLP, shift=True, per_class=10, seeds=20, seed0=10
+    ),
     # small VGG-BN-like CNN, shift augmentation unless said
     "cnn": CNN,
     "cnn-wd1e-4": dataclasses.replace(CNN, wd=1e-4),
