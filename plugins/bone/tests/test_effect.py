@@ -1,6 +1,9 @@
 """The paper's claim, tested in direction: Bone's training loss after N steps vs LoRA's.
 
-Setup:
+Two settings: a digits MLP (below; LoRA fits faster there) and a small pretrained causal LM
+with the official adapter settings (the last test; Bone and BAT fit faster there).
+
+Digits setup:
 - Pretraining: for each of five seeds, an MLP body 64-64-64 (ReLU) with a 5-way head is
   pretrained on the digits 0-4 (all 901 of them, full-batch Adam, lr 0.01, 100 steps).
 - Adaptation: the body is adapted to the digits 5-9 (896, labels 5-9 → 0-4) with a fresh
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,13 +120,38 @@ def test_at_the_best_learning_rate_lora_fits_faster_than_bat_and_bat_faster_than
     assert all(lo < ba < bo for lo, ba, bo in zip(got["lora"], got["bat"], got["bone"], strict=True)), got
 
 
-@pytest.mark.slow
-def test_at_a_small_learning_rate_bat_fits_faster_than_lora():
-    """lr 1e-3 (every method far from converged after 100 steps): BAT below LoRA on every seed.
+def _lm_adaptation():
+    """``experiments/lm_adaptation.py`` (a script, not a package), which made the card's LM table."""
+    path = Path(__file__).parents[1] / "experiments" / "lm_adaptation.py"
+    spec = importlib.util.spec_from_file_location("bone_lm_adaptation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    Measured: LoRA 1.0771 1.0614 1.0191 1.0278 0.8053 (mean 0.998), BAT 0.9380 0.9415 0.9662
-    0.9058 0.6479 (mean 0.880). Plain Bone, measured once with this code and not run here:
-    0.9764 1.0061 1.0650 0.9976 0.8270 (mean 0.974; below LoRA on 3 of 5 seeds).
+
+@pytest.mark.slow
+def test_on_a_pretrained_tiny_llama_bone_and_bat_fit_faster_than_lora_at_their_best_lr():
+    """The paper-like setting of ``experiments/lm_adaptation.py``, seed 0, block size r = 16.
+
+    A 2-block LLaMA-style LM pretrained on one Markov chain is adapted to a shifted one on all
+    seven projections (the official target modules), Bone/BAT r = 16 against LoRA rank 8,
+    alpha 8 (the official 2:1 ratio of block size to rank: 18,432 vs 17,408 trainable
+    parameters, 6 % more for Bone; 9 % more on LLaMA2-7B), AdamW, cosine schedule, 100 steps.
+    Each method runs at its best learning rate from {5.5e-3, 1e-2, 1.7e-2, 3e-2, 5.5e-2}
+    (LoRA 3e-2, Bone and BAT 1.7e-2, on 5 seeds).
+    Measured training loss after 100 steps, seeds 0-4 (the test runs seed 0 only: one
+    pretraining costs ~30 s of CPU):
+    LoRA 2.0892 2.1268 2.1565 2.0738 2.2067, Bone 2.0571 2.0905 2.1071 2.0378 2.1647,
+    BAT 2.0586 2.0966 2.1027 2.0285 2.1642: Bone and BAT below LoRA on 5 of 5 seeds. At r = 8
+    they were below on 5 of 5 too (by 0.001-0.03), at r = 4 on 1 of 5 (see the card).
     """
-    got = _losses(1e-3, ("lora", "bat"))
-    assert all(ba < lo for lo, ba in zip(got["lora"], got["bat"], strict=True)), got
+    lm = _lm_adaptation()
+    gen = torch.Generator().manual_seed(0)
+    A, B = lm.chain(gen)
+    pre = lm.sample(A, B, 4096, gen)
+    A2, B2 = lm.shifted(A, B, gen)
+    train, held_out = lm.sample(A2, B2, 512, gen), lm.sample(A2, B2, 512, gen)
+    base = lm.pretrain(0, pre)
+    got = {m: lm.adapt(base, m, 16, 0, lr, train, held_out) for m, lr in (("lora", 3e-2), ("bone", 1.7e-2), ("bat", 1.7e-2))}
+    assert got["lora"]["trainable"] == 17408 and got["bat"]["trainable"] == got["bone"]["trainable"] == 18432
+    assert got["bone"]["train"] < got["lora"]["train"] and got["bat"]["train"] < got["lora"]["train"], got
