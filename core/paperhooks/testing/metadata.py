@@ -221,18 +221,28 @@ PREFERENCE_TASK: dict[str, Any] = {
 }
 
 
-def check_recipe_roundtrip(name: str, config_overrides: Mapping[str, Any] | None = None) -> Any:
+def check_recipe_roundtrip(
+    name: str, config_overrides: Mapping[str, Any] | None = None, *, task: Mapping[str, Any] | None = None
+) -> Any:
     """A recipe naming the plugin with ``config_overrides`` validates; its resolved config,
-    written as YAML and read back, validates to an equal config. Returns the config."""
+    written as YAML and read back, validates to an equal config. Returns the config.
+
+    :param task: the recipe's task (see :func:`tiny_recipe`); by default the kit's MLP on
+        digits, or :data:`PREFERENCE_TASK` / regression data for a plugin whose ``tasks``
+        exclude classification (recipe validation refuses it on digits).
+    """
     from omegaconf import OmegaConf
 
+    from paperhooks import discovery, schema
     from paperhooks import recipe as R
-    from paperhooks import schema
     from paperhooks.errors import ConfigKeyError
 
     overrides = dict(config_overrides or {})
+    if task is None:
+        task = _task_for(discovery.load(name).tasks)
+
     try:
-        (entry,) = R.validate(tiny_recipe([{"name": name, **overrides}])).plugins
+        (entry,) = R.validate(tiny_recipe([{"name": name, **overrides}], task=task)).plugins
     except (PaperhooksError, TypeError) as e:  # TypeError: a config field type recipes cannot hold
         raise ConformanceError(f"plugin {name!r}: a recipe with {overrides} does not validate: {e}") from e
     config = entry.config
@@ -245,15 +255,24 @@ def check_recipe_roundtrip(name: str, config_overrides: Mapping[str, Any] | None
     text = OmegaConf.to_yaml(OmegaConf.create({"plugins": [{"name": name, **plain}]}))
     reread = OmegaConf.to_container(OmegaConf.create(text))["plugins"]  # type: ignore[index]
     try:
-        (again,) = R.validate(tiny_recipe(reread)).plugins
+        (again,) = R.validate(tiny_recipe(reread, task=task)).plugins
     except (PaperhooksError, TypeError) as e:
         raise ConformanceError(f"plugin {name!r}: its resolved config {plain} does not validate again: {e}") from e
     if again.config != config:
         fail(name, f"the config changed through YAML: {config!r} -> {again.config!r}")
     with contextlib.suppress(ConfigKeyError):
-        R.validate(tiny_recipe([{"name": name, **plain, "no_such_key": 1}]))
+        R.validate(tiny_recipe([{"name": name, **plain, "no_such_key": 1}], task=task))
         fail(name, "a recipe with an unknown config key 'no_such_key' was accepted")
     return config
+
+
+def _task_for(tasks: Sequence[str]) -> Mapping[str, Any] | None:
+    """A kit task of a kind the plugin works on: ``None`` (digits) when it takes classification."""
+    if not tasks or "classification" in tasks:
+        return None
+    if "preference" in tasks:
+        return PREFERENCE_TASK
+    return {"data": {"name": "regression"}}
 
 
 def _plain(value: Any) -> Any:
