@@ -52,12 +52,15 @@ CASES = (
 #: printed on the page next to the numbers measured when the profile last ran
 WHY: dict[str, str] = {
     "core-mlp": (
-        "what the plain module does not do is Python bookkeeping, a fixed cost per step: the largest "
-        "item is `_get_rng_raw`, which snapshots the torch, NumPy and Python RNG states at the start "
-        "of every step (so that a step that fails can be saved), then the staged step (the objectives "
-        "dict, `sum`, `reduce`, `_log_step`). Fixed per step, it weighs on a small MLP step and not "
-        "on a resnet18 step (next profile); on the H200's 2.8 ms MLP step the same fixed cost is of "
-        "the order of the 1.12× measured there (not profiled on a GPU)."
+        "what the plain module does not do is Python bookkeeping, a fixed cost per step: the stag"
+        "ed step (the objectives dict, `sum`, `reduce`, `_log_step`) and the snapshot of torch's "
+        "RNG state at the start of every step (so that a step that fails can be saved and resumed"
+        " exactly; `torch.get_rng_state`, a few µs). Until 2026-11-29 the snapshot also read the "
+        "NumPy and Python states (~0.1 ms, the largest item then); those are now read when a chec"
+        "kpoint is written, and the extra self time fell from +0.62 to +0.13 ms per step. Fixed p"
+        "er step, it weighs on a small MLP step and not on a resnet18 step; on the H200's 2.8 ms "
+        "MLP step the old fixed cost was of the order of the 1.12× measured there (not re-measure"
+        "d on a GPU)."
     ),
     "core-resnet": (
         "the same fixed bookkeeping as for the MLP, lost in a resnet18 step on this CPU; the H200's "
@@ -65,28 +68,33 @@ WHY: dict[str, str] = {
         "was not profiled on a GPU."
     ),
     "weighting-mlp": (
-        "besides the core's bookkeeping, the plugin path checks the weights twice (`torch.isfinite` in "
-        "the core's `sample_weights` and the plugin's `check_finite`) and `bool(total > 0)` in "
-        "`reduce`. On a GPU each `bool()` of a tensor waits for the device (a host–device "
-        "synchronization that a CPU profile cannot weigh), the likely reason why the H200 measured "
-        "1.15 – 1.18× where this CPU shows less."
+        "besides the core's bookkeeping: `torch.isfinite` twice (the plugin's own `check_finite`,"
+        " which the conformance kit requires so that NaN losses raise naming the plugin, and the "
+        "core's count of invalid weights), the plugin's min/max normalization and softmax. The co"
+        "re now checks every plugin's weights and the global sum in one all-reduce and one host r"
+        "ead (`reduce`) instead of one `bool()` per plugin plus `bool(total > 0)`: with the plugi"
+        "n's own check, 2 host–device synchronizations per step on a GPU instead of 3 (a CPU prof"
+        "ile cannot weigh them; the H200's 1.15 – 1.18× predates the change). Extra self time: +1"
+        ".12 ms per step, against +1.37 ms before."
     ),
     "weighting-resnet": (
         "the same checks and bookkeeping as for the MLP, small against a resnet18 step on this CPU."
     ),
     "pruning-mlp": (
-        "the core logs `pruning/sparsity` and one `pruning/sparsity/<layer>` per layer at every step "
-        "through `log_dict` (Lightning's `apply_to_collection` and `deepcopy` run about 3× as often "
-        "as in the hand-written arm, which logs the sparsity only when the masks change, every 5th "
-        "step), and `zero_pruned` multiplies every stored weight by its mask after every step, "
-        "finding the layers by walking `named_modules`. Fixed Python costs that double a 5 ms step."
+        "the mask's `forward` (`original ⊙ M`) and `zero_pruned`'s `mul_` after every step (so th"
+        "at momentum and weight decay cannot revive a pruned weight; the hand-written arm does no"
+        "t zero them), plus the core's bookkeeping. Until 2026-11-29 the core also logged `prunin"
+        "g/sparsity` and every layer's sparsity through `log_dict` at every step, which doubled t"
+        "his step; it now logs them on the trainer's logging steps and when the masks change, and"
+        " `zero_pruned` reuses the layer map instead of walking `named_modules`. Extra self time:"
+        " +1.46 ms per step against +7.42 ms before; the measured ratio went from 2.06× to 1.04×."
     ),
     "pruning-resnet": (
-        "the mask updates cost the same in both arms (the core's `_stable_top` against the "
-        "hand-written `optimizer_step`'s argsort, the mask's `forward` under each arm's own name); "
-        "the extra is `zero_pruned`'s `mul_` of all 11M stored weights after every step, the "
-        "`torch.where` that ranks pruned weights last at each mask update, and the 22 sparsity "
-        "values logged at every step."
+        "the mask updates cost the same in both arms (the core's `_stable_top` against the hand-w"
+        "ritten `optimizer_step`'s argsort, the mask's `forward` under each arm's own name); the "
+        "extra is `zero_pruned`'s `mul_` of all 11M stored weights after every step and the `torc"
+        "h.where` that ranks pruned weights last at each mask update (the 22 sparsity values are "
+        "now logged on logging steps and mask changes only)."
     ),
     "reparam-mlp": (
         "the arctan is the same work in both arms (`compand` in the plugin, the pre-hook in the "
