@@ -358,10 +358,17 @@ def test_plugin_tasks_register_through_their_entry_point_and_a_broken_one_is_nam
     code = (
         "import sys\nfrom paperhooks import discovery\n"
         "for name in discovery.entry_points(): discovery.load(name)\n"
-        "print(sorted(m for m in ('lightning', 'paperhooks.tasks.data', 'paperhooks_more.tasks', 'torchmetrics') if m in sys.modules))"
+        "print(sorted(m for m in ('lightning', 'paperhooks.tasks.data', 'paperhooks_more.tasks', 'torchmetrics') if m in sys.modules))\n"
+        # validating every shipped recipe loads every task module (the configs) but still no
+        # Lightning, timm, transformers or torchmetrics: those load when a run builds them
+        "import glob\nfrom paperhooks import recipe as R\n"
+        "for f in sorted(glob.glob('recipes/*.yaml')): R.load(f)\n"
+        "print(sorted(m for m in ('lightning', 'timm', 'transformers', 'torchmetrics', 'paperhooks.tasks.datamodule') if m in sys.modules))\n"
+        "print(all(m in sys.modules for m in ('paperhooks.tasks.data', 'paperhooks_more.tasks', 'paperhooks_pareto_da.tasks')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.split() == ["[]", "[]", "True"], out
 
     # a recipe uses rerank-curriculum's dataset without naming the plugin
     rec = R.validate({"model": {"name": "mlp"}, "data": {"name": "digits-difficulty"}, "trainer": {"max_steps": 1}})

@@ -263,7 +263,7 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
     trainer = schema.build(TrainerSection, raw.get("trainer") or {}, "trainer")
     objective = None
     if raw.get("objective") is not None:
-        from paperhooks.preference import PreferenceObjective
+        from paperhooks.objective import PreferenceObjective
 
         objective = schema.build(PreferenceObjective, raw["objective"], "objective")
     _check_data_kind(entries, data, objective, DATASETS)

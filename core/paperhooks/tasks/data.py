@@ -11,53 +11,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
 from paperhooks.tasks.registry import DataInfo, check_field, register_dataset
-from paperhooks.tasks.sampler import DictDataset, generator, make_loader, per_rank_batch_size
+from paperhooks.tasks.sampler import DictDataset, generator
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
 
 
-class PaperhooksDataModule(pl.LightningDataModule):
-    """Train/val :class:`DictDataset` pair served through :func:`.sampler.make_loader`.
+def __getattr__(name: str) -> Any:
+    """``PaperhooksDataModule``, from :mod:`.datamodule` (Lightning loads on first use)."""
+    if name == "PaperhooksDataModule":
+        from paperhooks.tasks.datamodule import PaperhooksDataModule
 
-    Attributes:
-        info: what the model needs (task, classes, per-sample input shape).
-        train_set, val_set: the datasets, as built from the seed.
-        redundant: bool mask over ``train_set``: the redundant (repeated) samples.
-    """
-
-    def __init__(
-        self,
-        info: DataInfo,
-        train_set: DictDataset,
-        val_set: DictDataset,
-        batch_size: int,
-        seed: int,
-        num_workers: int = 0,
-        redundant: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        self.info = info
-        self.train_set = train_set
-        self.val_set = val_set
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.redundant = redundant if redundant is not None else torch.zeros(len(train_set), dtype=torch.bool)
-
-    def per_process_batch_size(self) -> int:
-        """``batch_size // world_size``; raises if the global batch does not split evenly."""
-        return per_rank_batch_size(self.batch_size, self.trainer)
-
-    def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        return make_loader(self.train_set, self.batch_size, self.seed, self.trainer, True, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        return make_loader(self.val_set, self.batch_size, self.seed, self.trainer, False, self.num_workers)
+        return PaperhooksDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +138,8 @@ def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
     """scikit-learn digits as [1, S, S] images in [0, 1], with imbalance, duplicates, noise, groups."""
     from sklearn.datasets import load_digits
 
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
+
     raw = load_digits()
     x = torch.as_tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.as_tensor(raw.target, dtype=torch.int64)
@@ -211,6 +184,8 @@ def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
 @register_dataset("regression", RegressionConfig, task="regression")
 def build_regression(config: RegressionConfig, seed: int) -> PaperhooksDataModule:
     """Synthetic linear regression; ``redundant_fraction`` of train repeats a pool of 8 points."""
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
+
     g = generator(seed, "regression")
     beta = torch.randn(config.dim, generator=g) / math.sqrt(config.dim)
 

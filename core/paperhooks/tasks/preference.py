@@ -53,50 +53,28 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paperhooks.tasks.data import PaperhooksDataModule
 from paperhooks.tasks.registry import DataInfo, check_field, register_dataset, register_model
 from paperhooks.tasks.sampler import DictDataset, generator
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.datamodule import PreferenceDataModule
 
 PAD, EOS = 0, 1
 
 
-class PreferenceDataModule(PaperhooksDataModule):
-    """Pairs with their hidden reward: :meth:`hidden_reward` scores any response.
+def __getattr__(name: str) -> Any:
+    """``PreferenceDataModule``, from :mod:`.datamodule` (Lightning loads on first use)."""
+    if name == "PreferenceDataModule":
+        from paperhooks.tasks.datamodule import PreferenceDataModule
 
-    Attributes:
-        reward_table: ``u`` ``[K, V]`` for ``synthetic-preferences`` (rows: topic), the
-            validity table ``1[v ∈ V[k, t]]`` ``[K, max_response, V]`` for its ``reward: chain``,
-            or ``r`` ``[P, M]`` for ``tabular-preferences``.
-        preference_matrix: ``[P, M, M]``, the probability that response ``i`` beats ``j``
-            (0/1 here; 0.5 on the diagonal), for tabular data.
-        reward_kind: ``mean``, ``sum`` or ``chain`` (synthetic data).
-        chain_lengths: ``(min_response, max_response)``, the lengths a valid chain may have.
-    """
-
-    reward_table: torch.Tensor
-    preference_matrix: torch.Tensor | None = None
-    reward_kind: str = "mean"
-    chain_lengths: tuple[int, int] = (0, 0)
-
-    def hidden_reward(self, prompt: torch.Tensor, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden rewards ``[B]`` of responses ``[B, T]`` (``mask``: 1 on content tokens).
-
-        ``prompt`` is the topic (synthetic) or prompt id (tabular, where ``response`` is ``[B]``).
-        """
-        table = self.reward_table.to(response.device)
-        if response.dim() == 1:
-            return table[prompt, response]
-        if self.reward_kind == "chain":
-            return _chain_reward(table, self.chain_lengths, prompt, response, mask)
-        per_token = table[prompt.unsqueeze(1), response] * mask
-        total = per_token.sum(1)
-        return total / mask.sum(1).clamp_min(1) if self.reward_kind == "mean" else total
+        return PreferenceDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -278,6 +256,8 @@ def _chain_split(config: SyntheticPreferencesConfig, order: torch.Tensor, n: int
 @register_dataset("synthetic-preferences", SyntheticPreferencesConfig, task="preference")
 def build_synthetic_preferences(config: SyntheticPreferencesConfig, seed: int) -> PreferenceDataModule:
     """Preference pairs over a small vocabulary with a hidden per-token reward (see module doc)."""
+    from paperhooks.tasks.datamodule import PreferenceDataModule
+
     if config.reward == "chain":
         return _build_chain(config, seed)
     u = torch.randn(config.topics, config.vocab_size, generator=generator(seed, "preferences.reward"))
@@ -295,6 +275,8 @@ def build_synthetic_preferences(config: SyntheticPreferencesConfig, seed: int) -
 
 
 def _build_chain(config: SyntheticPreferencesConfig, seed: int) -> PreferenceDataModule:
+    from paperhooks.tasks.datamodule import PreferenceDataModule
+
     order, valid = _chain_table(config, generator(seed, "preferences.chain"))
     train = _chain_split(config, order, config.n_train, config.flip_rate, generator(seed, "preferences.train"))
     val = _chain_split(config, order, config.n_val, 0.0, generator(seed, "preferences.val"))
@@ -357,6 +339,8 @@ def _tabular_split(p_matrix: torch.Tensor, r: torch.Tensor, flip_rate: float, g:
 @register_dataset("tabular-preferences", TabularPreferencesConfig, task="preference")
 def build_tabular_preferences(config: TabularPreferencesConfig, seed: int) -> PreferenceDataModule:
     """The tabular fixture: canned responses per prompt, exact rewards and preferences."""
+    from paperhooks.tasks.datamodule import PreferenceDataModule
+
     P, M = config.prompts, config.responses
     if config.preference == "reward":
         r = torch.randn(P, M, generator=generator(seed, "tabular.reward"))

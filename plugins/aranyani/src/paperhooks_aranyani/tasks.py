@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,12 +20,14 @@ from paperhooks.dist import step_generator
 from paperhooks.tasks import (
     DataInfo,
     DictDataset,
-    PaperhooksDataModule,
     check_field,
     register_dataset,
     register_model,
 )
 from paperhooks_aranyani.forest import ObliqueForest
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ def sample_stream(config: FairStreamConfig, n: int, g: torch.Generator) -> dict[
 @register_dataset("online-fair-stream", FairStreamConfig, task="classification")
 def build_online_fair_stream(config: FairStreamConfig, seed: int) -> PaperhooksDataModule:
     """Synthetic online stream: binary label, binary protected group correlated with it."""
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
+
     train = sample_stream(
         config, config.n_train, step_generator(seed, 0, "online-fair-stream.train")
     )

@@ -16,17 +16,20 @@ another class are relabelled as that class::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from paperhooks.tasks import (
     DictDataset,
     DigitsConfig,
-    PaperhooksDataModule,
     build_datamodule,
     check_field,
     register_dataset,
 )
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ def ambiguous_labels(x: torch.Tensor, y: torch.Tensor, rate: float, num_classes:
 @register_dataset("digits-ambiguous", DigitsAmbiguousConfig, task="classification")
 def build_digits_ambiguous(config: DigitsAmbiguousConfig, seed: int) -> PaperhooksDataModule:
     """digits with the labels of its most ambiguous training images flipped (instance noise)."""
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
+
     dm = build_datamodule("digits", config, seed)
     train = {k: v for k, v in dm.train_set.tensors.items() if k != "index"}
     clean = train["target"]

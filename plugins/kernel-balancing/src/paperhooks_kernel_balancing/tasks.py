@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,12 +22,14 @@ from paperhooks.dist import step_generator
 from paperhooks.tasks import (
     DataInfo,
     DictDataset,
-    PaperhooksDataModule,
     check_field,
     register_dataset,
     register_model,
 )
 from paperhooks_kernel_balancing.features import all_pairs
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ def simulate(config: SyntheticRecsysConfig, seed: int) -> dict[str, torch.Tensor
 @register_dataset("synthetic-recsys", SyntheticRecsysConfig, task="regression")
 def build_synthetic_recsys(config: SyntheticRecsysConfig, seed: int) -> PaperhooksDataModule:
     """Ratings missing not at random: train on the observed pairs, validate on all pairs."""
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
+
     sim = simulate(config, seed)
     observed = sim["observed"].nonzero()  # [n, 2], user-major
     if observed.shape[0] == 0:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,11 +33,13 @@ from paperhooks.dist import step_generator
 from paperhooks.tasks import (
     DataInfo,
     DictDataset,
-    PaperhooksDataModule,
     check_field,
     register_dataset,
     register_model,
 )
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ def sample_pairs(
 @register_dataset("diverse-preferences", DiversePreferencesConfig, task="classification")
 def build_diverse_preferences(config: DiversePreferencesConfig, seed: int) -> PaperhooksDataModule:
     """Preference pairs from T datasets that share one utility and split into two camps."""
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
+
     w = utilities(config, seed)
     train = sample_pairs(
         w,

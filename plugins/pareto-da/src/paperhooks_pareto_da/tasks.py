@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,12 +23,14 @@ from torch import nn
 from paperhooks.tasks import (
     DataInfo,
     DictDataset,
-    PaperhooksDataModule,
     check_field,
     register_dataset,
     register_model,
 )
 from paperhooks.tasks.sampler import generator
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ def sample_blobs(
 @register_dataset("rotated-blobs", RotatedBlobsConfig, task="classification")
 def build_rotated_blobs(config: RotatedBlobsConfig, seed: int) -> PaperhooksDataModule:
     """Source Gaussian blobs (labelled) and the same blobs rotated (unlabelled target, held-out target)."""
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
+
     g = generator(seed, "rotated-blobs")
     x_s, y_s = sample_blobs(config, config.num_source, 0.0, g)
     x_t, _ = sample_blobs(config, config.num_target, config.rotation, g)

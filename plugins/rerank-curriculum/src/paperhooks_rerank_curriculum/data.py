@@ -19,16 +19,19 @@ dataset does not provide ``kdescore`` (the KDE heuristic's construction was not 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from paperhooks.tasks import (
     DictDataset,
     DigitsConfig,
-    PaperhooksDataModule,
     build_datamodule,
     register_dataset,
 )
+
+if TYPE_CHECKING:
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ def centroid_ranker(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[
 @register_dataset("digits-difficulty", DigitsDifficultyConfig, task="classification")
 def build_digits_difficulty(config: DigitsDifficultyConfig, seed: int) -> PaperhooksDataModule:
     """digits plus ``rank``, ``normscore`` and ``relevance`` from a nearest-centroid ranker."""
+    from paperhooks.tasks.datamodule import PaperhooksDataModule
+
     dm = build_datamodule("digits", config, seed)
     train = {k: v for k, v in dm.train_set.tensors.items() if k != "index"}
     train.update(centroid_ranker(train["input"], train["target"], dm.info.num_classes))
