@@ -116,6 +116,23 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 # -- timing -----------------------------------------------------------------------------------------
+def bench_trainer(steps: int, device: str, callback: Any) -> Any:
+    """The Lightning Trainer every benchmark arm fits with: one device, ``steps`` steps, no
+    logger, checkpoints, progress bar or model summary; ``callback`` times or records."""
+    import lightning.pytorch as L
+
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from _common import Settings, paired_ratios, quiet, summary, sync
+from _common import Settings, bench_trainer, paired_ratios, quiet, summary, sync
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,16 +82,7 @@ def step_time(
 ) -> float:
     """Median seconds per training step of one fit, the first ``warmup`` steps left out."""
     timer = Timer(device)
-    trainer = L.Trainer(
-        max_steps=steps + warmup,
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
+    trainer = bench_trainer(steps + warmup, device, timer)
     trainer.fit(module, data)
     return statistics.median(timer.times[warmup:])
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from _common import Settings, quiet
+from _common import Settings, bench_trainer, quiet
 from core_overhead import Plain, compare, loader, mlp_case, resnet_case, row
 from torch import nn
 from torch.nn.utils import parametrize
@@ -237,16 +237,7 @@ class _Losses(L.Callback):
 
 def _fit_steps(module: L.LightningModule, data, steps: int, device: str) -> list[float]:
     rec = _Losses()
-    L.Trainer(
-        max_steps=steps,
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[rec],
-    ).fit(module, data)
+    bench_trainer(steps, device, rec).fit(module, data)
     return rec.losses
 
 

@@ -198,21 +198,14 @@ def arms_of(case: str, s) -> tuple[dict, object, int, int, str]:
 
 
 def profile_case(case: str, s) -> tuple[dict, str]:
+    import _common  # benchmarks/ is on sys.path (main)
+
     arms, data, steps, warmup, title = arms_of(case, s)
     per_arm = {}
     for arm, make in arms.items():
         torch.manual_seed(s.seed)
         cb = Profiled(warmup)
-        L.Trainer(
-            max_steps=steps + warmup,
-            accelerator="gpu" if s.device == "cuda" else "cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[cb],
-        ).fit(make(), data)
+        _common.bench_trainer(steps + warmup, s.device, cb).fit(make(), data)
         per_arm[arm] = (self_times(cb.prof, cb.profiled), 1e3 * cb.wall / cb.profiled, cb.profiled)
     (base, base_ms, n), (arm, arm_ms, _) = per_arm["hand-written"], per_arm["plugin"]
     names = set(base) | set(arm)
