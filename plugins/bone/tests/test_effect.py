@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
@@ -35,22 +34,15 @@ from paperhooks_bone import Bone, BoneConfig
 SEEDS = range(5)
 
 
-class LoRA(nn.Module):
-    """W ↦ W + B A (rank k, B = 0 at init): the baseline, as a parametrization."""
-
-    def __init__(self, rank: int, out_features: int, in_features: int, gen: torch.Generator) -> None:
-        super().__init__()
-        bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=√5), PEFT's init of A
-        self.A = nn.Parameter(torch.empty(rank, in_features).uniform_(-bound, bound, generator=gen))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + self.B @ self.A
-
-
-class _Module:
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+@functools.cache
+def _lm_adaptation():
+    """``experiments/lm_adaptation.py`` (a script, not a package): the card's LM table, and the
+    LoRA baseline (a parametrization W + B A) both settings use."""
+    path = Path(__file__).parents[1] / "experiments" / "lm_adaptation.py"
+    spec = importlib.util.spec_from_file_location("bone_lm_adaptation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.cache
@@ -86,10 +78,10 @@ def _adapt(body: nn.Sequential, method: str, seed: int, x: torch.Tensor, y: torc
         model.requires_grad_(False)
         model[1].requires_grad_(True)
         for i in (0, 2):
-            parametrize.register_parametrization(model[0][i], "weight", LoRA(4, 64, 64, gen))
+            parametrize.register_parametrization(model[0][i], "weight", _lm_adaptation().LoRA(4, 64, 64, gen))
     else:
         layers = Layers(types=("Linear",), include=("0.*",), skip_head=False)
-        Bone(BoneConfig(variant=method, r=8, layers=layers, trainable=("1.*",))).reparam_setup(module=_Module(model), ctx=None)
+        Bone(BoneConfig(variant=method, r=8, layers=layers, trainable=("1.*",))).reparam_setup(module=_lm_adaptation()._Module(model), ctx=None)
     assert trainable_parameters(model) == 1024 + 325
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     new = y >= 5
@@ -118,15 +110,6 @@ def test_at_the_best_learning_rate_lora_fits_faster_than_bat_and_bat_faster_than
     """
     got = _losses(1e-2)
     assert all(lo < ba < bo for lo, ba, bo in zip(got["lora"], got["bat"], got["bone"], strict=True)), got
-
-
-def _lm_adaptation():
-    """``experiments/lm_adaptation.py`` (a script, not a package), which made the card's LM table."""
-    path = Path(__file__).parents[1] / "experiments" / "lm_adaptation.py"
-    spec = importlib.util.spec_from_file_location("bone_lm_adaptation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
