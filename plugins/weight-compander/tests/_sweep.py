@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from test_effect import _digits  # the same training draws (this script's folder is on sys.path)
 
 from paperhooks_weight_compander import Compander, decay_term
 
@@ -97,28 +98,6 @@ ROWS: dict[str, Setting] = {
 }
 
 
-def _digits(seeds: list[int], per_class: int):
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    x = torch.tensor(raw.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(raw.target)
-    train = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(1000 + s)
-        train.append(
-            torch.cat(
-                [
-                    (y == k)
-                    .nonzero()
-                    .flatten()[torch.randperm(int((y == k).sum()), generator=g)[:per_class]]
-                    for k in range(10)
-                ]
-            )
-        )
-    return x, y, torch.stack(train)  # [1797, 64], [1797], [S, 10·per_class]
-
-
 def _uniform(shape, fan_in: int, gens) -> torch.Tensor:  # nn.Linear's default initialization
     bound = 1 / math.sqrt(fan_in)
     return torch.stack([(2 * torch.rand(shape, generator=g) - 1) * bound for g in gens])
@@ -128,7 +107,7 @@ def run(st: Setting, compander: bool) -> tuple[list[float], list[float]]:
     """Test and training accuracy per seed (training accuracy on the unshifted images)."""
     seeds = list(range(st.seed0, st.seed0 + st.seeds))
     S = len(seeds)
-    x, y, train = _digits(seeds, st.per_class)
+    x, y, train = _digits(st.per_class, seeds)
     torch.manual_seed(12345)  # batch order, shifts, dropout: the same stream for both arms
     c = Compander(st.a, st.b) if compander else None
     W = c if c is not None else (lambda v: v)
