@@ -393,3 +393,37 @@ def test_functional_api_in_a_plain_lightning_module_matches_hand_written_loss():
     for a, b in zip(by_hand.parameters(), with_hooks.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert not torch.equal(UserModule(None).net.weight, by_hand.net.weight)  # it trained
+
+
+# -- logging steps ---------------------------------------------------------------------------------
+
+
+class LoggingProbe(Plugin):
+    family = "objective"
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[int, bool]] = []
+
+    @hookimpl
+    def objective_terms(self, module, batch, outputs, ctx):
+        self.seen.append((ctx.step, ctx.logging_step))
+        ctx.log("probe/step", float(ctx.step))
+
+
+def test_ctx_logging_step_is_true_exactly_on_the_steps_the_trainer_writes(tmp_path):
+    import csv
+
+    probe = named(LoggingProbe(), "probe")
+    module = HookedModule(nn.Linear(4, 3), [probe])
+    logger = L.loggers.CSVLogger(tmp_path, name="", version="")
+    L.Trainer(
+        max_steps=7, accelerator="cpu", logger=logger, log_every_n_steps=3, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    ).fit(module, tiny_data())
+    with open(tmp_path / "metrics.csv") as f:
+        written = [int(r["step"]) for r in csv.DictReader(f) if r.get("probe/step")]
+    # Lightning writes step k's logs when (k + 1) % log_every_n_steps == 0: steps 2 and 5 of 0..6
+    assert written == [2, 5]
+    assert [k for k, flag in probe.seen if flag] == written
+    assert [k for k, _ in probe.seen] == list(range(7))

@@ -26,6 +26,11 @@ class StepContext:
         data has no length (an iterable dataset) or outside a Lightning fit.
     :ivar seed: the recipe's seed.
     :ivar strategy: strategy kind: one of :data:`paperhooks.plugin.STRATEGIES`.
+    :ivar logging_step: whether the trainer writes this step's logs (Lightning's
+        ``log_every_n_steps``; set by the core at the start of every training step, ``True``
+        outside a fit). A value passed to :meth:`log` on other steps is not written, so a
+        plugin whose diagnostics cost something (a pass over the weights, a host read) can
+        skip computing them when this is ``False``.
     """
 
     seed: int = 0
@@ -36,6 +41,7 @@ class StepContext:
     max_epochs: int | None = None
     steps_per_epoch: int | None = None
     strategy: str = "single"
+    logging_step: bool = True
     logged: dict[str, torch.Tensor | float] = field(default_factory=dict)
     #: set by the core: a context manager that skips DDP gradient synchronization
     _no_sync: Any = None

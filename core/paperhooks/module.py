@@ -160,6 +160,7 @@ class HookedModule(L.LightningModule):
         hooks = self.hooks
         self._step_at_start = self.global_step
         hooks.begin_step(self.global_step, self.current_epoch, batch_idx)
+        hooks.ctx.logging_step = self._logging_step()
         batch = hooks.perturb(batch, self)  # 1. input perturbation
         outputs = self.outputs(batch)  # 2. forward
         base = None if hooks.plugins.replaces_task_loss else self.losses(batch, outputs)  # 3. losses

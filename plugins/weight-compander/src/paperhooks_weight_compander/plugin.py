@@ -138,6 +138,7 @@ class WeightCompander(Plugin):
         a, b = (cfg.init_a, cfg.init_b) if cfg.learnable else (cfg.a, cfg.b)
         for _, layer in select_layers(module.model, cfg.layers, plugin=self.name):
             parametrize.register_parametrization(layer, "weight", F.Compander(a, b, learnable=cfg.learnable))
+        self._found = None  # the companders are looked up again on the next step
 
     def _warn_about_optimizer(self, opt: Any) -> None:
         if opt is None:
@@ -161,9 +162,9 @@ class WeightCompander(Plugin):
     ) -> Mapping[str, torch.Tensor] | None:
         """``weight_decay``: the Eq. 5 term, the same for every sample (shape ``[B]``)."""
         n = batch["target"].shape[0]
-        companders = [m for m in module.model.modules() if isinstance(m, F.Compander)]
+        companders = self._companders(module.model)
         seen = [c.take_seen() for c in companders]
-        if ctx is not None and companders:
+        if ctx is not None and companders and ctx.logging_step:
             self._log(ctx, companders, seen)
         if not self.config.weight_decay:
             return None
@@ -172,16 +173,26 @@ class WeightCompander(Plugin):
         total = 0.5 * self.config.weight_decay * sum((x * x).sum() for x in _decayed(companders, seen, module.model))
         return {"weight_decay": total.expand(n)}
 
+    def _companders(self, model: torch.nn.Module) -> list[F.Compander]:
+        """The model's companders, found once per model object (not a module walk every step)."""
+        cached = getattr(self, "_found", None)
+        if cached is None or cached[0] is not model:
+            cached = (model, [m for m in model.modules() if isinstance(m, F.Compander)])
+            self._found = cached
+        return cached[1]
+
     @torch.no_grad()
     def _log(self, ctx: StepContext, companders: list[F.Compander], seen: list[Any]) -> None:
+        """The diagnostics, as tensors on the weights' device (no host read here), on the steps
+        the trainer writes logs only (``ctx.logging_step``)."""
         ws = [s[1] for s in seen if s is not None]
         if ws:
-            near = sum(int((w.abs() < NEAR_ZERO).sum()) for w in ws) / sum(w.numel() for w in ws)
+            near = torch.stack([(w.abs() < NEAR_ZERO).sum() for w in ws]).sum() / sum(w.numel() for w in ws)
             ctx.log("compander/near_zero_fraction", near)
-            ctx.log("compander/max_abs_weight", max(float(w.abs().max()) for w in ws))
+            ctx.log("compander/max_abs_weight", torch.stack([w.abs().max() for w in ws]).max())
         if self.config.learnable:
-            ctx.log("compander/mean_a", sum(float(c.a.detach().mean()) for c in companders) / len(companders))
-            ctx.log("compander/mean_b", sum(float(c.b.detach().mean()) for c in companders) / len(companders))
+            ctx.log("compander/mean_a", torch.stack([c.a.detach().mean() for c in companders]).mean())
+            ctx.log("compander/mean_b", torch.stack([c.b.detach().mean() for c in companders]).mean())
 
 
 def _decayed(companders: list[F.Compander], seen: list[Any], model: torch.nn.Module) -> list[torch.Tensor]:
