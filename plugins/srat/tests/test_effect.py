@@ -6,6 +6,9 @@ MLP 64-64-64-10 on the 8×8 digits with a 10:1 long tail (``DigitsConfig(imbalan
 ``HookedModule`` runs a step. SRAT: the defaults with the switch at epoch 20 (2/3 of training,
 DRW's 160/200 ratio). Uniform: no plugin. Metric: mean per-class accuracy over the rare half
 (classes 5-9) of the balanced validation set, clean and under PGD-10. 5 seeds.
+
+This checks the plugin's direction against uniform training only. The paper's own claim, a gain
+over plain reweighting, does not show with the defaults (10 seeds, ``_sweep.py``; see the card).
 """
 
 from __future__ import annotations

@@ -113,8 +113,10 @@ class SRAT(Plugin):
         bibtex=BIBTEX,
         code="none found",
         checked_against=(
-            "Only the abstract (arXiv 2107.13639, OpenReview Zae_OHNq-y) could be read; no method "
-            "section and no official code were found. Class weights follow LDAM-DRW's convention "
+            "Only the abstract and the introduction's first lines (arXiv 2107.13639, ar5iv, "
+            "OpenReview Zae_OHNq-y) could be read, re-checked in session 6 (the first author's 2023 "
+            "MSU dissertation and WSDM'22 doctoral-consortium abstract were found, abstracts only); "
+            "no method section and no official code were found. Class weights follow LDAM-DRW's convention "
             "(Σ_c w_c = C; effective number of Cui et al. 2019), the deferred switch DRW's, the "
             "separability term is the batch-hard triplet loss of Hermans et al. 2017 on FaceNet's "
             "normalized squared distance. All of it is a reconstruction."
