@@ -122,8 +122,9 @@ def test_sara_learns_the_new_classes_and_forgets_less_than_full_fine_tuning():
 
     A 64-128-128-10 MLP is pre-trained on digits 0–4 (400 AdamW steps, lr 1e-3), then
     fine-tuned on 5–9 for 200 steps: fully (AdamW lr 1e-3) or with SaRA on the two hidden
-    layers (the 10% smallest |entries|, T = 100, λ_rank = 5e-4 on the 128 × 128 weight, lr
-    1e-2) with the classifier head trained fully. Target: accuracy on held-out 5–9; retention:
+    layers (the 10% smallest |entries|, T = 100 = half the fine-tuning as in Sec. 4.3,
+    λ_rank = 5e-3 as in App. K on the 128 × 128 weight, lr 1e-2) with the classifier head
+    trained fully. Target: accuracy on held-out 5–9; retention:
     accuracy on held-out 0–4 among classes 0–4 (the head's 0–4 rows).
     """
     dm = build_datamodule("digits", None, seed=0)
@@ -147,7 +148,7 @@ def test_sara_learns_the_new_classes_and_forgets_less_than_full_fine_tuning():
         _train(model, xt[yt >= 5], yt[yt >= 5], 200, 1e-3, seed + 100)
         full.append(scores(model))
         model = copy.deepcopy(base)
-        plugin = Sara(SaraConfig(trainable_fraction=0.1, progressive_iter=100, freeze_others=False, layers=Layers(types=("Linear",), skip_head=True)))
+        plugin = Sara(SaraConfig(trainable_fraction=0.1, progressive_iter=100, lambda_rank=5e-3, freeze_others=False, layers=Layers(types=("Linear",), skip_head=True)))
         plugin.name = "sara"
         plugin.reparam_setup(module=_Holder(model), ctx=StepContext(seed=seed))
         assert len(plugin.candidates()) == 1
@@ -156,8 +157,8 @@ def test_sara_learns_the_new_classes_and_forgets_less_than_full_fine_tuning():
         sparse.append(scores(model))
     mean = [sum(v) / 3 for v in zip(*full, strict=True)], [sum(v) / 3 for v in zip(*sparse, strict=True)]
     (full_target, full_kept), (sara_target, sara_kept) = mean
-    # measured (card): full 0.966/0.917, 0.944/0.794, 0.944/0.833; SaRA 0.966/0.956,
-    # 0.939/0.933, 0.978/0.956 (target/retention per seed)
+    # measured (card): full 0.966/0.917, 0.944/0.794, 0.944/0.833; SaRA 0.933/0.967,
+    # 0.927/0.967, 0.950/0.961 (target/retention per seed)
     assert sara_target > full_target - 0.03, (full, sparse)
     assert sara_kept > full_kept + 0.04, (full, sparse)
     assert all(s[1] > f[1] for f, s in zip(full, sparse, strict=True)), (full, sparse)
