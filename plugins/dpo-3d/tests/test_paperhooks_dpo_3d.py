@@ -70,6 +70,19 @@ def test_flex_dpo_gradient_by_hand():
     flex_dpo_loss(w, lo, torch.tensor([-2.0]), torch.tensor([-6.0]), 0.1, 0.05).sum().backward()
     assert w.grad.item() == pytest.approx(-0.05, abs=1e-8)
     assert lo.grad.item() == pytest.approx(0.025, abs=1e-8)
+    # In probability space (the paper's Corollary 1, as the reviews report it): DPO gives
+    # (∂L/∂π⁻)/(∂L/∂π⁺) = −π⁺/π⁻, and Flex-DPO rescales it by β⁻/β⁺. π⁺ = 0.2, π⁻ = 0.05, both
+    # references 0.1 → ℓ⁺ = log 2, ℓ⁻ = −log 2.
+    #   DPO β = 0.1:   z = 0.2 log 2, σ(−z) = 0.465397; ∂/∂π⁺ = −0.1·σ/0.2 = −0.232699,
+    #                  ∂/∂π⁻ = 0.1·σ/0.05 = 0.930796; ratio −4 = −π⁺/π⁻
+    #   Flex β⁻ 0.05:  z = 0.15 log 2, σ(−z) = 0.474030; −0.237015 and 0.474030; ratio −2
+    for beta_rejected, grads in ((0.1, (-0.232699, 0.930796)), (0.05, (-0.237015, 0.474030))):
+        pw = torch.tensor([0.2], dtype=torch.float64, requires_grad=True)
+        pl = torch.tensor([0.05], dtype=torch.float64, requires_grad=True)
+        ref = torch.tensor([0.1], dtype=torch.float64).log()
+        flex_dpo_loss(pw.log(), pl.log(), ref, ref, 0.1, beta_rejected).sum().backward()
+        assert (pw.grad.item(), pl.grad.item()) == pytest.approx(grads, abs=1e-6)
+        assert pl.grad.item() / pw.grad.item() == pytest.approx(-(beta_rejected / 0.1) * 0.2 / 0.05)
 
 
 def test_plugin_terms_by_hand_and_padding_never_counts():

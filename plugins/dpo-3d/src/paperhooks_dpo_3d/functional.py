@@ -1,8 +1,11 @@
 """The regularized DPO variants of "3D-Properties" (Yan et al., ICLR 2025, arXiv 2406.07327).
 
-RECONSTRUCTION: the paper's body and code could not be read. The two regularizers below
-are taken from the OpenReview reviews, from review summaries, and from the paper's TL;DR
-("Flex-DPO with adaptive beta and SFT-DPO"). The method card lists what was and was not verified.
+RECONSTRUCTION: the paper's body and code could not be read (stored copies of the arXiv HTML
+return only the title, abstract, contents and the start of §1; no code was released). The two
+regularizers below are taken from the OpenReview reviews, from review summaries, and from the
+paper's TL;DR ("Flex-DPO with adaptive beta and SFT-DPO"); per one review the paper itself
+does not write the Flex-DPO loss as an equation (its §3.3 and §4.3). The method card lists
+what was and was not verified.
 
 The paper calls its three findings the "3D-properties" of DPO: a Drastic drop of the
 rejected likelihood, Degradation into response suppression (the chosen likelihood falls
@@ -36,6 +39,10 @@ def flex_dpo_loss(
     beta_rejected: float,
 ) -> torch.Tensor:
     """L_flex = −log σ(β⁺ ℓ⁺ − β⁻ ℓ⁻) per pair, shape ``[B]``.
+
+    In probability space, (∂L/∂π⁻)/(∂L/∂π⁺) = −(β⁻/β⁺)·π⁺/π⁻: at β⁻ = β⁺ this is the ratio the
+    paper derives for DPO (its Corollary 1, per the reviews), whose growth as π⁻ → 0 drives
+    the drastic drop; β⁻ < β⁺ scales it down.
 
     :param chosen_logps: log π_θ(y⁺|x), summed over response tokens, ``[B]``.
     :param rejected_logps: log π_θ(y⁻|x), ``[B]``.

@@ -92,8 +92,10 @@ class Dpo3d(Plugin):
         bibtex=BIBTEX,
         code="none found",
         checked_against=(
-            "RECONSTRUCTION from the OpenReview reviews and summaries (paper body and code not reachable); "
-            "TRL DPOTrainer loss_type 'sigmoid' and 'sft' (trl 1.16) numerically; hand-derived values"
+            "RECONSTRUCTION from the OpenReview reviews and summaries (paper body and code not reachable; "
+            "stored arXiv v2 HTML copies give only the abstract, contents and start of section 1); "
+            "TRL DPOTrainer loss_type 'sigmoid' and 'sft' (trl 1.16) numerically; hand-derived values, "
+            "including the probability-space gradient ratio of the paper's Corollary 1 as the reviews state it"
         ),
         verified=False,
     )
