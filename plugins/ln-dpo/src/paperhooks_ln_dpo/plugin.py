@@ -79,8 +79,10 @@ class LnDpo(Plugin):
         bibtex=BIBTEX,
         code="none found",
         checked_against=(
-            "the paper's abstract (its equation could not be read); TRL DPOTrainer loss_type 'sigmoid_norm' "
-            "(trl 1.16, _compute_loss) numerically on the same log-probabilities; hand-derived values"
+            "the paper's abstract only (arXiv v1 and NAACL 2025 Findings; its method section, equation and "
+            "β grid could not be read in two searches, and there is no official code); TRL DPOTrainer "
+            "loss_type 'sigmoid_norm' (trl 1.16, _compute_loss) numerically on the same log-probabilities; "
+            "hand-derived values"
         ),
         verified=False,
     )
