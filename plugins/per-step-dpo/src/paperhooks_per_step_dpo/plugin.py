@@ -105,7 +105,8 @@ class PerStepDpo(Plugin):
             "shared/papers/resolved.md §48, a detailed secondary excerpt of the paper's v1 (§4, §6.1, Algorithm 1, "
             "Eq. 3, Theorem 6.1, Fig. 7): π̃ = BoK(π_sft) with K = 5, first pit = first step with the lowest Q, "
             "DPO on (y⁺, ŷ_{1:c}) with π_ref = π_sft; the official repository holds only a README; the arXiv "
-            "text itself was not readable from this session"
+            "text itself was not readable beyond its front matter and abstract in two searches (β, the number "
+            "of rollouts, the choice of y⁺ and the loss as written remain unverified)"
         ),
         verified=False,
     )
