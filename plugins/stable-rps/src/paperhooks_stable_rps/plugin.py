@@ -116,9 +116,11 @@ class StableRps(Plugin):
             "req_scale = std(W), z ~ N(0, init_std²), |z| = int(sparsity·n); "
             "ModelRoasterGradScaler v1–v5; RoastGradScaler.scale_step: grad / (1e-6 + s)); driver "
             "apd10/Synaptic-Flow @ 116ae60 Experiments/singleshot_roast.py and @ f894c6b main.py "
-            "(--roast-init-std 0.04, --roast-scaler-mode v1, mapper seed 1011). The paper's text "
-            "was not readable here: which scaler mode the paper uses and the name RANDOMFOLD for "
-            "the 'pareto' mapper are inferred (see the method card)."
+            "(--roast-init-std 0.04, --roast-scaler-mode v1, mapper seed 1011). The paper's method "
+            "section was not readable here (a second search reached only the abstract, the "
+            "OpenReview reviews and summaries): which scaler mode the paper uses, its optimizers "
+            "and learning rates, and the name RANDOMFOLD for the 'pareto' mapper are not checked "
+            "against it (see the method card)."
         ),
         verified=False,
     )
