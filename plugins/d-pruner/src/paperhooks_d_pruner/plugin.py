@@ -110,7 +110,8 @@ class DPruner(Plugin):
         checked_against=(
             "shared/papers/resolved.md #33, from compressionOrg/D-Pruner @b3d5a7e: code/general.py (H, damping, "
             "G = W²/U_jj²), code/src/lomo.py (g̃ with λ = 0.1, S increment), code/save_model.py (per-matrix "
-            "threshold); the paper's text was not read"
+            "threshold); the paper's text could not be read (re-checked in session 6: the stored arXiv HTML "
+            "copy returns its opening only, other mirrors give the abstract only)"
         ),
         verified=False,
     )
