@@ -90,7 +90,8 @@ class ParetoDA(Plugin):
             "dalib/modules/grl.py, dalib/adaptation/dann.py, examples/DANN+ParetoDA.py (train loop, defaults)"
         ),
         # the equations are the official code's; the paper's text beyond its abstract was not
-        # available to check them (and its notation) against
+        # available to check them (and its notation) against (re-checked in session 6: the
+        # stored full-text copies return their opening only; see the card)
         verified=False,
     )
     strategies: ClassVar[Mapping[str, Support]] = {
