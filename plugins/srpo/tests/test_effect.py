@@ -1,5 +1,6 @@
-"""The paper's effect (its Fig. 3, in direction): revisions sampled from the trained policy,
-conditioned on a previous response, have a higher hidden reward than what they revise.
+"""The paper's effect (its Fig. 3): revisions sampled from the trained policy, conditioned on a
+previous response, have a higher hidden reward than what they revise. Here it shows for weak
+drafts (the reference's), not for the policy's own drafts: see the test's docstring and the card.
 
 ``recipes/srpo.yaml``: a 1-layer GPT-2 (width 32, 16 positions) on 1024 synthetic pairs, Adam 3e-3,
 batch 64, 4 epochs, β = 0.05; DPO is the same recipe with ``plugins=[]`` (same seed: same initial policy,
@@ -49,23 +50,28 @@ def _train(tmp_path: Path, seed: int, *over: str):
     return built
 
 
-def test_revisions_improve_weak_drafts_and_keep_strong_ones(tmp_path):
+def test_revisions_lift_weak_drafts_but_not_the_policys_own(tmp_path):
     """Measured (seeds 0, 1, 2; draft → 1st → 2nd revision, mean hidden reward of 1024 samples):
 
     - SRPO revising the reference's drafts: −0.120 → 0.738 → 0.745, 0.064 → 0.777 → 0.786,
-      −0.010 → 0.603 → 0.625: a large gain on every seed (asserted: > +0.3);
+      −0.010 → 0.603 → 0.625: a large gain (asserted per seed: > +0.3; it held on all 10 seeds
+      of ``_sweep.py``, the smallest +0.31);
     - SRPO revising its own drafts: 0.697 → 0.729 → 0.747, 0.766 → 0.783 → 0.788,
-      0.614 → 0.596 → 0.625: the paper's direction on average (+0.010 after one revision,
-      +0.028 after two; the second beats the draft on every seed, the first on 2 of 3, each
-      difference's standard error ≈ 0.015); asserted: both mean gains > 0 and no seed loses
-      more than 0.05;
+      0.614 → 0.596 → 0.625. **The paper's effect (its Fig. 3: revisions improve the policy's
+      own generations) does not show**: on 10 seeds (``_sweep.py``) the mean gain is +0.002
+      after one revision and +0.002 after two, per seed from −0.081 to +0.050 (paired standard
+      errors 0.013–0.026). Seeds 0–2 happen to average +0.010 / +0.028; an earlier version of
+      this test asserted that mean > 0 and a per-seed loss < 0.05, which seed 5 (−0.081) breaks.
+      Asserted now, per seed, what held on all 10: a revision moves the reward by less than 0.1
+      either way (no gain, and no collapse like DPO's);
     - DPO's policy used the same way (never trained to revise): 0.576 → 0.110, 0.810 → 0.409,
-      0.759 → 0.474: its "revisions" lose on every seed (asserted in direction only).
+      0.759 → 0.474: its "revisions" lose on every seed (asserted; 10 of 10 seeds).
 
-    The reviser ends near the same reward whatever it revises (own or the reference's drafts):
-    on this toy it learned which tokens are good for the topic, hardly how to use the draft.
+    The reviser ends near the same reward whatever it revises (own or the reference's drafts,
+    within 0.05 on all 10 seeds): on this toy it learned which tokens are good for the topic,
+    not how to use the draft.
     """
-    gains, fmt = [], (lambda v: " → ".join(f"{x:.3f}" for x in v))
+    fmt = lambda v: " → ".join(f"{x:.3f}" for x in v)  # noqa: E731
     for seed in SEEDS:
         with torch.no_grad():
             srpo = _train(tmp_path / "srpo", seed)
@@ -79,7 +85,5 @@ def test_revisions_improve_weak_drafts_and_keep_strong_ones(tmp_path):
         print(f"seed {seed}: SRPO own {fmt(own)} | SRPO on reference drafts {fmt(of_ref)} | "
               f"DPO own {fmt(dpo_own)} | DPO on reference drafts {fmt(dpo_ref)}")  # fmt: skip
         assert of_ref[1] > of_ref[0] + 0.3 and of_ref[2] > of_ref[0] + 0.3, (seed, of_ref)
-        assert own[1] > own[0] - 0.05 and own[2] > own[0] - 0.05, (seed, own)
+        assert abs(own[1] - own[0]) < 0.1 and abs(own[2] - own[0]) < 0.1, (seed, own)
         assert dpo_own[1] < dpo_own[0] and dpo_own[2] < dpo_own[0], (seed, dpo_own)
-        gains.append((own[1] - own[0], own[2] - own[0]))
-    assert all(sum(g[k] for g in gains) / len(gains) > 0.0 for k in (0, 1)), gains

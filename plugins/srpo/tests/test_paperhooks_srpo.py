@@ -50,7 +50,11 @@ def _plugin(**kw) -> Srpo:
 
 def _module(beta: float = 0.1, reference: str = "model", perturb: bool = True, rows: int = 8):
     dm, batch = preference_batch(rows=rows)
-    module = preference_module(dm, model_config={"max_positions": 16}, objective=PreferenceObjective(beta=beta, reference=reference))
+    module = preference_module(
+        dm,
+        model_config={"max_positions": 16},
+        objective=PreferenceObjective(beta=beta, reference=reference),
+    )
     if perturb:  # a policy different from the reference, so that the log-ratios are not 0
         with torch.no_grad():
             for p in module.model.parameters():
@@ -178,12 +182,24 @@ def test_closed_form_solves_the_min_max_objective():
         best = _inner(rev_star[y], y, P, ref_rev, beta)
         assert_close(best, beta * Z[y].log())  # the value β log Z(x, y)
         for _ in range(50):  # any other distribution does worse
-            other = (rev_star[y] * torch.exp(0.5 * torch.randn(3, generator=g, dtype=torch.float64)))
+            other = rev_star[y] * torch.exp(0.5 * torch.randn(3, generator=g, dtype=torch.float64))
             assert _inner(other / other.sum(), y, P, ref_rev, beta) < best
     outer = lambda pi: (pi * beta * Z.log()).sum() + beta * (pi * (pi / ref_gen).log()).sum()  # noqa: E731
     for _ in range(50):
         other = gen_star * torch.exp(0.5 * torch.randn(3, generator=g, dtype=torch.float64))
         assert outer(other / other.sum()) > outer(gen_star)
+    # the identities of the module doc, at (π*, π†*): I1 for every y, y', y''; I2 with the MINUS sign,
+    # β r†(y'|y) − β r(y) = P(y' ≻ y) + c, c = β log Σ_y π_ref(y)/Z(y) (here c ≈ −0.543), for all 9 (y, y')
+    r_rev, r_gen = (rev_star / ref_rev).log(), (gen_star / ref_gen).log()  # r_rev[y, y'] = r†(y'|y)
+    i1 = beta * (r_rev[:, :, None] - r_rev[:, None, :]) - (P.T[:, :, None] - P.T[:, None, :])
+    assert_close(i1, torch.zeros_like(i1))
+    c = beta * (ref_gen / Z).sum().log()
+    assert_close(
+        beta * r_rev - beta * r_gen[:, None] - P.T,
+        torch.full((3, 3), float(c), dtype=torch.float64),
+    )
+    plus = beta * r_rev + beta * r_gen[:, None] - P.T  # the sign written before: not a constant
+    assert float(plus.max() - plus.min()) > 0.02
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 1.0])
@@ -215,13 +231,17 @@ def test_equals_trl_pr_1772_formula(alpha):
     given_chosen = (½ − β(r†(w|w) − r†(l|w)))², generative = (β(r†(w|l) + r(w) − r†(l|w) − r(l)) − 1)²,
     loss = (1 − α)·generative + α·(given_rejected + given_chosen)."""
     g = torch.Generator().manual_seed(4)
-    w_l, l_l, w_w, l_w, r_w, r_l = (10 * torch.randn(16, generator=g, dtype=torch.float64) for _ in range(6))
+    w_l, l_l, w_w, l_w, r_w, r_l = (
+        10 * torch.randn(16, generator=g, dtype=torch.float64) for _ in range(6)
+    )
     beta = 0.1
     given_rejected = (0.5 - beta * (w_l - l_l)) ** 2
     given_chosen = (0.5 - beta * (w_w - l_w)) ** 2
     generative = (beta * ((w_l + r_w) - (l_w + r_l)) - 1) ** 2
     theirs = (1 - alpha) * generative + alpha * (given_rejected + given_chosen)
-    ours, s, gen = srpo_losses(w_l, l_l, w_w, l_w, r_w, r_l, beta=beta, alpha=alpha, preference_prob=1.0)
+    ours, s, gen = srpo_losses(
+        w_l, l_l, w_w, l_w, r_w, r_l, beta=beta, alpha=alpha, preference_prob=1.0
+    )
     assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
     assert_close(s, given_rejected + given_chosen, atol=1e-12, rtol=1e-12)
 
@@ -234,7 +254,12 @@ def test_revision_sequence_layout():
     ids, attention, mask = revision_batch(batch, L)
     b = 8
     assert ids.shape == attention.shape == mask.shape == (4 * b, 2 * W - L)
-    blocks = [("chosen", "rejected"), ("rejected", "rejected"), ("chosen", "chosen"), ("rejected", "chosen")]
+    blocks = [
+        ("chosen", "rejected"),
+        ("rejected", "rejected"),
+        ("chosen", "chosen"),
+        ("rejected", "chosen"),
+    ]
     for k, (target, context) in enumerate(blocks):
         for i in range(b):
             row = k * b + i
@@ -258,12 +283,16 @@ def test_revision_log_ratios_match_sequences_built_by_hand():
     L, W = dm.prompt_length, batch["chosen_ids"].shape[1]
     i = 3
     n = int(batch["chosen_mask"][i].sum())
-    seq = torch.cat([batch["rejected_ids"][i], batch["chosen_ids"][i, L : L + n]])[None]  # PADs of the row kept
+    seq = torch.cat([batch["rejected_ids"][i], batch["chosen_ids"][i, L : L + n]])[
+        None
+    ]  # PADs of the row kept
     with torch.no_grad():
         pol = module.model(seq, torch.ones_like(seq))[0, W : W + n].sum()
         ref = module.reference_model(seq, torch.ones_like(seq))[0, W : W + n].sum()
         ids, attention, mask = revision_batch(batch, L)
-        rev = (module.model(ids, attention) * mask).sum(1) - (module.reference_model(ids, attention) * mask).sum(1)
+        rev = (module.model(ids, attention) * mask).sum(1) - (
+            module.reference_model(ids, attention) * mask
+        ).sum(1)
     assert_close(rev[i], pol - ref, atol=1e-5, rtol=0)  # block 0 is y_w | y_l
     assert abs(float(pol - ref)) > 1e-3
 
@@ -272,13 +301,17 @@ def test_padding_never_counts():
     """Padding tokens of the rows (attention 0) may hold anything: the loss does not move."""
     dm, batch, module = _module()
     plugin = _plugin(alpha=0.8)
-    before = plugin.objective_terms(module=module, batch=batch, outputs=module.outputs(batch), ctx=None)["loss"]
+    before = plugin.objective_terms(
+        module=module, batch=batch, outputs=module.outputs(batch), ctx=None
+    )["loss"]
     changed = {k: v.clone() for k, v in batch.items()}
     for side in ("chosen", "rejected"):
         pad = changed[f"{side}_attention"] == 0
         assert pad.any()
         changed[f"{side}_ids"][pad] = 7  # a content token where the padding was
-    after = plugin.objective_terms(module=module, batch=changed, outputs=module.outputs(changed), ctx=None)["loss"]
+    after = plugin.objective_terms(
+        module=module, batch=changed, outputs=module.outputs(changed), ctx=None
+    )["loss"]
     assert_close(after, before, atol=1e-6, rtol=0)
 
 
@@ -288,10 +321,14 @@ def test_plugin_terms_equal_the_functional_on_the_modules_log_ratios():
     L = dm.prompt_length
     ids, attention, mask = revision_batch(batch, L)
     with torch.no_grad():
-        rev = (module.model(ids, attention) * mask).sum(1) - (module.reference_model(ids, attention) * mask).sum(1)
+        rev = (module.model(ids, attention) * mask).sum(1) - (
+            module.reference_model(ids, attention) * mask
+        ).sum(1)
     expected = srpo_losses(*rev.chunk(4), out["chosen_logps"] - out["ref_chosen_logps"],
                            out["rejected_logps"] - out["ref_rejected_logps"], beta=0.2, alpha=0.6, preference_prob=0.9)[0]  # fmt: skip
-    got = _plugin(alpha=0.6, preference_prob=0.9).objective_terms(module=module, batch=batch, outputs=out, ctx=None)["loss"]
+    got = _plugin(alpha=0.6, preference_prob=0.9).objective_terms(
+        module=module, batch=batch, outputs=out, ctx=None
+    )["loss"]
     assert_close(got.detach(), expected.detach(), atol=1e-5, rtol=1e-6)
     got.sum().backward()  # the policy's revision forward carries the gradient
     assert all(p.grad is not None for p in module.model.parameters())
@@ -304,7 +341,9 @@ def test_reference_none_uses_zero_reference_terms():
     ids, attention, mask = revision_batch(batch, dm.prompt_length)
     with torch.no_grad():
         rev = (module.model(ids, attention) * mask).sum(1)
-    expected = srpo_losses(*rev.chunk(4), out["chosen_logps"], out["rejected_logps"], beta=0.1, alpha=0.8)[0]
+    expected = srpo_losses(
+        *rev.chunk(4), out["chosen_logps"], out["rejected_logps"], beta=0.1, alpha=0.8
+    )[0]
     got = _plugin().objective_terms(module=module, batch=batch, outputs=out, ctx=None)["loss"]
     assert_close(got.detach(), expected, atol=1e-5, rtol=1e-6)
 
@@ -314,7 +353,9 @@ def test_logs_its_terms_and_the_improvement_accuracy():
 
     dm, batch, module = _module()
     ctx = StepContext()
-    _plugin(alpha=0.8).objective_terms(module=module, batch=batch, outputs=module.outputs(batch), ctx=ctx)
+    _plugin(alpha=0.8).objective_terms(
+        module=module, batch=batch, outputs=module.outputs(batch), ctx=ctx
+    )
     assert set(ctx.logged) == {"srpo/self_loss", "srpo/gen_loss", "srpo/improvement_acc"}
     assert 0.0 <= float(ctx.logged["srpo/improvement_acc"]) <= 1.0
 
@@ -327,7 +368,9 @@ def test_response_rows_and_revise_keep_the_layout():
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [4, 0, 0, 0, 0, 0, 0], [0] * 7])
     rows, att = response_rows(batch["chosen_ids"][:3, :L], tokens, torch.tensor([7, 1, 0]), W)
     assert rows.tolist()[0] == [*batch["chosen_ids"][0, :L].tolist(), 5, 6, 7, 8, 9, 10, EOS]
-    assert rows.tolist()[1][L:] == [4, EOS, 0, 0, 0, 0, 0] and rows.tolist()[2][L:] == [EOS] + [0] * 6
+    assert (
+        rows.tolist()[1][L:] == [4, EOS, 0, 0, 0, 0, 0] and rows.tolist()[2][L:] == [EOS] + [0] * 6
+    )
     assert att.sum(1).tolist() == [W, L + 2, L + 1]
     # revising twice: same prompts, the layout of a data row, reproducible from the generator
     g = torch.Generator().manual_seed(0)
@@ -335,9 +378,13 @@ def test_response_rows_and_revise_keep_the_layout():
     r2, a2, t2, n2 = revise(module.model, r1, g, prompt_length=L, attention=a1)
     for r, a, n in ((r1, a1, n1), (r2, a2, n2)):
         assert r.shape == (3, W) and torch.equal(r[:, :L], rows[:, :L])
-        assert torch.equal(r[torch.arange(3), L + n], torch.full((3,), EOS)) and torch.equal(a.sum(1), L + n + 1)
+        assert torch.equal(r[torch.arange(3), L + n], torch.full((3,), EOS)) and torch.equal(
+            a.sum(1), L + n + 1
+        )
         assert bool((r[:, L:] != PAD).sum(1).eq(n + 1).all())  # content and EOS, then padding only
-    again = revise(module.model, rows, torch.Generator().manual_seed(0), prompt_length=L, attention=att)[0]
+    again = revise(
+        module.model, rows, torch.Generator().manual_seed(0), prompt_length=L, attention=att
+    )[0]
     assert torch.equal(again, r1)
 
 
@@ -348,25 +395,38 @@ def _fit(tmp_path, *over):
 
 
 def test_refuses_a_precomputed_reference_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"srpo cannot use objective\.reference 'precomputed'.*use 'model' or 'none'"):
+    with pytest.raises(
+        ValueError,
+        match=r"srpo cannot use objective\.reference 'precomputed'.*use 'model' or 'none'",
+    ):
         _fit(tmp_path, "objective.reference=precomputed")
 
 
 def test_refuses_a_policy_without_room_for_revisions_naming_the_recipe_key(tmp_path):
-    with pytest.raises(ValueError, match=r"16 tokens, the policy attends over 9 positions; set model\.max_positions: 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"16 tokens, the policy attends over 9 positions; set model\.max_positions: 16",
+    ):
         _fit(tmp_path, "model.max_positions=0")
 
 
 def test_refuses_tabular_data(tmp_path):
-    with pytest.raises(ValueError, match=r"srpo needs a causal-LM policy over token sequences.*tabular-preferences"):
-        raw = R.load_raw(RECIPE, [f"run_dir={tmp_path}", "trainer.enable_progress_bar=false", "trainer.max_steps=1"])
+    with pytest.raises(
+        ValueError, match=r"srpo needs a causal-LM policy over token sequences.*tabular-preferences"
+    ):
+        raw = R.load_raw(
+            RECIPE,
+            [f"run_dir={tmp_path}", "trainer.enable_progress_bar=false", "trainer.max_steps=1"],
+        )
         raw.update(model={"name": "tabular-policy"}, data={"name": "tabular-preferences"})
         fit(R.validate(raw))
 
 
 def test_refuses_non_preference_outputs():
     with pytest.raises(ValueError, match="srpo: needs a preference task"):
-        _plugin().objective_terms(module=None, batch={}, outputs={"logits": torch.zeros(2, 3)}, ctx=None)
+        _plugin().objective_terms(
+            module=None, batch={}, outputs={"logits": torch.zeros(2, 3)}, ctx=None
+        )
 
 
 def test_refuses_prompts_of_different_widths():
@@ -376,4 +436,3 @@ def test_refuses_prompts_of_different_widths():
     with pytest.raises(ValueError, match="nonzero inside the prompt"):
         revision_sequences(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4), torch.zeros(2, 4, dtype=torch.long),
                            torch.ones(2, 4), mask, prompt_length=2)  # fmt: skip
-

@@ -1,8 +1,9 @@
 """SRPO as pure torch functions (Choi, Ahmadian, Geist, Pietquin & Azar, "Self-Improving Robust
 Preference Optimization", ICLR 2025, arXiv 2406.01660).
 
-**A reconstruction.** The paper's Sec. 4–5 (the offline loss, its targets, α and β) could not be
-read. What is known and where it comes from:
+**A reconstruction.** The paper's Sec. 4–5 (the offline loss, its targets, α and β, hard or soft
+labels, the revision prompt) could not be read: a second search found only the abstract (arXiv
+HTML v3, OpenReview) and the Fig. 3 caption. What is known and where it comes from:
 
 - the min-max objective, from a Cohere report summary (the authors' employer), not the paper::
 
@@ -24,9 +25,10 @@ with value β log Z(x, y). The outer minimization of ``E_{y∼π}[β log Z(x, y)
 gives π*(y|x) ∝ π_ref(y|x) / Z(x, y). Hence, for any y', y'', y:
 
     β log π†*(y'|x,y)/π_ref(y'|x,y) − β log π†*(y''|x,y)/π_ref(y''|x,y) = P(y' ≻ y|x) − P(y'' ≻ y|x)      (I1)
-    β log π†*(y'|x,y)/π_ref(y'|x,y) + β log π*(y|x)/π_ref(y|x)            = P(y' ≻ y|x) + c(x)            (I2)
+    β log π†*(y'|x,y)/π_ref(y'|x,y) − β log π*(y|x)/π_ref(y|x)            = P(y' ≻ y|x) + c(x)            (I2)
 
-(Z(x, y) cancels in I2; c(x) = −β log Σ_y π_ref(y|x)/Z(x, y) does not depend on y, y').
+(β log π*(y|x)/π_ref(y|x) = −β log Z(x, y) − c(x), so Z(x, y) cancels in I2;
+c(x) = β log Σ_y π_ref(y|x)/Z(x, y) does not depend on y, y'.)
 
 The offline loss regresses the policy's log-ratios onto these identities on a preference pair
 (x, y_w, y_l). With the log-ratios of the trained policy π (the same network as π†)::
@@ -36,7 +38,7 @@ The offline loss regresses the policy's log-ratios onto these identities on a pr
 and p = P(y_w ≻ y_l | x) (hard labels: p = 1; P(y ≻ y) = ½, P(y_l ≻ y_w) = 1 − p):
 
     L_self = (β[r†(y_w|y_l) − r†(y_l|y_l)] − (p − ½))² + (β[r†(y_w|y_w) − r†(y_l|y_w)] − (p − ½))²   (I1 twice)
-    L_gen  = (β[r†(y_w|y_l) + r(y_w) − r†(y_l|y_w) − r(y_l)] − (2p − 1))²                              (I2 − I2)
+    L_gen  = (β[r†(y_w|y_l) + r(y_w) − r†(y_l|y_w) − r(y_l)] − (2p − 1))²     (I2 at (y_w|y_l) − I2 at (y_l|y_w))
     L_α    = α L_self + (1 − α) L_gen
 
 Both regressions are zero at (π*, π†*) (checked on a tabular toy in the tests). Log-probabilities
@@ -81,7 +83,9 @@ def srpo_losses(
     self_loss = (beta * (rev_w_given_l - rev_l_given_l) - half).square() + (
         beta * (rev_w_given_w - rev_l_given_w) - half
     ).square()
-    gen_loss = (beta * (rev_w_given_l + gen_w - rev_l_given_w - gen_l) - (2.0 * preference_prob - 1.0)).square()
+    gen_loss = (
+        beta * (rev_w_given_l + gen_w - rev_l_given_w - gen_l) - (2.0 * preference_prob - 1.0)
+    ).square()
     return alpha * self_loss + (1.0 - alpha) * gen_loss, self_loss, gen_loss
 
 
@@ -121,26 +125,41 @@ def revision_sequences(
     """
     L = prompt_length
     if target_mask[:, :L].any():
-        raise ValueError(f"srpo: the target rows' response mask is nonzero inside the prompt (first {L} positions)")
+        raise ValueError(
+            f"srpo: the target rows' response mask is nonzero inside the prompt (first {L} positions)"
+        )
     context = torch.where(context_attention.bool(), context_ids, PAD)
     target = torch.where(target_attention.bool(), target_ids, PAD)[:, L:]
     ids = torch.cat([context, target], 1)
     attention = torch.cat([torch.ones_like(context_attention), target_attention[:, L:]], 1)
-    mask = torch.cat([torch.zeros_like(context_ids, dtype=target_mask.dtype), target_mask[:, L:]], 1)
+    mask = torch.cat(
+        [torch.zeros_like(context_ids, dtype=target_mask.dtype), target_mask[:, L:]], 1
+    )
     return ids, attention, mask
 
 
 #: the order of :func:`revision_batch`'s four blocks: (target, context)
-REVISIONS: tuple[tuple[str, str], ...] = (("chosen", "rejected"), ("rejected", "rejected"), ("chosen", "chosen"), ("rejected", "chosen"))
+REVISIONS: tuple[tuple[str, str], ...] = (
+    ("chosen", "rejected"),
+    ("rejected", "rejected"),
+    ("chosen", "chosen"),
+    ("rejected", "chosen"),
+)
 
 
-def revision_batch(batch: dict[str, torch.Tensor], prompt_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def revision_batch(
+    batch: dict[str, torch.Tensor], prompt_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The four revision sequences of every pair, ``[4B, 2W − L]``: blocks y_w|y_l, y_l|y_l,
     y_w|y_w, y_l|y_w (target|context, the order of :data:`REVISIONS`)."""
     parts = [
         revision_sequences(
-            batch[f"{ctx}_ids"], batch[f"{ctx}_attention"],
-            batch[f"{tgt}_ids"], batch[f"{tgt}_attention"], batch[f"{tgt}_mask"].float(), prompt_length,
+            batch[f"{ctx}_ids"],
+            batch[f"{ctx}_attention"],
+            batch[f"{tgt}_ids"],
+            batch[f"{tgt}_attention"],
+            batch[f"{tgt}_mask"].float(),
+            prompt_length,
         )  # fmt: skip
         for tgt, ctx in REVISIONS
     ]
@@ -148,7 +167,9 @@ def revision_batch(batch: dict[str, torch.Tensor], prompt_length: int) -> tuple[
     return ids, attention, mask
 
 
-def response_rows(prompts: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def response_rows(
+    prompts: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-width rows ``[prompt, y, EOS, PAD…]`` ``[B, W]`` and their attention from sampled
     responses (``tokens`` ``[B, n]``: content then PAD, ``lengths`` ``[B]``).
 
@@ -157,12 +178,20 @@ def response_rows(prompts: torch.Tensor, tokens: torch.Tensor, lengths: torch.Te
     b, L = prompts.shape
     room = width - L - 1
     if room < 1:
-        raise ValueError(f"response_rows: width {width} leaves no room for a response after a {L}-token prompt")
+        raise ValueError(
+            f"response_rows: width {width} leaves no room for a response after a {L}-token prompt"
+        )
     n = lengths.clamp(max=room)
     pos = torch.arange(room, device=tokens.device)
-    body = tokens[:, :room] if tokens.shape[1] >= room else torch.nn.functional.pad(tokens, (0, room - tokens.shape[1]), value=PAD)
+    body = (
+        tokens[:, :room]
+        if tokens.shape[1] >= room
+        else torch.nn.functional.pad(tokens, (0, room - tokens.shape[1]), value=PAD)
+    )
     body = torch.where(pos[None] < n[:, None], body, PAD)
-    ids = torch.cat([prompts, body, torch.full((b, 1), PAD, dtype=prompts.dtype, device=prompts.device)], 1)
+    ids = torch.cat(
+        [prompts, body, torch.full((b, 1), PAD, dtype=prompts.dtype, device=prompts.device)], 1
+    )
     ids[torch.arange(b, device=ids.device), L + n] = EOS
     attention = (torch.arange(width, device=ids.device)[None] <= (L + n)[:, None]).long()
     return ids, attention

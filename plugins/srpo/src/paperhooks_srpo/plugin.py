@@ -30,7 +30,12 @@ BIBTEX = """\
 
 
 def _number(cls: str, name: str, value: Any, lo: float, hi: float) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and lo <= value <= hi
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and lo <= value <= hi
+    )
     if not ok:
         raise ValueError(f"{cls}.{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
 
@@ -88,8 +93,10 @@ class Srpo(Plugin):
         bibtex=BIBTEX,
         code="none found",
         checked_against=(
-            "RECONSTRUCTION: the paper's Sec. 4-5 (offline loss, alpha, beta) could not be read. Min-max objective from "
-            "a Cohere report summary; closed-form solution and regression targets derived here; L_self, L_gen and "
+            "RECONSTRUCTION: the paper's Sec. 4-5 (offline loss, alpha, beta, labels, revision prompt) could not be "
+            "read; a second search reached only the abstract (arXiv HTML v3, OpenReview) and the Fig. 3 caption. "
+            "Min-max objective from a Cohere report summary; closed-form solution and regression targets derived "
+            "here (identities I1, I2 checked at the closed form); L_self, L_gen and "
             "alpha = 0.8 agree numerically with the unmerged third-party TRL PR #1772 (frasermince, "
             "trl/trainer/srpo_trainer.py srpo_loss @ 680f611, hard labels), restated in the tests; hand-derived values"
         ),
@@ -151,10 +158,14 @@ class Srpo(Plugin):
         gen_w = outputs["chosen_logps"] - outputs["ref_chosen_logps"]
         gen_l = outputs["rejected_logps"] - outputs["ref_rejected_logps"]
         c = self.config
-        loss, self_loss, gen_loss = F.srpo_losses(w_l, l_l, w_w, l_w, gen_w, gen_l, module.objective.beta, c.alpha, c.preference_prob)
+        loss, self_loss, gen_loss = F.srpo_losses(
+            w_l, l_l, w_w, l_w, gen_w, gen_l, module.objective.beta, c.alpha, c.preference_prob
+        )
         if ctx is not None:  # the three global means in one all-reduce
             n = torch.tensor(float(loss.numel()), device=loss.device)
-            sums = torch.stack([self_loss.detach().sum(), gen_loss.detach().sum(), (w_l > l_w).float().sum(), n])
+            sums = torch.stack(
+                [self_loss.detach().sum(), gen_loss.detach().sum(), (w_l > l_w).float().sum(), n]
+            )
             sums = ctx.dist.sum_over_ranks({"sums": sums})["sums"]
             ctx.log(f"{NAME}/self_loss", sums[0] / sums[3])
             ctx.log(f"{NAME}/gen_loss", sums[1] / sums[3])

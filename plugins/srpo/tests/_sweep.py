@@ -1,0 +1,67 @@
+"""The sweep behind the card's 10-seed table (not a test).
+
+Per seed, the effect test's runs (``test_effect._train``: ``recipes/srpo.yaml``, DPO with
+``plugins=[]``) and its sampling (4 drafts for each of the 256 validation prompts, then two
+revisions, one seeded generator). This script also prints each own-draft gain's paired standard
+error over the 1024 samples.
+
+Run from the repository root (about 30–60 s per seed on one shared core)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python plugins/srpo/tests/_sweep.py 0,1,2,3,4,5,6,7,8,9
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from test_effect import REPS, _train  # this script's folder is on sys.path
+
+from paperhooks.tasks.preference import sample
+from paperhooks.tasks.sampler import generator
+from paperhooks_srpo import response_rows, revise
+
+
+def per_sample(built, policy, reviser, seed: int) -> list[torch.Tensor]:
+    """Hidden reward of each draft of ``policy``, then of its two successive revisions by
+    ``reviser``: ``test_effect._rewards`` before the mean."""
+    dm = built.datamodule
+    rows = dm.val_set.tensors
+    L, W = dm.prompt_length, rows["chosen_ids"].shape[1]
+    prompts = rows["chosen_ids"][:, :L].repeat(REPS, 1)
+    topic = rows["prompt"].repeat(REPS)
+    g = generator(seed, "srpo.effect")
+    tokens, lengths = sample(policy, prompts, W - L - 1, g)
+    out = [dm.hidden_reward(topic, tokens, (tokens >= 2).float())]
+    ids, attention = response_rows(prompts, tokens, lengths, W)
+    for _ in range(2):
+        ids, attention, tokens, _ = revise(reviser, ids, g, prompt_length=L, attention=attention)
+        out.append(dm.hidden_reward(topic, tokens, (tokens >= 2).float()))
+    return out
+
+
+def main(seeds: list[int]) -> None:
+    fmt = lambda r: " → ".join(f"{x.mean():.3f}" for x in r)  # noqa: E731
+    se = lambda d: d.std().item() / math.sqrt(d.numel())  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for seed in seeds:
+            srpo = _train(Path(tmp) / "srpo", seed)
+            m = srpo.module
+            own = per_sample(srpo, m.model, m.model, seed)
+            of_ref = per_sample(srpo, m.reference_model, m.model, seed)
+            dpo = _train(Path(tmp) / "dpo", seed, "plugins=[]")
+            d = dpo.module
+            dpo_own = per_sample(dpo, d.model, d.model, seed)
+            g1, g2 = own[1] - own[0], own[2] - own[0]
+            print(
+                f"seed {seed}: SRPO own {fmt(own)} (gains {g1.mean():+.3f} ± {se(g1):.3f}, {g2.mean():+.3f} ± {se(g2):.3f}) | "
+                f"SRPO on reference drafts {fmt(of_ref)} | DPO own {fmt(dpo_own)}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main([int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "0,1,2,3,4,5,6,7,8,9").split(",")])
