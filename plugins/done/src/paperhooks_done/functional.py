@@ -19,9 +19,10 @@ times the scalar c_t = ((1/|B|) Σ_{i∈B} exp(ℓ_i / r)) / u_t, which is how t
 it (:func:`coefficient`). β = 1 gives c_t = 1: plain within-batch softmax weights.
 
 Everything is kept in log space (log u, log-mean-exp) so that a small r cannot overflow.
-The paper's full text was not available: the closed form is fixed by the KL-regularized
-problem the abstract and reviews describe; the running estimate u_t and its rate β are a
-reconstruction (see the method card).
+The paper's method section could not be read (stored copies of the full text returned only
+their opening to searches): the closed form is fixed by the KL-regularized problem the
+abstract and reviews describe; the running estimate u_t and its rate β are a reconstruction
+(see the method card).
 """
 
 from __future__ import annotations

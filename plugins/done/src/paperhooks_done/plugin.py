@@ -99,12 +99,17 @@ class DONE(Plugin):
         code="none found",
         checked_against=(
             "Not the paper's text: its method section (Eqs. 5-7, Algorithm 1 CID, the values of r, "
-            "beta and the attack) could not be read. Checked: the arXiv/OpenReview abstract "
+            "beta and the attack) is unread. Full-text copies are stored (ICLR-2024 camera-ready on "
+            "object.cloud.sdsc.edu ml-papers-txt, arXiv mirror huggingface.dothings.top/papers/"
+            "2308.00311.md), but ~20 targeted searches in session 6 returned only their opening "
+            "(abstract, start of the introduction). Checked: the arXiv/OpenReview abstract "
             "(weights from the KL-divergence regularized loss) and the three ICLR-2024 reviews "
             "(OpenReview OF5x1dzWSS: Eq. 5 DRO with closed-form weights, Eq. 6 equivalent "
-            "compositional problem, Eq. 7 log-barrier lower level, CID = modified SCGD). The closed "
-            "form softmax(l/r) follows from Eq. 5 as described; the running normalizer u_t is the "
-            "standard SCGD tracking estimate (reconstruction), kl_reg/beta defaults are not the paper's."
+            "compositional problem, Eq. 7 log-barrier lower level, CID = modified SCGD with "
+            "Jacobian products). The closed form softmax(l/r) follows from Eq. 5 as described; the "
+            "running normalizer u_t is the standard SCGD tracking estimate (reconstruction); "
+            "kl_reg/beta defaults are not the paper's; the barrier attack and the implicit term "
+            "are not implemented, and whether the paper's experiments use them is unknown."
         ),
         verified=False,
     )
