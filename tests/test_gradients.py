@@ -120,6 +120,55 @@ def test_rows_are_the_gradients_of_each_objective_worked_out_by_hand(mode):
     torch.testing.assert_close(want, torch.tensor([[2 / 3, 1.0], [0.0, -6.0]]))
 
 
+@pytest.mark.parametrize("mode", ["batched", "loop"])
+def test_rows_are_zero_where_an_objective_or_a_parameter_has_no_gradient(mode):
+    # the rows are allocated uninitialized: a constant objective and an unused parameter must
+    # still come back as exact zeros (filled with NaN first would show any entry left unwritten)
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    unused = nn.Parameter(torch.tensor([5.0, 5.0, 5.0]))
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    objs = linear_objectives(w, x)
+    values = [objs["mean"], torch.tensor(3.0), objs["square"]]  # the middle one is a constant
+    torch.empty = _nan_empty(torch.empty)
+    try:
+        G = Engine(mode).per_objective_gradients(values, [w, unused])
+    finally:
+        torch.empty = torch.empty.original
+    want = torch.tensor([[2 / 3, 1.0, 0, 0, 0], [0, 0, 0, 0, 0], [0.0, -6.0, 0, 0, 0]])
+    torch.testing.assert_close(G, want)
+
+
+def _nan_empty(empty):
+    def nan_empty(*args, **kwargs):
+        return empty(*args, **kwargs).fill_(float("nan"))
+
+    nan_empty.original = empty
+    return nan_empty
+
+
+def test_all_finite_by_hand():
+    from paperhooks.gradients import _all_finite
+
+    assert _all_finite(torch.tensor([1.0, -2.0, 3.0]))
+    assert not _all_finite(torch.tensor([1.0, float("nan"), 3.0]))
+    assert not _all_finite(torch.tensor([1.0, float("inf")]))
+    assert not _all_finite(torch.tensor([float("inf"), float("-inf")]))  # the sum is NaN
+    assert _all_finite(torch.tensor([3e38, 3e38]))  # the sum overflows, every entry is finite
+    assert _all_finite(torch.full((4,), 60000.0, dtype=torch.float16))  # 240000 > fp16's max
+    assert not _all_finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
+
+
+def test_a_non_finite_direction_raises_naming_the_objectives():
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+
+    def poison(grads, ctx):
+        return grads.combine(torch.tensor([float("nan"), 1.0], dtype=torch.float64))
+
+    with pytest.raises(FloatingPointError, match=r"non-finite direction \(objectives \['mean', 'square'\]"):
+        Engine("loop").run(linear_objectives(w, x), [("w", w)], {"w"}, [poison], ctx=None)
+
+
 class Recorder(Plugin):
     family = "gradient-surgery"
     seen: list
