@@ -57,31 +57,41 @@ def goals(results: dict) -> list[dict]:
     by_case: dict[str, list[dict]] = {}
     for e in results.get("surgery", {}).get("results", []):
         by_case.setdefault(e["case"], []).append(e)
+    arm, mode = default_surgery_arm(results)
     for case, entries in by_case.items():
         for peer, key in (("TorchJD", "vs_torchjd"), ("LibMTL", "vs_libmtl")):
-            worst = max(entries, key=lambda e: e[key]["paperhooks batched"]["median"])
-            r = worst[key]["paperhooks batched"]
+            worst = max(entries, key=lambda e: e[key][arm]["median"])
+            r = worst[key][arm]
             out.append(
                 {
                     "part": "3. gradient surgery",
-                    "what": f"paperhooks (batched) / {peer} at every K, {case}",
+                    "what": f"paperhooks ({mode}) / {peer} at every K, {case}",
                     "goal": "< 1 at every K",
                     "result": f"worst {fmt_ratio(r)}× at K={worst['k']} ({fmt_spread(r)})",
                     "verdict": verdict(r, 1.0 - 1e-9),
                 }
             )
-        worst = max(entries, key=lambda e: e["vs_k_backward"]["paperhooks batched"]["median"])
-        r = worst["vs_k_backward"]["paperhooks batched"]
+        worst = max(entries, key=lambda e: e["vs_k_backward"][arm]["median"])
+        r = worst["vs_k_backward"][arm]
         out.append(
             {
                 "part": "3. gradient surgery",
-                "what": f"paperhooks (batched) / K backward passes, {case}",
+                "what": f"paperhooks ({mode}) / K backward passes, {case}",
                 "goal": f"≤ {SURGERY_GOAL:g}× at every K",
                 "result": f"worst {fmt_ratio(r)}× at K={worst['k']} ({fmt_spread(r)})",
                 "verdict": verdict(r, SURGERY_GOAL),
             }
         )
     return out
+
+
+def default_surgery_arm(results: dict) -> tuple[str, str]:
+    """The engine mode a user gets on the run's device, which the goals judge: ``Engine()``
+    (mode ``"auto"``) runs batched on CUDA and the loop on a CPU (``paperhooks.gradients``),
+    where vmap's overhead measured slower. The page's tables show both modes."""
+    if results.get("device") == "cuda":
+        return "paperhooks batched", "batched"
+    return "paperhooks loop", "loop, the engine's default on a CPU"
 
 
 def summary_text(results: dict) -> str:
@@ -340,6 +350,7 @@ def page(
     L += _surgery(results, images, figs_rel)
     L += _dist(results, images, figs_rel)
     L += _cli(results, images, figs_rel)
+    L += _profiles(results)
     return "\n".join(L).rstrip() + "\n"
 
 
@@ -521,6 +532,8 @@ def _surgery(results: dict, images: dict, rel: str) -> list[str]:
         f"Peak memory: {surg['memory_method']}.",
         "",
         "Goal: paperhooks faster than both peers at every K, and within 1.2× of the K backward passes.",
+        "The goals judge the mode `Engine()` picks on the run's device (`auto`: batched on CUDA, the",
+        "loop on a CPU, where vmap's overhead measured slower); the tables give both modes.",
         "",
     ]
     for f in surg.get("failures", []):
