@@ -425,5 +425,40 @@ def test_ctx_logging_step_is_true_exactly_on_the_steps_the_trainer_writes(tmp_pa
         written = [int(r["step"]) for r in csv.DictReader(f) if r.get("probe/step")]
     # Lightning writes step k's logs when (k + 1) % log_every_n_steps == 0: steps 2 and 5 of 0..6
     assert written == [2, 5]
-    assert [k for k, flag in probe.seen if flag] == written
+    # those, and the last step (its values end in callback_metrics, the run's summary)
+    assert [k for k, flag in probe.seen if flag] == [2, 5, 6]
     assert [k for k, _ in probe.seen] == list(range(7))
+    assert float(module.trainer.callback_metrics["probe/step"]) == 6.0
+
+
+def test_the_last_step_of_an_epoch_bounded_fit_is_a_logging_step():
+    probe = named(LoggingProbe(), "probe")
+    module = HookedModule(nn.Linear(4, 3), [probe])
+    L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, log_every_n_steps=50, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    ).fit(module, tiny_data())  # 2 batches per epoch: steps 0..3, none a multiple of 50
+    assert [k for k, flag in probe.seen if flag] == [3]
+    assert float(module.trainer.callback_metrics["probe/step"]) == 3.0
+
+
+class OneOffProbe(Plugin):
+    family = "objective"
+
+    @hookimpl
+    def objective_terms(self, module, batch, outputs, ctx):
+        if ctx.step == 1:  # not a logging step: the value waits for the next one
+            ctx.log("probe/one_off", 42.0)
+
+
+def test_a_value_logged_between_logging_steps_is_written_with_the_next_one(tmp_path):
+    import csv
+
+    module = HookedModule(nn.Linear(4, 3), [named(OneOffProbe(), "probe")])
+    L.Trainer(
+        max_steps=7, accelerator="cpu", logger=L.loggers.CSVLogger(tmp_path, name="", version=""),
+        log_every_n_steps=3, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(module, tiny_data())
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [(int(r["step"]), r.get("probe/one_off")) for r in csv.DictReader(f)]
+    assert [(k, v) for k, v in rows if v] == [(2, "42.0")]

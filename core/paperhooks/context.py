@@ -27,10 +27,11 @@ class StepContext:
     :ivar seed: the recipe's seed.
     :ivar strategy: strategy kind: one of :data:`paperhooks.plugin.STRATEGIES`.
     :ivar logging_step: whether the trainer writes this step's logs (Lightning's
-        ``log_every_n_steps``; set by the core at the start of every training step, ``True``
-        outside a fit). A value passed to :meth:`log` on other steps is not written, so a
-        plugin whose diagnostics cost something (a pass over the weights, a host read) can
-        skip computing them when this is ``False``.
+        ``log_every_n_steps``), or this is the fit's last step; set by the core at the start
+        of every training step, ``True`` outside a fit. Values passed to :meth:`log` reach
+        Lightning on these steps, so a plugin whose per-step diagnostics cost something (a
+        pass over the weights, a host read, a few small ops on a small model) can skip
+        computing them when this is ``False``.
     """
 
     seed: int = 0
@@ -80,5 +81,7 @@ class StepContext:
 
     # -- logging --------------------------------------------------------------------------
     def log(self, name: str, value: torch.Tensor | float) -> None:
-        """Log a scalar that shows a plugin working; values must already be global."""
+        """Log a scalar that shows a plugin working; values must already be global. The core
+        passes the latest value of each name to Lightning on the next :attr:`logging_step`
+        step (Lightning writes on_step values on those steps only)."""
         self.logged[name] = value.detach() if isinstance(value, torch.Tensor) else value

@@ -201,7 +201,10 @@ class HookedModule(L.LightningModule):
             self._log_sparsity(ctx)
         for f in calls["lifecycle_step_end"]:
             f(module=self, ctx=ctx)
-        if ctx.logged:
+        # Lightning writes on_step values on logging steps only: values logged on other steps
+        # wait in ctx.logged (the latest per name) and go out with the next logging step, so a
+        # one-off value (an allocation, a mask change) is written rather than lost
+        if ctx.logged and ctx.logging_step:
             self.log_dict(self.hooks.log_items(), on_step=True, on_epoch=False)
 
     @torch.no_grad()
@@ -256,9 +259,24 @@ class HookedModule(L.LightningModule):
             ctx.log(f"pruning/sparsity/{k}", v)
 
     def _logging_step(self) -> bool:
-        """Whether the trainer writes this step's logs (Lightning's own test; True without one)."""
-        connector = getattr(self._trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        """Whether the trainer writes this step's logs (Lightning's own test; True without a
+        trainer), or this is the fit's last step (so ``trainer.callback_metrics``, and the run's
+        summary, end with every plugin's last values, also in a run shorter than
+        ``log_every_n_steps``)."""
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if bool(getattr(connector, "should_update_logs", True)):
+            return True
+        max_steps = getattr(trainer, "max_steps", -1)
+        if max_steps is not None and max_steps > 0 and self.global_step + 1 >= max_steps:
+            return True
+        max_epochs = getattr(trainer, "max_epochs", None)
+        return bool(
+            max_epochs is not None
+            and max_epochs > 0
+            and trainer.current_epoch + 1 >= max_epochs
+            and getattr(trainer, "is_last_batch", False)
+        )
 
     @property
     def _multi(self) -> bool:

@@ -136,6 +136,7 @@ class LossReweighting(Plugin):
         # global w from the same gathered vector and keeps its own rows.
         global_losses, mine = dist.all_gather_cat(losses.detach())  # [B_global], slice
         w = F.sample_weights(global_losses, cfg.strategy, cfg.kl_reg, cfg.delta)  # [B_global]
-        ctx.log("loss-reweighting/weight_entropy", F.weight_entropy(w))
-        ctx.log("loss-reweighting/ess", F.effective_sample_size(w))
+        if ctx.logging_step:  # the diagnostics only where the trainer writes them
+            ctx.log("loss-reweighting/weight_entropy", F.weight_entropy(w))
+            ctx.log("loss-reweighting/ess", F.effective_sample_size(w))
         return w[mine]
