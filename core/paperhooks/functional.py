@@ -173,8 +173,15 @@ class Hooks:
         return coefs
 
     def total(self, objectives: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``Σ_k c_k L_k``. A coefficient that is the number 1 multiplies nothing, and the sum
+        starts from the first term: no ``1.0 · L`` or ``0 + L`` nodes in the graph."""
         coefs = self.coefficients(objectives)
-        return sum(coefs[k] * v for k, v in objectives.items())  # type: ignore[return-value]
+        out: torch.Tensor | None = None
+        for k, v in objectives.items():
+            c = coefs[k]
+            term = v if isinstance(c, int | float) and c == 1 else c * v
+            out = term if out is None else out + term
+        return out  # type: ignore[return-value]
 
     def weighted_mean(self, losses: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The sample-weighted mean of ``losses`` over the global batch, as a scalar loss."""
