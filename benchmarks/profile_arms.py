@@ -53,29 +53,30 @@ CASES = (
 WHY: dict[str, str] = {
     "core-mlp": (
         "what the plain module does not do is Python bookkeeping, a fixed cost per step: the stag"
-        "ed step (the objectives dict, `sum`, `reduce`, `_log_step`) and the snapshot of torch's "
-        "RNG state at the start of every step (so that a step that fails can be saved and resumed"
-        " exactly; `torch.get_rng_state`, a few µs). Until 2026-11-29 the snapshot also read the "
-        "NumPy and Python states (~0.1 ms, the largest item then); those are now read when a chec"
-        "kpoint is written, and the extra self time fell from +0.62 to +0.13 ms per step. Fixed p"
-        "er step, it weighs on a small MLP step and not on a resnet18 step; on the H200's 2.8 ms "
-        "MLP step the old fixed cost was of the order of the 1.12× measured there (not re-measure"
-        "d on a GPU)."
+        "ed step (the objectives dict, `reduce`, `total`, `_log_step`), the logging-step test and t"
+        "he snapshot of torch's RNG state at the start of every step (so that a step that fails ca"
+        "n be saved and resumed exactly; `torch.get_rng_state`, a few µs). On 2026-11-29 the snaps"
+        "hot stopped reading NumPy's and Python's states (~0.1 ms; now read when a checkpoint is w"
+        "ritten), and `total` stopped adding `1.0·L` and `0 + L` nodes to the graph. Fixed per ste"
+        "p, it weighs on a ~2.5 ms MLP step (a few per cent) and not on a resnet18 step; on this s"
+        "hared 2-core machine the measured ratio has ranged from 0.95 to 1.12 between runs of the "
+        "same code."
     ),
     "core-resnet": (
-        "the same fixed bookkeeping as for the MLP, lost in a resnet18 step on this CPU; the H200's "
-        "1.10× (spread 1.01 – 1.26) for a 13 ms step is larger than this fixed cost would explain and "
-        "was not profiled on a GPU."
+        "the same fixed bookkeeping as for the MLP, about +0.3 ms of self time against a ~330 ms "
+        "resnet18 step on this CPU (under 0.1 %): the 1.04 median of this run is within its spread"
+        " over rounds, and runs of the same code on 2026-11-29 measured 0.96 – 0.98. The H200's "
+        "1.10× (spread 1.01 – 1.26) for a 13 ms step is larger than this fixed cost would explain "
+        "and was not profiled on a GPU."
     ),
     "weighting-mlp": (
         "besides the core's bookkeeping: `torch.isfinite` twice (the plugin's own `check_finite`,"
         " which the conformance kit requires so that NaN losses raise naming the plugin, and the "
         "core's count of invalid weights), the plugin's min/max normalization and softmax. The co"
-        "re now checks every plugin's weights and the global sum in one all-reduce and one host r"
-        "ead (`reduce`) instead of one `bool()` per plugin plus `bool(total > 0)`: with the plugi"
-        "n's own check, 2 host–device synchronizations per step on a GPU instead of 3 (a CPU prof"
-        "ile cannot weigh them; the H200's 1.15 – 1.18× predates the change). Extra self time: +1"
-        ".12 ms per step, against +1.37 ms before."
+        "re checks every plugin's weights and the global sum in one all-reduce and one host read "
+        "(`reduce`), and since 2026-11-29 the plugin computes its entropy and ESS diagnostics, and "
+        "the core calls `log_dict`, on logging steps only (the hand-written arm logs them every st"
+        "ep, as a user would)."
     ),
     "weighting-resnet": (
         "the same checks and bookkeeping as for the MLP, small against a resnet18 step on this CPU."
@@ -87,7 +88,9 @@ WHY: dict[str, str] = {
         "g/sparsity` and every layer's sparsity through `log_dict` at every step, which doubled t"
         "his step; it now logs them on the trainer's logging steps and when the masks change, and"
         " `zero_pruned` reuses the layer map instead of walking `named_modules`. Extra self time:"
-        " +1.46 ms per step against +7.42 ms before; the measured ratio went from 2.06× to 1.04×."
+        " +1.46 ms per step against +7.42 ms before; the measured ratio went from 2.06× to 1.04 – "
+        "1.16× (runs of 2026-11-29 on this shared machine). The rest is `zero_pruned`'s `mul_`, "
+        "which the hand-written arm skips."
     ),
     "pruning-resnet": (
         "the mask updates cost the same in both arms (the core's `_stable_top` against the hand-w"
@@ -96,11 +99,23 @@ WHY: dict[str, str] = {
         "h.where` that ranks pruned weights last at each mask update (the 22 sparsity values are "
         "now logged on logging steps and mask changes only)."
     ),
+    "preference": (
+        "the same forward passes (policy over [chosen; rejected], frozen reference) and the same "
+        "loss in both arms, under paperhooks' names in its arm (`outputs`, `reference_logps`, "
+        "`dpo_loss`, `log_ratio_margin`, together ~0.27 ms of self time per profiled step, in "
+        "place of the hand-written `training_step`'s), plus the staged step of every "
+        "HookedModule and `_log_step`; about +1 ms of self time under cProfile against a ~35 ms "
+        "step, within this machine's spread over rounds."
+    ),
     "reparam-mlp": (
         "the arctan is the same work in both arms (`compand` in the plugin, the pre-hook in the "
-        "hand-written one); the plugin adds the core's bookkeeping, and its `objective_terms` walks "
-        "`model.modules()` to find its companders at every step and turns its two diagnostics into "
-        "Python numbers (`float`/`int` of tensors: host–device synchronizations on a GPU)."
+        "hand-written one); the plugin adds the core's bookkeeping. Until 2026-11-29 its "
+        "`objective_terms` also walked `model.modules()` to find its companders at every step and "
+        "turned its two diagnostics into Python numbers (`float`/`int` of tensors: host–device "
+        "synchronizations on a GPU); it now finds them once per model and computes the diagnostics "
+        "as tensors on the trainer's logging steps only (`ctx.logging_step`), and the measured "
+        "ratio went from 1.09× to 0.74 – 0.86× (it now does less per step than the hand-written "
+        "arm, which computes its diagnostics every step)."
     ),
 }
 
