@@ -251,7 +251,7 @@ class HookedModule(L.LightningModule):
         logs, and on every step whose masks changed (so the last value logged is always the
         current one). Counted only when the masks change."""
         changed = self._layer_sparsity is None
-        if not changed and not self._logging_step():
+        if not changed and not ctx.logging_step:
             return
         if changed:
             self._layer_sparsity = pruning.layer_sparsity(self.masks)

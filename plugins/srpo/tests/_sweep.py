@@ -18,29 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from test_effect import REPS, _train  # this script's folder is on sys.path
-
-from paperhooks.tasks.preference import sample
-from paperhooks.tasks.sampler import generator
-from paperhooks_srpo import response_rows, revise
-
-
-def per_sample(built, policy, reviser, seed: int) -> list[torch.Tensor]:
-    """Hidden reward of each draft of ``policy``, then of its two successive revisions by
-    ``reviser``: ``test_effect._rewards`` before the mean."""
-    dm = built.datamodule
-    rows = dm.val_set.tensors
-    L, W = dm.prompt_length, rows["chosen_ids"].shape[1]
-    prompts = rows["chosen_ids"][:, :L].repeat(REPS, 1)
-    topic = rows["prompt"].repeat(REPS)
-    g = generator(seed, "srpo.effect")
-    tokens, lengths = sample(policy, prompts, W - L - 1, g)
-    out = [dm.hidden_reward(topic, tokens, (tokens >= 2).float())]
-    ids, attention = response_rows(prompts, tokens, lengths, W)
-    for _ in range(2):
-        ids, attention, tokens, _ = revise(reviser, ids, g, prompt_length=L, attention=attention)
-        out.append(dm.hidden_reward(topic, tokens, (tokens >= 2).float()))
-    return out
+from test_effect import _per_sample_rewards as per_sample  # this script's folder is on sys.path
+from test_effect import _train
 
 
 def main(seeds: list[int]) -> None:

@@ -26,8 +26,8 @@ SEEDS = (0, 1, 2)
 REPS = 4
 
 
-def _rewards(built, policy, reviser, seed: int) -> list[float]:
-    """Mean hidden reward of drafts from ``policy``, then of two successive revisions by ``reviser``."""
+def _per_sample_rewards(built, policy, reviser, seed: int) -> list[torch.Tensor]:
+    """Hidden reward of each draft from ``policy``, then of two successive revisions by ``reviser``."""
     dm = built.datamodule
     rows = dm.val_set.tensors
     L, W = dm.prompt_length, rows["chosen_ids"].shape[1]
@@ -35,12 +35,17 @@ def _rewards(built, policy, reviser, seed: int) -> list[float]:
     topic = rows["prompt"].repeat(REPS)
     g = generator(seed, "srpo.effect")
     tokens, lengths = sample(policy, prompts, W - L - 1, g)
-    out = [dm.hidden_reward(topic, tokens, (tokens >= 2).float()).mean().item()]
+    out = [dm.hidden_reward(topic, tokens, (tokens >= 2).float())]
     ids, attention = response_rows(prompts, tokens, lengths, W)
     for _ in range(2):
         ids, attention, tokens, _ = revise(reviser, ids, g, prompt_length=L, attention=attention)
-        out.append(dm.hidden_reward(topic, tokens, (tokens >= 2).float()).mean().item())
+        out.append(dm.hidden_reward(topic, tokens, (tokens >= 2).float()))
     return out
+
+
+def _rewards(built, policy, reviser, seed: int) -> list[float]:
+    """Mean hidden reward of drafts from ``policy``, then of two successive revisions by ``reviser``."""
+    return [r.mean().item() for r in _per_sample_rewards(built, policy, reviser, seed)]
 
 
 def _train(tmp_path: Path, seed: int, *over: str):
