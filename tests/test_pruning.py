@@ -228,6 +228,55 @@ def test_ties_keep_the_earlier_entry():
     assert keep["a"].tolist() == [False, True, False] and keep["b"].tolist() == [True, False]
 
 
+
+def test_selection_equals_the_stable_sort_for_every_count_with_ties_signed_zeros_and_nan():
+    # _stable_top selects with kthvalue on CPU (sorting only NaN scores); every count of
+    # every case must give the stable descending sort's first entries
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(37, generator=g),
+        torch.randint(0, 4, (41,), generator=g).float(),  # many ties
+        torch.tensor([0.0, -0.0, 1.0, -0.0, 0.0, 1.0, 2.0]),  # -0.0 == 0.0: a tie, kept in order
+        torch.randint(0, 5, (23,), generator=g),  # integer scores
+        torch.tensor([1.0, float("nan"), 0.5, float("nan"), 2.0]),  # NaN ranks first, as in the sort
+    ]
+    for flat in cases:
+        for keep in range(flat.numel() + 1):
+            assert torch.equal(pruning._stable_top(flat, keep), _reference_topk(flat, keep)), (flat, keep)
+
+
+def test_the_mask_product_is_the_boolean_product_bit_for_bit_and_follows_every_mask_change():
+    # On CPU the Mask multiplies by a cached 0/1 copy of M in the weight's dtype; the values,
+    # signs of zero included, must be those of w * M, and the copy must follow M's changes
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 6, generator=g)
+    w[0, :3] = torch.tensor([-1.0, 0.0, -0.0])
+    mask = pruning.Mask(w.shape)
+
+    def same(w: torch.Tensor) -> None:
+        got, want = mask(w), w * mask.mask
+        assert got.dtype == want.dtype and torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+    same(w)
+    mask.mask &= torch.rand(5, 6, generator=g) > 0.5  # in place
+    mask.mask[0, 0] = False  # -1.0 · 0 = -0.0
+    same(w)
+    mask.mask.copy_(torch.rand(5, 6, generator=g) > 0.3)
+    same(w)
+    mask.load_state_dict({"mask": torch.rand(5, 6, generator=g) > 0.7})
+    same(w)
+    mask.double()  # a new buffer, and a new dtype
+    same(w.double())
+    v = w.clone().requires_grad_()
+    mask(v).sum().backward()  # ∂(w ⊙ M)/∂w = M
+    assert torch.equal(v.grad, mask.mask.float())
+    layer = nn.Linear(6, 5)
+    masks = pruning.add_masks(nn.Sequential(layer))
+    masks["0"].mask.copy_(mask.mask)
+    pruning.zero_pruned(nn.Sequential(layer), masks)  # stored weight zero exactly where M is False
+    stored = pruning.stored(layer).detach()
+    assert bool((stored[~mask.mask] == 0).all()) and bool((stored[mask.mask] != 0).all())
+
 # -- exact top-k without gathering the scores -------------------------------------------------------------
 def _reference_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
     """One process, the global order: stable descending sort, first k kept."""

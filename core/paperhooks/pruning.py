@@ -22,14 +22,39 @@ from paperhooks import dist
 
 
 class Mask(nn.Module):
-    """``W ↦ W ⊙ M`` with a boolean keep-mask ``M`` stored as a buffer (saved with the model)."""
+    """``W ↦ W ⊙ M`` with a boolean keep-mask ``M`` stored as a buffer (saved with the model).
+
+    On CPU the product uses ``M`` as a 0/1 tensor of ``W``'s dtype (:meth:`factor`): the
+    values are the same bit for bit (``w·True`` and ``w·1.0`` are both ``w``, ``w·False``
+    and ``w·0.0`` both ``±0``), but a float-by-bool product converts ``M`` element by element
+    on every pass, forward and backward, which makes it several times slower than a
+    float-by-float one on CPU. Other devices multiply by the boolean mask directly (the
+    conversion is free there and the copy would cost memory).
+    """
 
     def __init__(self, shape: torch.Size) -> None:
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+        self._factor: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+    def factor(self, like: torch.Tensor) -> torch.Tensor:
+        """``M`` for multiplying ``like``: on CPU a cached 0/1 copy in ``like``'s dtype, else ``M``.
+
+        The copy is remade whenever the mask changes: an in-place change (``copy_``, ``&=``,
+        ``load_state_dict``) bumps the buffer's version counter, and a replaced buffer
+        (``.to()``, ``.double()``) is another tensor.
+        """
+        m = self.mask
+        if like.device.type != "cpu" or m.device != like.device or m.is_inference() or torch.compiler.is_compiling():
+            return m
+        cached = self._factor
+        if cached is None or cached[0] is not m or cached[1] != m._version or cached[2].dtype != like.dtype:
+            cached = (m, m._version, m.to(like.dtype))
+            self._factor = cached
+        return cached[2]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
+        return w * self.factor(w)
 
 
 def prunable(model: nn.Module) -> dict[str, nn.Module]:
@@ -101,9 +126,31 @@ def pruned_count(n: int, sparsity: float) -> int:
 
 
 def _stable_top(flat: torch.Tensor, keep: int) -> torch.Tensor:
-    order = torch.argsort(flat, descending=True, stable=True)
-    out = torch.zeros_like(flat, dtype=torch.bool)
-    out[order[:keep]] = True
+    """Keep-mask of the ``keep`` largest entries of the 1-D ``flat``; of equal entries the
+    earlier ones are kept (the order of a stable descending sort).
+
+    On CPU this selects instead of sorting: ``t`` is the keep-th largest value
+    (``kthvalue``, linear time), every entry above ``t`` is kept and the first entries equal
+    to ``t`` fill the rest. That is exactly the sorted rule, without the ``O(N log N)`` stable
+    sort (about 10× faster on a resnet18's 11M weights). Entries above ``t`` number fewer
+    than ``keep`` and entries ``≥ t`` at least ``keep``, so the fill is never negative. With
+    NaN scores (ordered above everything by the sort) and on other devices (whose
+    ``kthvalue`` runs one block per row) the stable sort is used.
+    """
+    n = flat.numel()
+    if keep <= 0:
+        return torch.zeros_like(flat, dtype=torch.bool)
+    if keep >= n:
+        return torch.ones_like(flat, dtype=torch.bool)
+    if flat.device.type != "cpu" or (flat.is_floating_point() and bool(torch.isnan(flat).any())):
+        order = torch.argsort(flat, descending=True, stable=True)
+        out = torch.zeros_like(flat, dtype=torch.bool)
+        out[order[:keep]] = True
+        return out
+    t = torch.kthvalue(flat, n - keep + 1).values
+    out = flat > t
+    fill = keep - int(out.sum())
+    out[(flat == t).nonzero().squeeze(1)[:fill]] = True
     return out
 
 
@@ -220,6 +267,7 @@ def zero_pruned(
         if only_mask(layer):
             orig = stored(layer)
             if is_sharded(orig):
-                orig.to_local().mul_(m.mask[shard_rows(orig)])
+                local = orig.to_local()
+                local.mul_(m.factor(local)[shard_rows(orig)])
             else:
-                orig.mul_(m.mask)
+                orig.mul_(m.factor(orig))
