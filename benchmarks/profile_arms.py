@@ -82,22 +82,24 @@ WHY: dict[str, str] = {
         "the same checks and bookkeeping as for the MLP, small against a resnet18 step on this CPU."
     ),
     "pruning-mlp": (
-        "the mask's `forward` (`original ⊙ M`) and `zero_pruned`'s `mul_` after every step (so th"
-        "at momentum and weight decay cannot revive a pruned weight; the hand-written arm does no"
-        "t zero them), plus the core's bookkeeping. Until 2026-11-29 the core also logged `prunin"
-        "g/sparsity` and every layer's sparsity through `log_dict` at every step, which doubled t"
-        "his step; it now logs them on the trainer's logging steps and when the masks change, and"
-        " `zero_pruned` reuses the layer map instead of walking `named_modules`. Extra self time:"
-        " +1.46 ms per step against +7.42 ms before; the measured ratio went from 2.06× to 1.04 – "
-        "1.16× (runs of 2026-11-29 on this shared machine). The rest is `zero_pruned`'s `mul_`, "
-        "which the hand-written arm skips."
+        "Python bookkeeping on a ~4 ms step: the mask's `forward` and `factor` (the cached 0/1 c"
+        "opy of M, checked on every call), `zero_pruned` after every step (so that momentum and "
+        "weight decay cannot revive a pruned weight; the hand-written arm does not zero them), the "
+        "core's staged step and RNG snapshot, and at each mask update four walks over the modules "
+        "(`prunable`). The tensor work is tiny here: e24f04d (the float copy of M, `kthvalue` "
+        "selection) made the resnet18 arm faster than the hand-written one but leaves this fixed "
+        "cost, +1.3 – 1.6 ms of self time per profiled step under cProfile in two profiles after "
+        "it (+1.5 ms before). Earlier on 2026-11-29 sparsity logging moved to logging steps and "
+        "mask changes (2.06× -> 1.04 – 1.16×)."
     ),
     "pruning-resnet": (
-        "the mask updates cost the same in both arms (the core's `_stable_top` against the hand-w"
-        "ritten `optimizer_step`'s argsort, the mask's `forward` under each arm's own name); the "
-        "extra is `zero_pruned`'s `mul_` of all 11M stored weights after every step and the `torc"
-        "h.where` that ranks pruned weights last at each mask update (the 22 sparsity values are "
-        "now logged on logging steps and mask changes only)."
+        "no longer missed: since e24f04d the paperhooks arm is the faster one. The mask multiplies "
+        "by a cached 0/1 copy of M in the weight's dtype (a float-by-bool product converts M element "
+        "by element, forward, backward and in `zero_pruned`'s `mul_`): in two profiles after it the "
+        "mask's `forward` took 11 – 14 ms and `mul_` 7 – 9 ms of self time per profiled step, "
+        "against 39 and 27 ms before; and the global threshold is selected with `kthvalue` "
+        "(58 – 61 ms per step at 0.2 mask updates a step) where the hand-written arm sorts all 11M "
+        "scores (`argsort`, 354 – 361 ms)."
     ),
     "preference": (
         "the same forward passes (policy over [chosen; rejected], frozen reference) and the same "
