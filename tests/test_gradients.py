@@ -218,6 +218,57 @@ def test_surgery_never_sees_the_gradient_of_the_summed_loss():
     torch.testing.assert_close(got, summed)
 
 
+
+def test_cpu_rows_are_reused_only_when_nothing_else_holds_them():
+    """On CPU the engine writes a step's [K, P] rows into the previous step's buffer (a fresh
+    one page-faults again), but only when no plugin kept that step's GradientSet, rows or a
+    view: what a plugin kept must never change under it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = list(net.parameters())
+
+    def values():
+        out = net(torch.randn(6, 3))
+        return [out[:, 0].pow(2).mean(), out[:, 1].abs().mean()]
+
+    engine = Engine("loop")
+    first = engine.per_objective_gradients(values(), params)
+    ptr = first.data_ptr()
+    del first
+    second = engine.per_objective_gradients(values(), params)
+    assert second.data_ptr() == ptr  # nothing held the first rows: reused
+    row, saved = second[0], second[0].clone()
+    third = engine.per_objective_gradients(values(), params)  # a row of the second is held
+    assert third.data_ptr() != second.data_ptr() and torch.equal(row, saved)
+    del row, second
+    kept = third  # the tensor itself is held under another name
+    fourth = engine.per_objective_gradients(values(), params)
+    assert fourth.data_ptr() != kept.data_ptr()
+    # through the core's step: a plugin that keeps every GradientSet sees each step's own rows
+    from paperhooks.functional import Hooks
+
+    rec = Recorder()
+    rec.name = "rec"
+    hooks = Hooks([rec])
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    want = []
+    for step in range(3):
+        hooks.begin_step(step)
+        out = net(x)
+        objectives = {"ce": F.cross_entropy(out, y), "l2": 0.3 * out.pow(2).mean()}
+        rows = []
+        for name in objectives:
+            grads = torch.autograd.grad(objectives[name], params, retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        want.append(torch.stack(rows))
+        hooks.surgery_gradients(objectives, net)
+        with torch.no_grad():
+            for p in params:
+                p -= 0.1 * p.grad
+    assert len({g.rows.data_ptr() for g in rec.seen}) == 3
+    for gset, rows in zip(rec.seen, want, strict=True):
+        torch.testing.assert_close(gset.rows, rows, rtol=0, atol=0)
+
 class HeadOnlyFirst(Plugin):
     """Acts on the last layer only and follows the first objective: α = [1, 0]."""
 
