@@ -27,6 +27,16 @@ from paperhooks.plugin import Plugin
 Batch = Mapping[str, torch.Tensor]
 
 
+def summed(values: Any) -> torch.Tensor:
+    """The sum of tensors, from the first one (``sum()`` would add it to 0 first: one more
+    node in the graph)."""
+    it = iter(values)
+    out = next(it)
+    for v in it:
+        out = out + v
+    return out
+
+
 def per_sample(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-sample losses ``[B]`` from ``[B]`` or per-token ``[B, T]`` (mean over ``token_mask``)."""
     if losses.dim() == 1:
@@ -176,12 +186,7 @@ class Hooks:
         """``Σ_k c_k L_k``. A coefficient that is the number 1 multiplies nothing, and the sum
         starts from the first term: no ``1.0 · L`` or ``0 + L`` nodes in the graph."""
         coefs = self.coefficients(objectives)
-        out: torch.Tensor | None = None
-        for k, v in objectives.items():
-            c = coefs[k]
-            term = v if isinstance(c, int | float) and c == 1 else c * v
-            out = term if out is None else out + term
-        return out  # type: ignore[return-value]
+        return summed(v if isinstance(c := coefs[k], int | float) and c == 1 else c * v for k, v in objectives.items())
 
     def weighted_mean(self, losses: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The sample-weighted mean of ``losses`` over the global batch, as a scalar loss."""

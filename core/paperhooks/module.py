@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paperhooks import pruning
-from paperhooks.functional import Hooks
+from paperhooks.functional import Hooks, summed
 from paperhooks.plugin import Plugin
 from paperhooks.recipe import OptimizerSection
 
@@ -166,7 +166,7 @@ class HookedModule(L.LightningModule):
         base = None if hooks.plugins.replaces_task_loss else self.losses(batch, outputs)  # 3. losses
         objectives = hooks.objectives(self, batch, outputs, base)  # 4. objective terms
         weights = (  # 5. weights, from the per-sample total of the objectives
-            hooks.sample_weights(_summed(objectives.values()), batch, outputs, self) if hooks._weighting else None
+            hooks.sample_weights(summed(objectives.values()), batch, outputs, self) if hooks._weighting else None
         )
         reduced = hooks.reduce(objectives, weights)  # 6. global normalization
         self._log_step(reduced, outputs, batch)
@@ -355,12 +355,3 @@ def _set_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(state["python"]), None))
-
-
-def _summed(values: Any) -> torch.Tensor:
-    """The sum of tensors, from the first one (``sum()`` would add it to 0 first)."""
-    it = iter(values)
-    out = next(it)
-    for v in it:
-        out = out + v
-    return out

@@ -44,13 +44,17 @@ class Mask(nn.Module):
         ``load_state_dict``) bumps the buffer's version counter, and a replaced buffer
         (``.to()``, ``.double()``) is another tensor.
         """
-        m = self.mask
-        if like.device.type != "cpu" or m.device != like.device or m.is_inference() or torch.compiler.is_compiling():
+        m, cached = self.mask, self._factor
+        if torch.compiler.is_compiling() or not like.is_cpu:
             return m
-        cached = self._factor
-        if cached is None or cached[0] is not m or cached[1] != m._version or cached[2].dtype != like.dtype:
-            cached = (m, m._version, m.to(like.dtype))
-            self._factor = cached
+        # the common case first: the copy made for this very buffer, unchanged, in this dtype
+        # (a cached buffer is a CPU tensor that tracks versions, as checked when it was made)
+        if cached is not None and cached[0] is m and cached[1] == m._version and cached[2].dtype == like.dtype:
+            return cached[2]
+        if not m.is_cpu or m.is_inference():
+            return m
+        cached = (m, m._version, m.to(like.dtype))
+        self._factor = cached
         return cached[2]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
