@@ -62,17 +62,15 @@ def test_gram_norms_dot_and_combinations_by_hand():
 
 
 def test_the_gram_matrix_of_long_rows_is_close_to_float64():
-    """On CPU the Gram matrix is summed over column blocks in float64: one float32 product
-    along 2M columns is off by ~2e-4 of the largest entry on these rows (worked out below
-    against float64), the blocks by ~1e-6."""
+    """On CPU the Gram matrix is summed over column blocks in float64: within 1e-5 of the
+    float64 product on 2M columns (measured 1.2e-6), where one float32 product was ~2e-4 off."""
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(4, 32 * GRAM_BLOCK + 5, generator=g) + 0.5  # mean 0.5: large inner products
     exact = rows.double() @ rows.double().T
-    one_product = (rows @ rows.T).double()
     gram = GradientSet(rows, ["a", "b", "c", "d"], torch.zeros(4)).gram()
-    scale = exact.abs().max()
-    assert (one_product - exact).abs().max() / scale > 5e-5  # what the blocks are for
-    assert gram.dtype == torch.float64 and (gram - exact).abs().max() / scale < 1e-5
+    # (rows @ rows.T).double(), one float32 product, was 2.1e-4 off here with torch 2.14.1's
+    # CPU BLAS; not asserted, as it is the BLAS's behaviour, not paperhooks'
+    assert gram.dtype == torch.float64 and (gram - exact).abs().max() / exact.abs().max() < 1e-5
 
 def test_bad_calls_name_what_is_allowed():
     s = hand_set()
