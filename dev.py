@@ -37,6 +37,9 @@ STAMP = VENV / ".paperhooks-setup"
 CONSTRAINTS = ROOT / "constraints.txt"
 TOOLS = ("pytest", "pytest-xdist", "ruff", "nox")
 MIN_PYTHON = (3, 11)
+#: about what a fresh install takes on disk (torch's CUDA wheel and its nvidia-* libraries
+#: are most of it; measured 6.5 GB for .venv, plus pip's unpacked wheels while installing)
+INSTALL_GB = 8.0
 
 #: the two arms of the demo, in the order they are printed
 DEMO = (
@@ -125,6 +128,12 @@ def setup(force: bool = False) -> Path:
     say(
         f"installing paperhooks and plugins ({plugins}) editable; the first time takes a few minutes"
     )
+    free_gb = _free_gb(VENV)
+    if free_gb < INSTALL_GB:
+        say(
+            f"warning: {free_gb:.1f} GB free on the disk of {VENV}; a fresh install needs about "
+            f"{INSTALL_GB:.0f} GB (torch's CUDA wheel and its nvidia libraries)"
+        )
     log = VENV / "pip-install.log"
     start = time.monotonic()
     cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", *install_args()]
@@ -137,10 +146,23 @@ def setup(force: bool = False) -> Path:
     if rc != 0:
         lines = log.read_text(errors="replace").splitlines()
         print("\n".join(lines[-60:]), file=sys.stderr)
+        if any("No space left on device" in line for line in lines[-60:]):
+            sys.exit(
+                f"dev.py: pip install failed (exit {rc}): the disk is full ({_free_gb(VENV):.1f} GB "
+                f"free now; a fresh install needs about {INSTALL_GB:.0f} GB). Free space (old "
+                f"virtual environments, clones) and run it again; full log: {log}"
+            )
         sys.exit(f"dev.py: pip install failed (exit {rc}); full log: {log}")
     STAMP.write_text(key + "\n")
     say(f"set up in {time.monotonic() - start:.0f}s (log: {log.relative_to(ROOT)})")
     return py
+
+
+def _free_gb(path: Path) -> float:
+    """Free space, in GB, on the disk that holds ``path`` (or its nearest existing parent)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free / 1e9
 
 
 def _works(py: Path) -> bool:
@@ -158,7 +180,9 @@ def parallel_args(pytest_args: list[str], python: Path) -> list[str]:
     Most of the suite's time is subprocesses importing Lightning and small CPU fits, so two
     workers use both cores of a CI machine; the tests share no files (each has its tmp_path).
     """
-    if any(a.startswith("-n") or a.startswith("--numprocesses") or "no:xdist" in a for a in pytest_args):
+    if any(
+        a.startswith("-n") or a.startswith("--numprocesses") or "no:xdist" in a for a in pytest_args
+    ):
         return []
     probe = subprocess.run([str(python), "-c", "import xdist"], capture_output=True)
     return ["-n", "2", "--dist", "worksteal"] if probe.returncode == 0 else []
