@@ -23,11 +23,17 @@ import pytest
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("PAPERHOOKS_FULL_SUITE") == "1":
         return
-    skip = pytest.mark.skip(reason="a plugin's multi-process check: run `python3.11 dev.py test --all` (PAPERHOOKS_FULL_SUITE=1)")
+    skip = pytest.mark.skip(
+        reason="a plugin's multi-process check: run `python3.11 dev.py test --all` (PAPERHOOKS_FULL_SUITE=1)"
+    )
     root = config.rootpath
     for item in items:
         if item.get_closest_marker("full_suite") is not None:
-            item.add_marker(pytest.mark.skip(reason="a core check another default test covers: run `python3.11 dev.py test --all`"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="a core check another default test covers: run `python3.11 dev.py test --all`"
+                )
+            )
             continue
         if item.get_closest_marker("slow") is None or "process" not in item.name:
             continue  # only multi-process checks are left to --all; slow experiments run

@@ -3,7 +3,7 @@
 - ``tests``: core and every plugin, the whole suite (what ``python3.11 dev.py test`` runs).
 - ``plugin-<slug>``: one per ``plugins/<slug>/pyproject.toml``: only the core and that plugin
   installed, that plugin's tests run (it must not depend on another plugin being there).
-- ``lint``: ``ruff check``.
+- ``lint``: ``ruff check`` and ``ruff format --check``.
 - ``docs``: ``mkdocs build --strict`` (skipped while there is no ``mkdocs.yml``).
 - ``demo``: the README's demo, uniform vs loss-reweighting.
 - ``bench``: ``benchmarks/run_all.py``, every benchmark in one run (results in ``docs/benchmarks.md``).
@@ -74,9 +74,10 @@ for _plugin in _plugins():
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check over the repository (settings in pyproject.toml)."""
+    """ruff check and ruff format --check over the repository (settings in pyproject.toml)."""
     session.install(*CONSTRAINTS, "ruff")
     session.run("ruff", "check", ".", *session.posargs)
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session

@@ -19,7 +19,9 @@ SECTION = "Plugins"
 def on_config(config: Any) -> Any:
     out = Path(config.docs_dir) / GENERATED
     docgen.generate(out)
-    cards = [{p.stem: f"{GENERATED}/plugins/{p.name}"} for p in sorted((out / "plugins").glob("*.md"))]
+    cards = [
+        {p.stem: f"{GENERATED}/plugins/{p.name}"} for p in sorted((out / "plugins").glob("*.md"))
+    ]
     for item in config.nav or []:
         if isinstance(item, dict) and isinstance(item.get(SECTION), list):
             item[SECTION].extend(cards)

@@ -14,7 +14,9 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        local = torch.arange(rank * 10, rank * 10 + 2 + rank, dtype=torch.float32)  # 2 rows, then 3 rows
+        local = torch.arange(
+            rank * 10, rank * 10 + 2 + rank, dtype=torch.float32
+        )  # 2 rows, then 3 rows
         glob, mine = dist.all_gather_cat(local)
         g = dist.step_generator(seed=7, step=3, stream="mask")
         result = {

@@ -50,7 +50,9 @@ def run(rank: int, world: int, port: int, out: str) -> None:
                 net, x, y = model_and_batch(rank)
                 named = list(net.named_parameters())
                 chosen = {n for n, _ in named} if surgery == "all" else {"2.weight", "2.bias"}
-                named = [x for x in named if x[0] in chosen] + [x for x in named if x[0] not in chosen]
+                named = [x for x in named if x[0] in chosen] + [
+                    x for x in named if x[0] not in chosen
+                ]
                 dist.traffic.clear()
                 seen = {}
 

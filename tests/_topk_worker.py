@@ -13,10 +13,19 @@ from paperhooks import dist
 def shards(rank: int) -> dict[str, list[torch.Tensor]]:
     """Each rank's scores, per case: uneven sizes, many ties, an empty shard, float64."""
     g = torch.Generator().manual_seed(11)
-    ties = [torch.randint(0, 4, (7, 3), generator=g).float(), torch.randint(0, 4, (5,), generator=g).float()]
-    ties_1 = [torch.randint(0, 4, (2, 4), generator=g).float(), torch.randint(0, 4, (9,), generator=g).float()]
+    ties = [
+        torch.randint(0, 4, (7, 3), generator=g).float(),
+        torch.randint(0, 4, (5,), generator=g).float(),
+    ]
+    ties_1 = [
+        torch.randint(0, 4, (2, 4), generator=g).float(),
+        torch.randint(0, 4, (9,), generator=g).float(),
+    ]
     wide = [torch.randn(13, generator=g, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)]
-    wide_1 = [torch.randn(4, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)]
+    wide_1 = [
+        torch.randn(4, generator=g, dtype=torch.float64),
+        torch.randn(6, generator=g, dtype=torch.float64),
+    ]
     # signed zeros, infinities and subnormals: -0.0 ties with +0.0, -inf ranks last
     odd = [torch.tensor([0.0, -0.0, 1e-40, -1e-40, float("-inf"), 2.0, -2.0, float("inf")])]
     odd_1 = [torch.tensor([-0.0, 0.0, 2.0, float("-inf")])]
@@ -36,10 +45,19 @@ def run(rank: int, world: int, port: int, out: str) -> None:
             for k in KS[case]:
                 dist.traffic.clear()
                 masks = dist.topk_mask(local, k)
-                result[f"{case}/{k}"] = torch.cat([m.reshape(-1) for m in masks]) if masks else torch.zeros(0, dtype=torch.bool)
+                result[f"{case}/{k}"] = (
+                    torch.cat([m.reshape(-1) for m in masks])
+                    if masks
+                    else torch.zeros(0, dtype=torch.bool)
+                )
                 result[f"{case}/{k}/all_reduce"] = torch.tensor(dist.traffic["all_reduce"])
                 result[f"{case}/{k}/all_gather"] = torch.tensor(dist.traffic["all_gather"])
-        stats = dist.sum_over_ranks({"n": torch.tensor([rank + 1, 10 * rank], dtype=torch.int64), "x": torch.full((2, 2), 0.5 * (rank + 1))})
+        stats = dist.sum_over_ranks(
+            {
+                "n": torch.tensor([rank + 1, 10 * rank], dtype=torch.int64),
+                "x": torch.full((2, 2), 0.5 * (rank + 1)),
+            }
+        )
         result["stats/n"], result["stats/x"] = stats["n"], stats["x"]
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:

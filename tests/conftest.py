@@ -17,5 +17,3 @@ def test_plugins(tmp_path, monkeypatch):
         monkeypatch.syspath_prepend(p)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]))
     return site
-
-

@@ -26,7 +26,9 @@ TEST_PLUGINS = {
 }
 
 
-def write_distribution(where: Path, dist: str, entries: dict[str, str], version: str = "0.0.1") -> Path:
+def write_distribution(
+    where: Path, dist: str, entries: dict[str, str], version: str = "0.0.1"
+) -> Path:
     """Make ``where`` hold an installed distribution (a .dist-info with entry points)."""
     info = where / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True, exist_ok=True)

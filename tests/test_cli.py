@@ -28,7 +28,9 @@ def test_help_does_not_import_torch(tmp_path):
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout
     assert "usage: paperhooks" in out and "fit" in out and out.strip().endswith("NO-TORCH")
 
 
@@ -47,8 +49,12 @@ def test_a_plugin_that_fails_to_import_does_not_break_the_listing(tmp_path, test
     from helpers import write_distribution
 
     write_distribution(test_plugins, "paperhooks-broken", {"broken": "no_such_module_xyz:Plugin"})
-    rows = {r["name"]: r for r in json.loads(paperhooks_cli("plugins", "--json", cwd=tmp_path).stdout)}
-    assert "paperhooks-broken 0.0.1 failed to import: ModuleNotFoundError" in rows["broken"]["error"]
+    rows = {
+        r["name"]: r for r in json.loads(paperhooks_cli("plugins", "--json", cwd=tmp_path).stdout)
+    }
+    assert (
+        "paperhooks-broken 0.0.1 failed to import: ModuleNotFoundError" in rows["broken"]["error"]
+    )
     assert rows["loss-reweighting"]["error"] == ""
 
 
@@ -70,7 +76,9 @@ def test_validate_cite_explain(tmp_path, test_plugins, capsys):
 
 def test_bad_recipe_exits_2_with_a_message_not_a_traceback(tmp_path, test_plugins):
     path = write_recipe(tmp_path / "r.yaml", RECIPE)
-    proc = paperhooks_cli("validate", str(path), "plugins.loss-reweighting.kl_reg=oops", cwd=tmp_path, check=False)
+    proc = paperhooks_cli(
+        "validate", str(path), "plugins.loss-reweighting.kl_reg=oops", cwd=tmp_path, check=False
+    )
     assert proc.returncode == 2
     assert "paperhooks: error: plugins[0] (loss-reweighting).kl_reg must be float" in proc.stderr
     assert "Traceback" not in proc.stderr

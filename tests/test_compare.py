@@ -29,7 +29,10 @@ def runs(tmp_path_factory) -> list[Path]:
     """Two 6-step runs: plain, and with loss-reweighting (which logs its own scalars)."""
     tmp = tmp_path_factory.mktemp("compare")
     out = []
-    for name, plugins in (("plain", "[]"), ("reweighted", "[{name: loss-reweighting, burnin_steps: 0}]")):
+    for name, plugins in (
+        ("plain", "[]"),
+        ("reweighted", "[{name: loss-reweighting, burnin_steps: 0}]"),
+    ):
         path = tmp / f"{name}.yaml"
         path.write_text(RECIPE.format(name=name, run_dir=tmp / "runs", plugins=plugins))
         built, _ = fit(R.load(path))
@@ -40,7 +43,12 @@ def runs(tmp_path_factory) -> list[Path]:
 def test_plots_are_png_images_one_per_metric(runs, tmp_path):
     assert cli.main(["compare", *map(str, runs), "--out", str(tmp_path)]) == 0
     pngs = {p.name: p for p in tmp_path.glob("*.png")}
-    for name in ("train-loss_step.png", "val-acc.png", "loss-reweighting-weight_entropy.png", "loss-reweighting-ess.png"):
+    for name in (
+        "train-loss_step.png",
+        "val-acc.png",
+        "loss-reweighting-weight_entropy.png",
+        "loss-reweighting-ess.png",
+    ):
         assert name in pngs, sorted(pngs)
     for path in pngs.values():
         with Image.open(path) as img:
@@ -61,7 +69,9 @@ def test_compare_md_tabulates_each_runs_final_metrics_and_plugins(runs, tmp_path
     ess = reweighted["loss-reweighting/ess"]
     assert f"| `loss-reweighting/ess` | – | {ess:.4f} |" in text
     assert "| plain/version_0 | none |" in text
-    assert "| reweighted/version_0 | loss-reweighting (paperhooks-loss-reweighting==0.1.0) |" in text
+    assert (
+        "| reweighted/version_0 | loss-reweighting (paperhooks-loss-reweighting==0.1.0) |" in text
+    )
     assert "![val/acc](val-acc.png)" in text
 
 
@@ -76,14 +86,26 @@ def test_step_metrics_are_plotted_by_step_and_epoch_metrics_by_epoch(runs):
 
 
 def test_metrics_option_keeps_only_the_named_metrics(runs, tmp_path):
-    assert cli.main(["compare", *map(str, runs), "--out", str(tmp_path), "--metrics", "val/acc,train/loss"]) == 0
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["train-loss_epoch.png", "train-loss_step.png", "val-acc.png"]
+    assert (
+        cli.main(
+            ["compare", *map(str, runs), "--out", str(tmp_path), "--metrics", "val/acc,train/loss"]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "train-loss_epoch.png",
+        "train-loss_step.png",
+        "val-acc.png",
+    ]
     text = (tmp_path / "compare.md").read_text()
     assert "`val/acc`" in text and "`train/loss`" in text and "`loss-reweighting/ess`" not in text
 
 
 def test_unknown_metric_is_an_error_listing_the_logged_ones(runs, tmp_path, capsys):
-    assert cli.main(["compare", str(runs[0]), "--out", str(tmp_path), "--metrics", "val/accuracy"]) == 2
+    assert (
+        cli.main(["compare", str(runs[0]), "--out", str(tmp_path), "--metrics", "val/accuracy"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "no run logged the metric 'val/accuracy'" in err and "val/acc" in err
 
@@ -98,12 +120,7 @@ def test_read_csv_keeps_each_metric_with_its_epoch_and_step(tmp_path):
     # CSVLogger rows are sparse: each holds the metrics logged at that point.
     path = tmp_path / "metrics.csv"
     path.write_text(
-        "epoch,step,train/loss_step,val/acc\n"
-        "0,0,2.5,\n"
-        "0,1,2.25,\n"
-        "0,1,,0.5\n"
-        "1,3,2.0,\n"
-        "1,3,,0.75\n"
+        "epoch,step,train/loss_step,val/acc\n0,0,2.5,\n0,1,2.25,\n0,1,,0.5\n1,3,2.0,\n1,3,,0.75\n"
     )
     assert read_csv(path) == {
         "train/loss_step": [(0, 0, 2.5), (0, 1, 2.25), (1, 3, 2.0)],

@@ -46,12 +46,24 @@ def test_two_weighting_plugins_multiply_and_the_product_is_normalized_once():
 
 
 def test_the_composed_recipe_trains_and_both_plugins_log(tmp_path):
-    recipe = R.load(str(RECIPE), [f"run_dir={tmp_path}", "trainer.max_epochs=2", "trainer.limit_val_batches=2",
-                                  "plugins.loss-reweighting.burnin_steps=5", "trainer.enable_progress_bar=false",
-                                  "trainer.log_every_n_steps=1"])
+    recipe = R.load(
+        str(RECIPE),
+        [
+            f"run_dir={tmp_path}",
+            "trainer.max_epochs=2",
+            "trainer.limit_val_batches=2",
+            "plugins.loss-reweighting.burnin_steps=5",
+            "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1",
+        ],
+    )
     built, metrics = fit(recipe)
     logged = (built.run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("rerank-curriculum/mean_weight", "loss-reweighting/weight_entropy", "loss-reweighting/ess"):
+    for key in (
+        "rerank-curriculum/mean_weight",
+        "loss-reweighting/weight_entropy",
+        "loss-reweighting/ess",
+    ):
         assert key in logged, f"{key} not logged; columns: {logged}"
     accuracy = [v for k, v in metrics.items() if k.startswith("val") and "acc" in k]
     assert accuracy and all(0.0 <= v <= 1.0 for v in accuracy), metrics

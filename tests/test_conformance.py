@@ -28,7 +28,13 @@ PAPER = Paper(
     bibtex="@misc{author2024test, title = {A test paper}, author = {Author, A.}, year = {2024}}",
     code="none found",
 )
-STRATEGIES = {"single": "tested", "ddp": "tested", "fsdp2": "untested", "fsdp": "untested", "deepspeed": "unsupported"}
+STRATEGIES = {
+    "single": "tested",
+    "ddp": "tested",
+    "fsdp2": "untested",
+    "fsdp": "untested",
+    "deepspeed": "unsupported",
+}
 
 
 def named(plugin: Plugin, name: str = "under-test") -> Plugin:
@@ -73,7 +79,10 @@ def test_metadata_of_a_good_plugin_passes():
     ("attrs", "message"),
     [
         ({"paper": dataclasses.replace(PAPER, bibtex="")}, "paper.bibtex is empty"),
-        ({"paper": dataclasses.replace(PAPER, bibtex="@misc{x, title={unbalanced}")}, "balanced braces"),
+        (
+            {"paper": dataclasses.replace(PAPER, bibtex="@misc{x, title={unbalanced}")},
+            "balanced braces",
+        ),
         ({"paper": dataclasses.replace(PAPER, arxiv="arXiv:2401.1")}, "paper.arxiv"),
         ({"paper": dataclasses.replace(PAPER, code="github.com/x/y")}, "paper.code"),
         ({"paper": dataclasses.replace(PAPER, authors=())}, "paper.authors is empty"),
@@ -81,12 +90,31 @@ def test_metadata_of_a_good_plugin_passes():
         ({"paper": None}, "paper must be a paperhooks.Paper"),
         ({"family": "reweighting"}, "family 'reweighting' is not one of"),
         ({"strategies": {"single": "tested", "ddp": "tested"}}, "missing fsdp2, fsdp, deepspeed"),
-        ({"strategies": {**STRATEGIES, "single": "untested"}}, "strategies['single'] must be 'tested'"),
+        (
+            {"strategies": {**STRATEGIES, "single": "untested"}},
+            "strategies['single'] must be 'tested'",
+        ),
         ({"strategies": {**STRATEGIES, "ddp": "works"}}, "values must be one of"),
-        ({"Config": dataclasses.make_dataclass("Mutable", [("x", int, dataclasses.field(default=1))])}, "frozen"),
-        ({"Config": dataclasses.make_dataclass("NoDefault", [("x", int)], frozen=True)}, "without a default: x"),
-        ({"Config": dataclasses.make_dataclass("Lists", [("x", list, dataclasses.field(default_factory=list))], frozen=True)},
-         "does not survive a recipe round-trip"),
+        (
+            {
+                "Config": dataclasses.make_dataclass(
+                    "Mutable", [("x", int, dataclasses.field(default=1))]
+                )
+            },
+            "frozen",
+        ),
+        (
+            {"Config": dataclasses.make_dataclass("NoDefault", [("x", int)], frozen=True)},
+            "without a default: x",
+        ),
+        (
+            {
+                "Config": dataclasses.make_dataclass(
+                    "Lists", [("x", list, dataclasses.field(default_factory=list))], frozen=True
+                )
+            },
+            "does not survive a recipe round-trip",
+        ),
         ({"name": "other-name"}, "differs from its entry-point name 'good'"),
     ],
 )
@@ -96,10 +124,15 @@ def test_metadata_fails_naming_the_problem(attrs, message):
 
 
 def test_metadata_reports_every_problem_at_once():
-    bad = variant(paper=dataclasses.replace(PAPER, bibtex="", venue=""), strategies={"single": "tested"})
+    bad = variant(
+        paper=dataclasses.replace(PAPER, bibtex="", venue=""), strategies={"single": "tested"}
+    )
     with pytest.raises(ConformanceError) as info:
         C.check_metadata(bad, "good")
-    assert all(m in str(info.value) for m in ("paper.venue is empty", "paper.bibtex is empty", "missing ddp"))
+    assert all(
+        m in str(info.value)
+        for m in ("paper.venue is empty", "paper.bibtex is empty", "missing ddp")
+    )
 
 
 def test_metadata_fails_a_plugin_without_a_hook_of_its_family():
@@ -108,7 +141,9 @@ def test_metadata_fails_a_plugin_without_a_hook_of_its_family():
         paper = PAPER
         strategies = STRATEGIES
 
-    with pytest.raises(ConformanceError, match="implements no hook of its family 'gradient-surgery'"):
+    with pytest.raises(
+        ConformanceError, match="implements no hook of its family 'gradient-surgery'"
+    ):
         C.check_metadata(Hookless)
 
 
@@ -130,7 +165,9 @@ def test_recipe_roundtrip_returns_the_resolved_config():
 
 
 def test_recipe_roundtrip_fails_a_config_a_recipe_cannot_hold(test_plugins):
-    with pytest.raises(ConformanceError, match="'bad-list-config': its resolved config .* does not validate again"):
+    with pytest.raises(
+        ConformanceError, match="'bad-list-config': its resolved config .* does not validate again"
+    ):
         C.check_recipe_roundtrip("bad-list-config")
 
 
@@ -244,7 +281,9 @@ class FirstOnly(Surgery):
 class Normalizes(Surgery):
     @hookimpl
     def surgery_combine(self, grads, ctx):
-        return grads.with_rows(grads.rows / grads.rows.norm(dim=1, keepdim=True))  # a zero gradient gives NaN
+        return grads.with_rows(
+            grads.rows / grads.rows.norm(dim=1, keepdim=True)
+        )  # a zero gradient gives NaN
 
 
 class InPlaceSurgery(Surgery):
@@ -506,13 +545,17 @@ def test_few_steps_fail_when_training_goes_to_nan(tmp_path, test_plugins):
 
 def test_resume_fails_a_plugin_that_forgets_its_state(tmp_path, test_plugins):
     C.check_resume("loss-rank", {}, tmp_path / "good")  # saves its call count
-    with pytest.raises(ConformanceError, match="'bad-forgetful': resuming from step 13 does not end bit-identical"):
+    with pytest.raises(
+        ConformanceError, match="'bad-forgetful': resuming from step 13 does not end bit-identical"
+    ):
         C.check_resume("bad-forgetful", {}, tmp_path / "bad")
 
 
 @pytest.mark.slow
 def test_ddp_check_fails_weights_computed_from_one_rank_only(tmp_path, test_plugins):
-    with pytest.raises(ConformanceError, match="'bad-local-softmax': 2 processes under 'ddp' differ"):
+    with pytest.raises(
+        ConformanceError, match="'bad-local-softmax': 2 processes under 'ddp' differ"
+    ):
         C.check_ddp_equals_single("bad-local-softmax", {}, tmp_path)
 
 

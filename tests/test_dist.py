@@ -36,7 +36,9 @@ def test_step_generator_depends_on_seed_step_and_stream_only():
 def test_collectives_on_two_processes_with_uneven_rows(tmp_path):
     from _dist_worker import run
 
-    mp.start_processes(run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     # rank 0 holds [0, 1], rank 1 holds [10, 11, 12]
     expected = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])

@@ -36,7 +36,11 @@ def test_two_processes_equal_one_process_on_global_batch(tmp_path, test_plugins)
     # the plugins change training, so the equalities below are not vacuous
     assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-4
     for strategy in ("ddp", "fsdp2"):
-        run = fit_cli(recipe, [f"name={strategy}", "trainer.devices=2", f"trainer.strategy={strategy}"], cwd=tmp_path)
+        run = fit_cli(
+            recipe,
+            [f"name={strategy}", "trainer.devices=2", f"trainer.strategy={strategy}"],
+            cwd=tmp_path,
+        )
         assert_states_close(one, final_state(run), atol=1e-6, rtol=1e-5)
         # the stateful plugin ran at every step, and rank 0's state is what was saved
         plugins = load_checkpoint(run)["paperhooks"]["plugins"]
@@ -63,11 +67,16 @@ def test_gradient_surgery_on_two_processes_equals_one_process(tmp_path, test_plu
     process ends on the global batch."""
     recipe = write_recipe(tmp_path / "s.yaml", SURGERY)
     one = final_state(fit_here(recipe, ["name=one"], tmp_path))
-    plain = final_state(fit_here(recipe, ["name=plain", "plugins=[{name: logit-penalty}]"], tmp_path))
+    plain = final_state(
+        fit_here(recipe, ["name=plain", "plugins=[{name: logit-penalty}]"], tmp_path)
+    )
     assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-4  # MGDA changed training
     runs = {
         "ddp-columns": ["trainer.strategy=ddp"],
-        "ddp-full": ["trainer.strategy=ddp", "plugins=[{name: logit-penalty}, {name: mgda-surgery-full}]"],
+        "ddp-full": [
+            "trainer.strategy=ddp",
+            "plugins=[{name: logit-penalty}, {name: mgda-surgery-full}]",
+        ],
         "fsdp2": ["trainer.strategy=fsdp2"],
     }
     for name, overrides in runs.items():
@@ -93,9 +102,15 @@ def test_preference_objective_with_pair_weights_on_two_processes_equals_one(tmp_
     assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-5  # the weights mattered
     assert any(k.startswith("reference_model.") for k in one)
     for strategy in ("ddp", "fsdp2"):
-        run = fit_cli(recipe, [*common, f"name={strategy}", "trainer.devices=2", f"trainer.strategy={strategy}"], cwd=tmp_path)
+        run = fit_cli(
+            recipe,
+            [*common, f"name={strategy}", "trainer.devices=2", f"trainer.strategy={strategy}"],
+            cwd=tmp_path,
+        )
         assert_states_close(one, final_state(run), atol=1e-6, rtol=1e-5)
     pre = [*common, "objective.reference=precomputed"]
     one_pre = final_state(fit_here(recipe, [*pre, "name=one-pre"], tmp_path))
-    ddp_pre = fit_cli(recipe, [*pre, "name=ddp-pre", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+    ddp_pre = fit_cli(
+        recipe, [*pre, "name=ddp-pre", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path
+    )
     assert_states_close(one_pre, final_state(ddp_pre), atol=1e-6, rtol=1e-5)

@@ -60,7 +60,6 @@ def test_gram_norms_dot_and_combinations_by_hand():
     assert torch.equal(s.rows, torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))  # nothing changed in place
 
 
-
 def test_the_gram_matrix_of_long_rows_is_close_to_float64():
     """On CPU the Gram matrix is summed over column blocks in float64: within 1e-5 of the
     float64 product on 2M columns (measured 1.2e-6), where one float32 product was ~2e-4 off."""
@@ -71,6 +70,7 @@ def test_the_gram_matrix_of_long_rows_is_close_to_float64():
     # (rows @ rows.T).double(), one float32 product, was 2.1e-4 off here with torch 2.14.1's
     # CPU BLAS; not asserted, as it is the BLAS's behaviour, not paperhooks'
     assert gram.dtype == torch.float64 and (gram - exact).abs().max() / exact.abs().max() < 1e-5
+
 
 def test_bad_calls_name_what_is_allowed():
     s = hand_set()
@@ -184,7 +184,9 @@ def test_a_non_finite_direction_raises_naming_the_objectives():
     def poison(grads, ctx):
         return grads.combine(torch.tensor([float("nan"), 1.0], dtype=torch.float64))
 
-    with pytest.raises(FloatingPointError, match=r"non-finite direction \(objectives \['mean', 'square'\]"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite direction \(objectives \['mean', 'square'\]"
+    ):
         Engine("loop").run(linear_objectives(w, x), [("w", w)], {"w"}, [poison], ctx=None)
 
 
@@ -237,7 +239,6 @@ def test_surgery_never_sees_the_gradient_of_the_summed_loss():
     torch.testing.assert_close(got, summed)
 
 
-
 def test_cpu_rows_are_reused_only_when_nothing_else_holds_them():
     """On CPU the engine writes a step's [K, P] rows into the previous step's buffer (a fresh
     one page-faults again), but only when no plugin kept that step's GradientSet, rows or a
@@ -287,6 +288,7 @@ def test_cpu_rows_are_reused_only_when_nothing_else_holds_them():
     assert len({g.rows.data_ptr() for g in rec.seen}) == 3
     for gset, rows in zip(rec.seen, want, strict=True):
         torch.testing.assert_close(gset.rows, rows, rtol=0, atol=0)
+
 
 class HeadOnlyFirst(Plugin):
     """Acts on the last layer only and follows the first objective: α = [1, 0]."""

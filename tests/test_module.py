@@ -168,12 +168,16 @@ def test_misspelled_hook_is_an_error_not_silence():
 
 
 def test_hook_outside_the_family_is_refused():
-    with pytest.raises(PluginLoadError, match="'wrong' of family sample-weighting implements surgery_combine"):
+    with pytest.raises(
+        PluginLoadError, match="'wrong' of family sample-weighting implements surgery_combine"
+    ):
         PluginSet([named(WrongFamily(), "wrong")])
 
 
 def test_one_owner_hooks_refuse_a_second_owner():
-    with pytest.raises(IncompatiblePluginsError, match="'c1' and 'c2' both implement objweight_coefficients"):
+    with pytest.raises(
+        IncompatiblePluginsError, match="'c1' and 'c2' both implement objweight_coefficients"
+    ):
         PluginSet([named(Coefs(), "c1"), named(Coefs(), "c2")])
 
 
@@ -267,8 +271,13 @@ def tiny_data(n: int = 16, d: int = 4, classes: int = 3, seed: int = 0) -> DataL
 
 def trainer(steps: int) -> L.Trainer:
     return L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
     )
 
 
@@ -286,12 +295,23 @@ def test_families_fire_in_the_documented_order():
     ]
     module = HookedModule(nn.Linear(4, 3), plugins)
     trainer(2).fit(module, tiny_data())
-    step = ["perturb:p1", "perturb:p2", "objective", "weights", "coefs:aux,loss", "reparam_after_step"]
+    step = [
+        "perturb:p1",
+        "perturb:p2",
+        "objective",
+        "weights",
+        "coefs:aux,loss",
+        "reparam_after_step",
+    ]
     assert CALLS == [
-        "reparam_setup", "setup",
-        *step, "step_end:1",
-        *step, "step_end:2",
-        "fit_end:obj", "fit_end:w",  # reverse recipe order
+        "reparam_setup",
+        "setup",
+        *step,
+        "step_end:1",
+        *step,
+        "step_end:2",
+        "fit_end:obj",
+        "fit_end:w",  # reverse recipe order
         "transform",
     ]
     assert module.masks, "the pruning family registered masks at set-up"
@@ -308,8 +328,11 @@ class TwoLosses(HookedModule):
 
 def fit_params(plugins, steps=4) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    module = TwoLosses(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), plugins,
-                       optimizer=OptimizerSection(name="sgd", lr=0.5))
+    module = TwoLosses(
+        nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)),
+        plugins,
+        optimizer=OptimizerSection(name="sgd", lr=0.5),
+    )
     trainer(steps).fit(module, tiny_data())
     return [p.detach().clone() for p in module.parameters()], module
 
@@ -339,7 +362,10 @@ def test_surgery_direction_replaces_the_gradient():
             return {"ce": F.cross_entropy(outputs["logits"], batch["target"], reduction="none")}
 
     torch.manual_seed(0)
-    ref = CeOnly(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), optimizer=OptimizerSection(lr=0.5))
+    ref = CeOnly(
+        nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)),
+        optimizer=OptimizerSection(lr=0.5),
+    )
     trainer(3).fit(ref, tiny_data())
     got, _ = fit_params([named(ProjectFirst(), "first")], steps=3)
     for a, b in zip(ref.parameters(), got, strict=True):
@@ -351,8 +377,10 @@ def test_surgery_direction_replaces_the_gradient():
 
 def test_pruning_reaches_the_scheduled_sparsity_and_pruned_weights_stay_zero():
     torch.manual_seed(0)
-    module = HookedModule(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)),
-                          [named(StepPruning(StepPruning.Config(final=0.5, every=2)), "prune")])
+    module = HookedModule(
+        nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)),
+        [named(StepPruning(StepPruning.Config(final=0.5, every=2)), "prune")],
+    )
     trainer(8).fit(module, tiny_data(n=64))
     # schedule: 0.5 · step/8 at even steps; the last update at step 8 asks for 0.5
     assert module.sparsity == pytest.approx(0.5, abs=1 / 112)
@@ -387,7 +415,10 @@ class UserModule(L.LightningModule):
 
 
 def test_functional_api_in_a_plain_lightning_module_matches_hand_written_loss():
-    by_hand, with_hooks = UserModule(None), UserModule(Hooks([named(ClassWeight(ScaleConfig(cls=1, factor=3.0)), "cw")]))
+    by_hand, with_hooks = (
+        UserModule(None),
+        UserModule(Hooks([named(ClassWeight(ScaleConfig(cls=1, factor=3.0)), "cw")])),
+    )
     trainer(4).fit(by_hand, tiny_data())
     trainer(4).fit(with_hooks, tiny_data())
     for a, b in zip(by_hand.parameters(), with_hooks.parameters(), strict=True):
@@ -418,8 +449,13 @@ def test_ctx_logging_step_is_true_exactly_on_the_steps_the_trainer_writes(tmp_pa
     module = HookedModule(nn.Linear(4, 3), [probe])
     logger = L.loggers.CSVLogger(tmp_path, name="", version="")
     L.Trainer(
-        max_steps=7, accelerator="cpu", logger=logger, log_every_n_steps=3, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=7,
+        accelerator="cpu",
+        logger=logger,
+        log_every_n_steps=3,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     ).fit(module, tiny_data())
     with open(tmp_path / "metrics.csv") as f:
         written = [int(r["step"]) for r in csv.DictReader(f) if r.get("probe/step")]
@@ -435,8 +471,13 @@ def test_the_last_step_of_an_epoch_bounded_fit_is_a_logging_step():
     probe = named(LoggingProbe(), "probe")
     module = HookedModule(nn.Linear(4, 3), [probe])
     L.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, log_every_n_steps=50, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        log_every_n_steps=50,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     ).fit(module, tiny_data())  # 2 batches per epoch: steps 0..3, none a multiple of 50
     assert [k for k, flag in probe.seen if flag] == [3]
     assert float(module.trainer.callback_metrics["probe/step"]) == 3.0
@@ -456,8 +497,13 @@ def test_a_value_logged_between_logging_steps_is_written_with_the_next_one(tmp_p
 
     module = HookedModule(nn.Linear(4, 3), [named(OneOffProbe(), "probe")])
     L.Trainer(
-        max_steps=7, accelerator="cpu", logger=L.loggers.CSVLogger(tmp_path, name="", version=""),
-        log_every_n_steps=3, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=7,
+        accelerator="cpu",
+        logger=L.loggers.CSVLogger(tmp_path, name="", version=""),
+        log_every_n_steps=3,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     ).fit(module, tiny_data())
     with open(tmp_path / "metrics.csv") as f:
         rows = [(int(r["step"]), r.get("probe/one_off")) for r in csv.DictReader(f)]

@@ -25,10 +25,14 @@ from paperhooks.testing.preference import preference_batch, preference_module, t
 
 def test_dpo_loss_hand_derived():
     # h = (−1 − (−1.5)) − (−2 − (−1.5)) = 0.5 + 0.5 = 1;  β = 0.5:  −log σ(0.5) = log(1 + e^−0.5)
-    loss = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), 0.5)
+    loss = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), 0.5
+    )
     assert loss.item() == pytest.approx(math.log1p(math.exp(-0.5)), abs=1e-7)  # 0.474077
     # equal log-ratios: log 2 whatever β
-    same = dpo_loss(torch.tensor([-3.0]), torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-1.0]), 7.0)
+    same = dpo_loss(
+        torch.tensor([-3.0]), torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-1.0]), 7.0
+    )
     assert same.item() == pytest.approx(math.log(2))
 
 
@@ -84,7 +88,9 @@ def test_padding_and_prompt_never_count():
 
 
 def test_synthetic_pairs_follow_the_hidden_reward_and_flip_at_the_rate():
-    dm = build_datamodule("synthetic-preferences", {"n_train": 4000, "n_val": 500, "flip_rate": 0.3}, 1)
+    dm = build_datamodule(
+        "synthetic-preferences", {"n_train": 4000, "n_val": 500, "flip_rate": 0.3}, 1
+    )
     t = dm.train_set.tensors
     differ = t["reward_chosen"] != t["reward_rejected"]  # equal rewards (same tokens) have no order
     better = t["reward_chosen"] > t["reward_rejected"]
@@ -104,7 +110,9 @@ def test_synthetic_pairs_follow_the_hidden_reward_and_flip_at_the_rate():
 
 def test_length_bias_and_steps():
     plain = build_datamodule("synthetic-preferences", {"n_train": 2000}, 0).train_set.tensors
-    biased = build_datamodule("synthetic-preferences", {"n_train": 2000, "length_bias": 1.0, "steps": 2}, 0).train_set.tensors
+    biased = build_datamodule(
+        "synthetic-preferences", {"n_train": 2000, "length_bias": 1.0, "steps": 2}, 0
+    ).train_set.tensors
 
     def gap(t):
         return (t["chosen_mask"].sum(1) - t["rejected_mask"].sum(1)).mean().item()
@@ -114,7 +122,9 @@ def test_length_bias_and_steps():
     # steps cover the content tokens (not EOS) in order: 0 … then 1 …
     content = (biased["chosen_ids"] >= 2) & mask.bool()
     assert bool(((steps >= 0) == content).all())
-    assert bool((steps[content].reshape(-1) <= 1).all()) and bool((steps.diff(dim=1)[:, 2:] >= -2).all())
+    assert bool((steps[content].reshape(-1) <= 1).all()) and bool(
+        (steps.diff(dim=1)[:, 2:] >= -2).all()
+    )
     row = steps[0][content[0]]
     assert row.tolist() == sorted(row.tolist()) and row[0] == 0 and row[-1] == 1
 
@@ -140,7 +150,9 @@ def test_chain_reward_generator_by_hand():
     short = torch.tensor([[good[0], good[1], PAD]])
     assert dm.hidden_reward(topic, short, torch.tensor([[1.0, 1.0, 0.0]])).tolist() == [0.0]
     # a sampled 4th token (sample() may write max_response + 1) is past the chain: 0
-    assert dm.hidden_reward(topic, torch.tensor([good + [good[0]]]), torch.ones(1, 4)).tolist() == [0.0]
+    assert dm.hidden_reward(topic, torch.tensor([good + [good[0]]]), torch.ones(1, 4)).tolist() == [
+        0.0
+    ]
 
     t = dm.train_set.tensors
     flipped = t["flipped"]
@@ -172,7 +184,9 @@ def test_chain_reward_generator_by_hand():
     assert abs(same - 0.5) < 0.05  # 2 valid tokens per position: equal half of the time
     assert not bool(dm.val_set.tensors["flipped"].any())
     # chain_tail valid: only the pit is wrong, every step after it is valid again
-    tail = build_datamodule("synthetic-preferences", {**cfg, "chain_tail": "valid", "flip_rate": 0.0}, 0).train_set.tensors
+    tail = build_datamodule(
+        "synthetic-preferences", {**cfg, "chain_tail": "valid", "flip_rate": 0.0}, 0
+    ).train_set.tensors
     ok = valid[0, torch.arange(3), tail["rejected_ids"][:, 1:4]].bool()
     assert bool((ok == (torch.arange(3) != tail["rejected_pit"][:, None])).all())
     # the default reward keeps its data: chain options change nothing there
@@ -199,7 +213,9 @@ def test_tabular_fixture():
     t = dm.train_set.tensors
     assert len(dm.train_set) == 3 * 4 * 3 // 2  # every unordered pair once, the better one chosen
     assert bool((t["reward_chosen"] > t["reward_rejected"]).all())
-    cyc = build_datamodule("tabular-preferences", {"prompts": 1, "responses": 5, "preference": "cyclic"}, 0)
+    cyc = build_datamodule(
+        "tabular-preferences", {"prompts": 1, "responses": 5, "preference": "cyclic"}, 0
+    )
     wins = torch.bincount(cyc.train_set.tensors["chosen_ids"][:, 1], minlength=5)
     assert wins.tolist() == [2, 2, 2, 2, 2]  # non-transitive: everyone beats exactly (M−1)/2
     with pytest.raises(ValueError, match="odd"):
@@ -255,7 +271,16 @@ def test_precomputed_reference_trains_like_the_reference_model(recipe):
 def test_resume_in_the_middle_is_bit_identical(recipe, reference):
     """Step 13 is in the second epoch (8 batches an epoch). A precomputed reference comes back
     from the checkpoint: recomputing it from the trained policy would change the result."""
-    full, _ = fit(R.load(recipe, [f"name=full-{reference}", f"objective.reference={reference}", "trainer.checkpoint_every_n_steps=13"]))
+    full, _ = fit(
+        R.load(
+            recipe,
+            [
+                f"name=full-{reference}",
+                f"objective.reference={reference}",
+                "trainer.checkpoint_every_n_steps=13",
+            ],
+        )
+    )
     resumed, _ = fit(
         R.load(recipe, [f"name=resumed-{reference}", f"objective.reference={reference}"]),
         resume=str(full.run_dir / "checkpoints" / "step13.ckpt"),
@@ -269,7 +294,9 @@ def test_dpo_raises_the_hidden_reward_of_samples(recipe):
     """The effect DPO exists for, measured with the hidden reward of sampled responses: the
     trained policy against the frozen reference (the initial policy), on the same prompts."""
     for seed in (0, 1):
-        built, _ = fit(R.load(recipe, [f"name=effect{seed}", f"seed={seed}", "trainer.max_steps=80"]))
+        built, _ = fit(
+            R.load(recipe, [f"name=effect{seed}", f"seed={seed}", "trainer.max_steps=80"])
+        )
         r0, _ = built.module.sample_eval(128, policy=built.module.reference_model)
         r1, _ = built.module.sample_eval(128)
         assert r1 > r0 + 0.3, (seed, r0, r1)
@@ -300,10 +327,22 @@ def test_recipe_errors_name_the_objective_key(tmp_path, recipe, capsys):
     assert cli.main(["validate", str(rpo)]) != 0
     assert re.search(refusal, capsys.readouterr().err)
     # a dataset registered without its task: the same refusal when the module is built
-    ok = R.validate({**R.load_raw(rpo), "data": {"name": "synthetic-preferences"}, "model": {"name": "causal-lm"}})
+    ok = R.validate(
+        {
+            **R.load_raw(rpo),
+            "data": {"name": "synthetic-preferences"},
+            "model": {"name": "causal-lm"},
+        }
+    )
     with pytest.raises(PaperhooksError, match=refusal):
-        build_module(dataclasses.replace(ok, data=R.Section("digits", None)), build_datamodule("digits", None, 0).info)
-    wrong = write_recipe(tmp_path / "w.yaml", "model: {name: causal-lm}\ndata: {name: digits}\ntrainer: {max_steps: 1}\n")
+        build_module(
+            dataclasses.replace(ok, data=R.Section("digits", None)),
+            build_datamodule("digits", None, 0).info,
+        )
+    wrong = write_recipe(
+        tmp_path / "w.yaml",
+        "model: {name: causal-lm}\ndata: {name: digits}\ntrainer: {max_steps: 1}\n",
+    )
     with pytest.raises(ValueError, match="causal-lm needs preference data"):
         fit(R.load(wrong))
 
@@ -325,7 +364,9 @@ def test_max_positions_extends_the_causal_lm_beyond_the_data_length():
     assert policy.lm.config.n_positions == 16
     ids = torch.full((2, 16), 2)
     assert policy(ids, torch.ones_like(ids)).shape == (2, 16)
-    with pytest.raises(ValueError, match=r"max_positions must be >= the data's max_length \(9\), got 4"):
+    with pytest.raises(
+        ValueError, match=r"max_positions must be >= the data's max_length \(9\), got 4"
+    ):
         build_model("causal-lm", {"max_positions": 4}, dm.info)
 
 
@@ -339,7 +380,9 @@ def test_tabular_policy_expected_reward_is_logged(tmp_path):
     built, metrics = fit(R.load(path))
     table = built.datamodule.reward_table
     probs = built.module.model.log_probs().exp()
-    assert metrics["val/expected_reward"] == pytest.approx((probs * table).sum(1).mean().item(), abs=1e-6)
+    assert metrics["val/expected_reward"] == pytest.approx(
+        (probs * table).sum(1).mean().item(), abs=1e-6
+    )
     # DPO on clean, complete preferences moves most mass to the best response of every prompt
     best, uniform = table.max(1).values.mean().item(), table.mean().item()
     assert metrics["val/expected_reward"] > uniform + 0.8 * (best - uniform)

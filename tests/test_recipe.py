@@ -37,7 +37,9 @@ def test_minimal_recipe_gets_defaults(tmp_path):
 
 
 def test_unknown_plugin_suggests_installed_name(tmp_path, test_plugins):
-    with pytest.raises(UnknownPluginError, match=r"unknown plugin 'class-wieght' \(did you mean 'class-weight'\?\)"):
+    with pytest.raises(
+        UnknownPluginError, match=r"unknown plugin 'class-wieght' \(did you mean 'class-weight'\?\)"
+    ):
         load(tmp_path, BASE + "plugins: [{name: class-wieght}]")
 
 
@@ -59,42 +61,62 @@ def test_unknown_plugin_key_names_key_and_allowed(tmp_path, test_plugins):
 
 
 def test_unknown_top_level_and_section_keys(tmp_path):
-    with pytest.raises(ConfigKeyError, match="unknown top-level key 'trainr'.*did you mean 'trainer'"):
+    with pytest.raises(
+        ConfigKeyError, match="unknown top-level key 'trainr'.*did you mean 'trainer'"
+    ):
         load(tmp_path, BASE + "trainr: {}")
-    with pytest.raises(ConfigKeyError, match=r"unknown key trainer\.max_epoch .*did you mean 'max_epochs'"):
+    with pytest.raises(
+        ConfigKeyError, match=r"unknown key trainer\.max_epoch .*did you mean 'max_epochs'"
+    ):
         load(tmp_path, BASE, ["trainer.max_epoch=2"])
 
 
 def test_ill_typed_value_names_key_and_type(tmp_path, test_plugins):
-    with pytest.raises(ConfigTypeError, match=r"plugins\[0\] \(class-weight\)\.factor must be float, got str 'big'"):
+    with pytest.raises(
+        ConfigTypeError, match=r"plugins\[0\] \(class-weight\)\.factor must be float, got str 'big'"
+    ):
         load(tmp_path, BASE + "plugins: [{name: class-weight, factor: big}]")
-    with pytest.raises(ConfigTypeError, match=r"optimizer\.name must be one of 'sgd' \| 'adam' \| 'adamw', got 'adan'"):
+    with pytest.raises(
+        ConfigTypeError,
+        match=r"optimizer\.name must be one of 'sgd' \| 'adam' \| 'adamw', got 'adan'",
+    ):
         load(tmp_path, BASE + "optimizer: {name: adan}")
     with pytest.raises(ConfigTypeError, match=r"model\.name 'resnet' is not registered"):
         load(tmp_path, BASE.replace("name: mlp, hidden: [16]", "name: resnet"))
 
 
 def test_invalid_value_from_post_init_names_section(tmp_path, test_plugins):
-    with pytest.raises(ConfigTypeError, match=r"plugins\[0\] \(class-weight\): factor must be >= 0"):
+    with pytest.raises(
+        ConfigTypeError, match=r"plugins\[0\] \(class-weight\): factor must be >= 0"
+    ):
         load(tmp_path, BASE + "plugins: [{name: class-weight, factor: -1}]")
 
 
 def test_incompatible_plugins_named_with_reason(tmp_path, test_plugins):
     text = BASE + "plugins: [{name: class-weight}, {name: conflicting}]"
-    with pytest.raises(IncompatiblePluginsError, match="'conflicting' and 'class-weight' cannot be combined: both rescale"):
+    with pytest.raises(
+        IncompatiblePluginsError,
+        match="'conflicting' and 'class-weight' cannot be combined: both rescale",
+    ):
         load(tmp_path, text)
 
 
 def test_unsupported_strategy_names_plugin_and_strategy(tmp_path, test_plugins):
     text = BASE + "plugins: [{name: no-ddp}]"
     load(tmp_path, text)  # fine on one process
-    with pytest.raises(UnsupportedStrategyError, match="plugin 'no-ddp' does not support strategy 'ddp'; it supports: single"):
+    with pytest.raises(
+        UnsupportedStrategyError,
+        match="plugin 'no-ddp' does not support strategy 'ddp'; it supports: single",
+    ):
         load(tmp_path, text, ["trainer.devices=2"])
 
 
 def test_core_refuses_a_family_it_cannot_run_under_a_strategy(tmp_path, test_plugins):
     text = BASE + "plugins: [{name: sum-surgery}]"
-    with pytest.raises(UnsupportedStrategyError, match="'sum-surgery' \\(gradient-surgery\\) cannot run under strategy 'fsdp2'"):
+    with pytest.raises(
+        UnsupportedStrategyError,
+        match="'sum-surgery' \\(gradient-surgery\\) cannot run under strategy 'fsdp2'",
+    ):
         load(tmp_path, text, ["trainer.devices=2", "trainer.strategy=fsdp2"])
 
 
@@ -107,7 +129,10 @@ def test_plugin_that_fails_to_import_is_named_with_distribution(tmp_path, test_p
     from helpers import write_distribution
 
     write_distribution(test_plugins, "paperhooks-broken", {"broken": "no_such_module_xyz:Plugin"})
-    with pytest.raises(PluginLoadError, match="plugin 'broken' from distribution paperhooks-broken 0.0.1 failed to import: ModuleNotFoundError"):
+    with pytest.raises(
+        PluginLoadError,
+        match="plugin 'broken' from distribution paperhooks-broken 0.0.1 failed to import: ModuleNotFoundError",
+    ):
         load(tmp_path, BASE + "plugins: [{name: broken}]")
     load(tmp_path, BASE + "plugins: [{name: class-weight}]")  # a recipe that does not use it works
 
@@ -115,8 +140,13 @@ def test_plugin_that_fails_to_import_is_named_with_distribution(tmp_path, test_p
 def test_two_distributions_claiming_one_name(tmp_path, test_plugins):
     from helpers import write_distribution
 
-    write_distribution(test_plugins, "paperhooks-impostor", {"class-weight": "paperhooks_testplugins:NoDDP"})
-    with pytest.raises(PluginLoadError, match="'class-weight' is claimed by two distributions: .*paperhooks-.*and paperhooks-"):
+    write_distribution(
+        test_plugins, "paperhooks-impostor", {"class-weight": "paperhooks_testplugins:NoDDP"}
+    )
+    with pytest.raises(
+        PluginLoadError,
+        match="'class-weight' is claimed by two distributions: .*paperhooks-.*and paperhooks-",
+    ):
         load(tmp_path, BASE)
 
 

@@ -26,13 +26,19 @@ def test_layers_select_by_type_and_pattern_and_leave_the_head_out():
     assert [n for n, _ in select_layers(model, Layers(exclude=("0",)))] == ["2"]
     net = timm.create_model("resnet18", pretrained=False, num_classes=3)
     names = [n for n, _ in select_layers(net, Layers(types=("Conv2d", "Linear")))]
-    assert "fc" not in names and "conv1" in names and len(names) == 20  # timm's get_classifier() is fc
-    assert [n for n, _ in select_layers(net, Layers(types=("Conv2d",), include=("layer4.*",)))][:2] == [
-        "layer4.0.conv1", "layer4.0.conv2"]
+    assert (
+        "fc" not in names and "conv1" in names and len(names) == 20
+    )  # timm's get_classifier() is fc
+    assert [n for n, _ in select_layers(net, Layers(types=("Conv2d",), include=("layer4.*",)))][
+        :2
+    ] == ["layer4.0.conv1", "layer4.0.conv2"]
 
 
 def test_a_selection_of_nothing_names_the_plugin_and_the_layers_there_are():
-    with pytest.raises(ValueError, match=r"plugin 'bone': layers .* selects no layer; layers of those types: \['0', '2', '4'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"plugin 'bone': layers .* selects no layer; layers of those types: \['0', '2', '4'\]",
+    ):
         select_layers(mlp(), Layers(include=("encoder.*",)), plugin="bone")
 
 
@@ -43,7 +49,9 @@ class WithLayers:
 
 
 def test_layers_come_from_a_recipe_mapping_and_bad_types_name_the_key():
-    cfg = config_build(WithLayers, {"layers": {"types": ["Linear"], "exclude": ["head*"]}}, "plugins.bone")
+    cfg = config_build(
+        WithLayers, {"layers": {"types": ["Linear"], "exclude": ["head*"]}}, "plugins.bone"
+    )
     assert cfg.layers == Layers(types=("Linear",), exclude=("head*",))
     with pytest.raises(Exception, match="layers.types"):
         config_build(WithLayers, {"layers": {"types": ["Dense"]}}, "plugins.bone")

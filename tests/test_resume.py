@@ -64,7 +64,9 @@ def test_crash_leaves_a_checkpoint_that_resumes_bit_identical(tmp_path, test_plu
         fit(R.load(crashing, ["name=crashed"]))
     run = tmp_path / "runs" / "crashed" / "version_0"
     assert (run / "recipe.yaml").exists() and (run / "logs" / "metrics.csv").exists()
-    resumed, _ = fit(R.load(path, ["name=resumed"]), resume=str(run / "checkpoints" / "on_exception.ckpt"))
+    resumed, _ = fit(
+        R.load(path, ["name=resumed"]), resume=str(run / "checkpoints" / "on_exception.ckpt")
+    )
     _same_end(load_checkpoint(full.run_dir), load_checkpoint(resumed.run_dir))
 
 
@@ -82,4 +84,7 @@ def test_resume_with_other_plugins_is_refused(tmp_path, test_plugins):
     path = write_recipe(tmp_path / "r.yaml", RECIPE + f"run_dir: {tmp_path}/runs\n")
     built, _ = fit(R.load(path, ["trainer.max_steps=2", "name=a"]))
     with pytest.raises(Exception, match="checkpoint holds plugins .* but the recipe has"):
-        fit(R.load(path, ["name=b", "plugins=[{name: loss-rank}]"]), resume=str(built.run_dir / "checkpoints" / "last.ckpt"))
+        fit(
+            R.load(path, ["name=b", "plugins=[{name: loss-rank}]"]),
+            resume=str(built.run_dir / "checkpoints" / "last.ckpt"),
+        )

@@ -55,7 +55,9 @@ def reweighted(tmp_path_factory):
 def test_export_writes_the_four_files_of_a_model_repository(reweighted):
     built, out = reweighted
     assert {p.name for p in out.iterdir()} == FILES
-    assert json.loads((out / "metrics.json").read_text()) == json.loads((built.run_dir / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(
+        (built.run_dir / "metrics.json").read_text()
+    )
     raw = R.load_raw(out / "recipe.yaml")
     assert raw["plugin_versions"] == {"loss-reweighting": "paperhooks-loss-reweighting==0.1.0"}
     assert raw["plugins"] == [{"name": "loss-reweighting", "burnin_steps": 0}]
@@ -85,7 +87,9 @@ def test_model_card_has_front_matter_plugins_metrics_and_the_papers_bibtex(rewei
     metrics = json.loads((out / "metrics.json").read_text())
     assert card.data.metrics == sorted(metrics)
     text = card.text
-    assert "| `loss-reweighting` | sample-weighting | `paperhooks-loss-reweighting==0.1.0` |" in text
+    assert (
+        "| `loss-reweighting` | sample-weighting | `paperhooks-loss-reweighting==0.1.0` |" in text
+    )
     assert "https://arxiv.org/abs/2502.06733" in text
     assert LossReweighting.paper.bibtex.strip() in text
     assert f"| `val/acc` | {metrics['val/acc']:.4f} |" in text
@@ -160,42 +164,74 @@ class FakeHubHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         hub = self.server
-        hub.requests.append(("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        hub.requests.append(
+            ("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        )
         parts = self.path.split("?")[0].strip("/").split("/")
         if parts == ["api", "repos", "create"]:
             payload = json.loads(body)
             repo = f"{payload['organization']}/{payload['name']}"
             if repo in hub.repos:
-                return self._reply(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo}"})
+                return self._reply(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{hub.url}/{repo}"},
+                )
             hub.repos[repo] = payload
             hub.files[repo] = {}
             return self._reply(200, {"url": f"{hub.url}/{repo}", "name": repo, "id": "0" * 24})
         if parts == ["api", "validate-yaml"]:
             return self._reply(200, {"errors": [], "warnings": []})
-        if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] in ("preupload", "commit"):
+        if (
+            len(parts) == 6
+            and parts[:2] == ["api", "models"]
+            and parts[4] in ("preupload", "commit")
+        ):
             repo = f"{parts[2]}/{parts[3]}"
             if repo not in hub.repos:
                 return self._reply(404, {"error": "Repository not found"})
             if repo in hub.read_only:
-                return self._reply(403, {"error": "You don't have the rights to push to this repository"})
+                return self._reply(
+                    403, {"error": "You don't have the rights to push to this repository"}
+                )
             if parts[4] == "preupload":
                 files = json.loads(body)["files"]
                 return self._reply(
                     200,
-                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]},
+                    {
+                        "files": [
+                            {
+                                "path": f["path"],
+                                "uploadMode": "regular",
+                                "shouldIgnore": False,
+                                "oid": None,
+                            }
+                            for f in files
+                        ]
+                    },
                 )
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             hub.commits.append({"repo": repo, "revision": parts[5], "lines": lines})
             for item in lines:
                 if item["key"] == "file":
                     assert item["value"]["encoding"] == "base64"
-                    hub.files[repo][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                    hub.files[repo][item["value"]["path"]] = base64.b64decode(
+                        item["value"]["content"]
+                    )
             oid = f"{len(hub.commits):040x}"
-            return self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
+            return self._reply(
+                200,
+                {
+                    "commitUrl": f"{hub.url}/{repo}/commit/{oid}",
+                    "commitOid": oid,
+                    "pullRequestUrl": None,
+                },
+            )
         return self._reply(404, {"error": f"the fake Hub has no endpoint POST {self.path}"})
 
     def do_GET(self) -> None:
-        self.server.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, b""))
+        self.server.requests.append(
+            ("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, b"")
+        )
         self._reply(404, {"error": f"the fake Hub has no endpoint GET {self.path}"})
 
     do_HEAD = do_GET
@@ -209,7 +245,9 @@ def fake_hub(monkeypatch, tmp_path):
     thread = threading.Thread(target=hub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # read once, when huggingface_hub is imported
+    monkeypatch.setattr(
+        constants, "ENDPOINT", hub.url
+    )  # read once, when huggingface_hub is imported
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved login is used
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
@@ -223,7 +261,14 @@ def fake_hub(monkeypatch, tmp_path):
 def test_push_creates_the_repository_and_uploads_the_export(reweighted, fake_hub, capsys):
     built, out = reweighted
     exported_at = (out / "model.safetensors").stat().st_mtime_ns
-    args = ["push", str(built.run_dir), "someone/tiny-reweighted", "--private", "--token", "hf_fake"]
+    args = [
+        "push",
+        str(built.run_dir),
+        "someone/tiny-reweighted",
+        "--private",
+        "--token",
+        "hf_fake",
+    ]
     assert cli.main(args) == 0
     assert f"{fake_hub.url}/someone/tiny-reweighted" in capsys.readouterr().out
 
@@ -236,7 +281,9 @@ def test_push_creates_the_repository_and_uploads_the_export(reweighted, fake_hub
     assert set(received) == FILES
     for name in FILES:
         assert received[name] == (out / name).read_bytes(), name
-    assert (out / "model.safetensors").stat().st_mtime_ns == exported_at  # up to date: not exported again
+    assert (
+        out / "model.safetensors"
+    ).stat().st_mtime_ns == exported_at  # up to date: not exported again
     assert 'snapshot_download("someone/tiny-reweighted")' in received["README.md"].decode()
     known = ("/api/repos/create", "/api/validate-yaml", "/api/models/someone/tiny-reweighted/")
     assert [p for p, _ in posts if not p.startswith(known)] == []
@@ -265,7 +312,9 @@ def test_fit_a_recipe_from_the_hub_cache(tmp_path, monkeypatch):
     repo = cache / "models--someone--tiny"
     snap = repo / "snapshots" / ("b" * 40)
     snap.mkdir(parents=True)
-    (snap / "recipe.yaml").write_text(RECIPE.format(name="from-hub", run_dir=tmp_path / "runs", plugins="[]"))
+    (snap / "recipe.yaml").write_text(
+        RECIPE.format(name="from-hub", run_dir=tmp_path / "runs", plugins="[]")
+    )
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("b" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))

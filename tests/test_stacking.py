@@ -35,14 +35,26 @@ SHORT = [
 def test_two_reparameterizations_and_a_mask_stack_and_train_under_ddp(tmp_path):
     one_dir = fit_here(RECIPE, [*SHORT, "name=one"], tmp_path)
     ddp_dir = fit_cli(
-        RECIPE, [*SHORT, "name=ddp", f"run_dir={tmp_path}/runs", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path
+        RECIPE,
+        [
+            *SHORT,
+            "name=ddp",
+            f"run_dir={tmp_path}/runs",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+        ],
+        cwd=tmp_path,
     )
     one, ddp = final_state(one_dir), final_state(ddp_dir)
     assert_states_close(one, ddp, atol=1e-6, rtol=1e-5)
 
     # both reparameterizations and the mask sit on the hidden weights, in recipe order
     keys = [k for k in one if k.startswith("model.1.parametrizations.weight.")]
-    assert [k.rsplit(".", 2)[-2:] for k in keys] == [["weight", "original"], ["1", "block"], ["2", "mask"]]
+    assert [k.rsplit(".", 2)[-2:] for k in keys] == [
+        ["weight", "original"],
+        ["1", "block"],
+        ["2", "mask"],
+    ]
     assert load_checkpoint(one_dir)["paperhooks"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
     merged = effective_state_dict(one_dir)

@@ -71,21 +71,29 @@ def test_prune_then_retrain_keeps_the_masks_and_records_every_stage(recipe):
     for layer, w in _effective(second["state_dict"]).items():
         mask = second["state_dict"][f"{layer}.parametrizations.weight.0.mask"]
         assert bool((w[~mask] == 0).all())
-        assert bool((second["state_dict"][f"{layer}.parametrizations.weight.original"][~mask] == 0).all())
+        assert bool(
+            (second["state_dict"][f"{layer}.parametrizations.weight.original"][~mask] == 0).all()
+        )
     # the second stage trained: the kept weights moved
     e1, e2 = _effective(first["state_dict"]), _effective(second["state_dict"])
     assert max((e1[k] - e2[k]).abs().max().item() for k in e1) > 1e-3
     record = json.loads((run / "stages.json").read_text())
-    assert [r["stage"] for r in record] == ["prune", "retrain"] and all(r["status"] == "done" for r in record)
+    assert [r["stage"] for r in record] == ["prune", "retrain"] and all(
+        r["status"] == "done" for r in record
+    )
     assert json.loads((run / "metrics.json").read_text()) == record[1]["metrics"] == metrics
     assert metrics["pruning/sparsity"] == pytest.approx(0.7, abs=1e-3)
-    assert (run / "recipe.yaml").exists() and (run / "stages" / "1-retrain" / "recipe.yaml").exists()
+    assert (run / "recipe.yaml").exists() and (
+        run / "stages" / "1-retrain" / "recipe.yaml"
+    ).exists()
 
 
 def test_the_next_stage_starts_from_the_previous_weights(recipe):
     """With a vanishing learning rate the second stage ends where the first ended: its start
     was the first stage's end (a fresh initialization would be far away)."""
-    built, _ = fit(R.load(recipe, ["stages.1.optimizer.lr=1e-12", "stages.1.optimizer.momentum=0.0"]))
+    built, _ = fit(
+        R.load(recipe, ["stages.1.optimizer.lr=1e-12", "stages.1.optimizer.momentum=0.0"])
+    )
     e1 = _effective(_stage(built.run_dir, 0, "prune")["state_dict"])
     e2 = _effective(_stage(built.run_dir, 1, "retrain")["state_dict"])
     for k in e1:
@@ -95,13 +103,18 @@ def test_the_next_stage_starts_from_the_previous_weights(recipe):
 @pytest.mark.parametrize(("stage", "ckpt"), [("0-prune", "last.ckpt"), ("1-retrain", "step5.ckpt")])
 def test_resume_between_and_inside_stages_is_bit_identical(recipe, stage, ckpt):
     full, _ = fit(R.load(recipe, ["name=full", "stages.0.trainer.checkpoint_every_n_steps=6"]))
-    resumed, _ = fit(R.load(recipe, ["name=resumed"]), resume=str(full.run_dir / "stages" / stage / "checkpoints" / ckpt))
+    resumed, _ = fit(
+        R.load(recipe, ["name=resumed"]),
+        resume=str(full.run_dir / "stages" / stage / "checkpoints" / ckpt),
+    )
     a, b = _stage(full.run_dir, 1, "retrain"), _stage(resumed.run_dir, 1, "retrain")
     assert a["global_step"] == b["global_step"] == 10
     assert_states_close(a["state_dict"], b["state_dict"], atol=0)
     record = json.loads((resumed.run_dir / "stages.json").read_text())
     assert record[1]["status"] == "done"
-    assert record[0]["status"] == ("done" if stage == "0-prune" else "skipped (resumed at a later stage)")
+    assert record[0]["status"] == (
+        "done" if stage == "0-prune" else "skipped (resumed at a later stage)"
+    )
 
 
 def test_stage_errors_name_the_stage(recipe, tmp_path):
@@ -164,7 +177,9 @@ def test_uniform_soup_averages_ingredients_of_one_mask(soup_recipe):
     effective = [_effective(e) for e in ends]
     for layer in effective[0]:
         mean = sum(e[layer] for e in effective) / 3
-        w = soup[f"{layer.removeprefix('model.')}.weight"]  # the soup holds the model's plain weights
+        w = soup[
+            f"{layer.removeprefix('model.')}.weight"
+        ]  # the soup holds the model's plain weights
         torch.testing.assert_close(w, mean, atol=1e-7, rtol=0)
         mask = masks[0][f"{layer}.parametrizations.weight.0.mask"]
         assert bool((w[~mask] == 0).all())  # sparsity preserved by construction
@@ -209,5 +224,7 @@ def test_batchnorm_recalibration_hand_derived():
     dm = SimpleNamespace(train_set=DictDataset({"input": x}), batch_size=4)
     recalibrate_bn(module, dm)
     assert bn.running_mean.item() == pytest.approx(3.5)  # (1.5 + 5.5) / 2
-    assert bn.running_var.item() == pytest.approx(5 / 3)  # var([0,1,2,3], unbiased) = 5/3, both chunks
+    assert bn.running_var.item() == pytest.approx(
+        5 / 3
+    )  # var([0,1,2,3], unbiased) = 5/3, both chunks
     assert bn.momentum == 0.3 and int(bn.num_batches_tracked) == 2

@@ -32,9 +32,15 @@ DIGITS = DataInfo("classification", 10, (1, 8, 8))
 def fake_trainer(rank: int = 0, world: int = 1) -> types.SimpleNamespace:
     """What the datamodule reads from a trainer, for simulated ranks (no progress yet)."""
     total = types.SimpleNamespace(processed=0)
-    fit_loop = types.SimpleNamespace(epoch_loop=types.SimpleNamespace(batch_progress=types.SimpleNamespace(total=total)))
+    fit_loop = types.SimpleNamespace(
+        epoch_loop=types.SimpleNamespace(batch_progress=types.SimpleNamespace(total=total))
+    )
     return types.SimpleNamespace(
-        global_rank=rank, world_size=world, current_epoch=0, limit_train_batches=1.0, fit_loop=fit_loop
+        global_rank=rank,
+        world_size=world,
+        current_epoch=0,
+        limit_train_batches=1.0,
+        fit_loop=fit_loop,
     )
 
 
@@ -79,17 +85,25 @@ def test_progress_skips_the_batches_already_done() -> None:
     reference = ShardedBatchSampler(100, 6, 3, 1, 2, True, True)
     reference.set_epoch(1)
     full = batches(reference)
-    resumed = ShardedBatchSampler(100, 6, 3, 1, 2, True, True, progress=lambda: (1, len(reference) + 3))
+    resumed = ShardedBatchSampler(
+        100, 6, 3, 1, 2, True, True, progress=lambda: (1, len(reference) + 3)
+    )
     assert batches(resumed) == full[3:]
     fresh = ShardedBatchSampler(100, 6, 3, 1, 2, True, True, progress=lambda: (1, len(reference)))
     assert batches(fresh) == full
 
 
 def test_validation_split_is_unshuffled_complete_and_may_be_uneven() -> None:
-    samplers = [ShardedBatchSampler(10, 4, 0, r, 3, shuffle=False, drop_last=False) for r in range(3)]
+    samplers = [
+        ShardedBatchSampler(10, 4, 0, r, 3, shuffle=False, drop_last=False) for r in range(3)
+    ]
     per_rank = [batches(s) for s in samplers]
     assert all(len(p) == 3 for p in per_rank)
-    assert [sum((p[b] for p in per_rank), []) for b in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [sum((p[b] for p in per_rank), []) for b in range(3)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+    ]
 
 
 def test_datamodule_ranks_see_the_global_batch_rows() -> None:
@@ -125,7 +139,10 @@ def test_digits_defaults_and_determinism() -> None:
     assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
     assert set(dm.train_set.tensors) == {"input", "target", "index"}
     assert dm.train_set[5]["index"] == 5
-    again, other = build_datamodule("digits", None, seed=0), build_datamodule("digits", None, seed=1)
+    again, other = (
+        build_datamodule("digits", None, seed=0),
+        build_datamodule("digits", None, seed=1),
+    )
     assert torch.equal(again.train_set.tensors["input"], x)
     assert not torch.equal(other.train_set.tensors["target"], dm.train_set.tensors["target"])
     big = build_datamodule("digits", {"image_size": 16}, seed=0)
@@ -136,7 +153,9 @@ def test_digits_defaults_and_determinism() -> None:
 @pytest.mark.parametrize("kind", ["symmetric", "pairflip"])
 def test_label_noise(kind: str) -> None:
     clean = build_datamodule("digits", None, seed=2).train_set.tensors
-    noisy = build_datamodule("digits", {"label_noise": {"kind": kind, "rate": 0.3}}, seed=2).train_set.tensors
+    noisy = build_datamodule(
+        "digits", {"label_noise": {"kind": kind, "rate": 0.3}}, seed=2
+    ).train_set.tensors
     assert torch.equal(noisy["clean_target"], clean["target"])
     flipped = noisy["target"] != noisy["clean_target"]
     assert abs(flipped.float().mean().item() - 0.3) < 0.05
@@ -201,7 +220,11 @@ def test_regression() -> None:
 def test_every_model_builds_with_the_right_output_shape() -> None:
     x = torch.rand(5, 1, 8, 8)
     assert {"timm", "mlp", "linear"} <= set(MODELS)
-    for name in ("timm", "mlp", "linear"):  # the built-ins (plugins may register task-specific models)
+    for name in (
+        "timm",
+        "mlp",
+        "linear",
+    ):  # the built-ins (plugins may register task-specific models)
         cfg = {"arch": "test_resnet"} if name == "timm" else None
         assert build_model(name, cfg, DIGITS)(x).shape == (5, 10)
     reg = DataInfo("regression", 0, (16,))
@@ -214,7 +237,9 @@ def test_every_model_builds_with_the_right_output_shape() -> None:
 def test_configs_come_from_plain_or_omegaconf_mappings() -> None:
     from omegaconf import OmegaConf
 
-    recipe = OmegaConf.create({"model": {"hidden": [8, 4]}, "data": {"label_noise": {"kind": "pairflip"}}})
+    recipe = OmegaConf.create(
+        {"model": {"hidden": [8, 4]}, "data": {"label_noise": {"kind": "pairflip"}}}
+    )
     mlp = build_model("mlp", recipe.model, DIGITS)
     assert [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)] == [8, 4, 10]
     dm = build_datamodule("digits", recipe.data, 0)
@@ -237,10 +262,16 @@ def test_bad_names_list_close_matches() -> None:
         (lambda: LabelNoise("symmetric", 1.5), "label_noise.rate"),
         (lambda: LabelNoise("bogus", 0.1), "label_noise.kind"),  # type: ignore[arg-type]
         (lambda: DigitsConfig(batch_size=0), "batch_size"),
-        (lambda: build_datamodule("digits", {"duplicates": {"copies": -1}}, 0), "duplicates.copies"),
+        (
+            lambda: build_datamodule("digits", {"duplicates": {"copies": -1}}, 0),
+            "duplicates.copies",
+        ),
         (lambda: build_datamodule("digits", {"group_majority": 2.0}, 0), "group_majority"),
         (lambda: build_datamodule("digits", {"batchsize": 2}, 0), "batchsize"),
-        (lambda: build_datamodule("regression", {"redundant_fraction": -0.1}, 0), "redundant_fraction"),
+        (
+            lambda: build_datamodule("regression", {"redundant_fraction": -0.1}, 0),
+            "redundant_fraction",
+        ),
         (lambda: MLPConfig(dropout=1.0), "dropout"),
     ],
 )
@@ -256,7 +287,11 @@ def _allowed(tp: object) -> bool:
     if origin is tuple:
         return args == (int, ...)
     if origin is types.UnionType:
-        return len(args) == 2 and type(None) in args and all(_allowed(a) for a in args if a is not type(None))
+        return (
+            len(args) == 2
+            and type(None) in args
+            and all(_allowed(a) for a in args if a is not type(None))
+        )
     return isinstance(tp, type) and dataclasses.is_dataclass(tp) and _config_ok(tp)
 
 
@@ -293,8 +328,15 @@ class Recorder(pl.LightningModule):
 
 
 def _trainer(**kw: typing.Any) -> pl.Trainer:
-    base = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0)
+    base = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+    )
     return pl.Trainer(**{**base, **kw})
 
 
@@ -320,9 +362,16 @@ def test_lightning_mid_epoch_resume_yields_the_remaining_batches(tmp_path: Path)
     # step 9 is 6 steps of epoch 0 (22 batches) and 3 steps (12 batches) into epoch 1
     dm = build_datamodule("digits", None, seed=3)
     part, resumed = Recorder(dm.info), Recorder(dm.info)
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=9, save_top_k=-1, filename="{step}")
-    _trainer(max_steps=9, accumulate_grad_batches=4, enable_checkpointing=True, callbacks=[ckpt],
-             limit_val_batches=0).fit(part, datamodule=dm)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=9, save_top_k=-1, filename="{step}"
+    )
+    _trainer(
+        max_steps=9,
+        accumulate_grad_batches=4,
+        enable_checkpointing=True,
+        callbacks=[ckpt],
+        limit_val_batches=0,
+    ).fit(part, datamodule=dm)
     _trainer(max_epochs=2, accumulate_grad_batches=4, limit_val_batches=0).fit(
         resumed, datamodule=dm, ckpt_path=tmp_path / "step=9.ckpt"
     )
@@ -337,13 +386,19 @@ def test_lightning_resume_after_max_steps_finishes_the_interrupted_epoch(tmp_pat
     dm = build_datamodule("digits", None, seed=3)
     part, resumed = Recorder(dm.info), Recorder(dm.info)
     last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    _trainer(max_steps=5, limit_val_batches=0, enable_checkpointing=True, callbacks=[last]).fit(part, datamodule=dm)
-    _trainer(max_steps=25, limit_val_batches=0).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "last.ckpt")
+    _trainer(max_steps=5, limit_val_batches=0, enable_checkpointing=True, callbacks=[last]).fit(
+        part, datamodule=dm
+    )
+    _trainer(max_steps=25, limit_val_batches=0).fit(
+        resumed, datamodule=dm, ckpt_path=tmp_path / "last.ckpt"
+    )
     assert part.seen + resumed.seen == _expected(dm, 0) + _expected(dm, 1)[:3]
 
 
 # -- tasks registered by plugin distributions (entry-point group paperhooks.tasks) -----------------
-def test_plugin_tasks_register_through_their_entry_point_and_a_broken_one_is_named(tmp_path, monkeypatch) -> None:
+def test_plugin_tasks_register_through_their_entry_point_and_a_broken_one_is_named(
+    tmp_path, monkeypatch
+) -> None:
     """Installed plugins' task modules register on the first lookup, so a recipe may use a
     plugin's dataset without naming the plugin; a task module that fails to import is named in
     the unknown-name error and does not stop the others."""
@@ -367,24 +422,39 @@ def test_plugin_tasks_register_through_their_entry_point_and_a_broken_one_is_nam
         "print(all(m in sys.modules for m in ('paperhooks.tasks.data', 'paperhooks_more.tasks', 'paperhooks_pareto_da.tasks')))"
     )
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    ).stdout
     assert out.split() == ["[]", "[]", "True"], out
 
     # a recipe uses rerank-curriculum's dataset without naming the plugin
-    rec = R.validate({"model": {"name": "mlp"}, "data": {"name": "digits-difficulty"}, "trainer": {"max_steps": 1}})
+    rec = R.validate(
+        {
+            "model": {"name": "mlp"},
+            "data": {"name": "digits-difficulty"},
+            "trainer": {"max_steps": 1},
+        }
+    )
     assert rec.data.name == "digits-difficulty"
 
     site = tmp_path / "site"
     (site / "broken_tasks.py").parent.mkdir(parents=True)
-    (site / "broken_tasks.py").write_text("raise ImportError('needs a library that is not installed')\n")
+    (site / "broken_tasks.py").write_text(
+        "raise ImportError('needs a library that is not installed')\n"
+    )
     info = site / "paperhooks_broken-0.0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: paperhooks-broken\nVersion: 0.0.1\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: paperhooks-broken\nVersion: 0.0.1\n"
+    )
     (info / "entry_points.txt").write_text("[paperhooks.tasks]\nbroken = broken_tasks\n")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(registry, "_plugin_tasks_loaded", False)
     monkeypatch.setattr(registry, "TASK_ERRORS", {})
-    with pytest.raises(ValueError, match=r"unknown dataset 'nope'.*tasks that failed to load: broken \(paperhooks-broken: ImportError: needs a library"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown dataset 'nope'.*tasks that failed to load: broken \(paperhooks-broken: ImportError: needs a library",
+    ):
         build_datamodule("nope", None, 0)
     assert "digits-difficulty" in registry.DATASETS  # the others registered
 
@@ -397,9 +467,19 @@ def test_every_registered_dataset_declares_its_task_and_builds_it(monkeypatch) -
     assert {k: v.task for k, v in registry.DATASETS.items() if v.task is None} == {}
     assert registry.DATASETS["digits"].task == "classification"
     assert registry.DATASETS["synthetic-preferences"].task == "preference"
-    with pytest.raises(ValueError, match=r"dataset 'x': task must be one of classification, regression, preference, got 'text'"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset 'x': task must be one of classification, regression, preference, got 'text'",
+    ):
         registry.register_dataset("x", registry.DATASETS["digits"].config_cls, task="text")
     # a declaration that does not match the build is the registering author's error
-    monkeypatch.setitem(registry.DATASETS, "digits", dataclasses.replace(registry.DATASETS["digits"], task="regression"))
-    with pytest.raises(ValueError, match="dataset 'digits' is registered as regression data but built classification data"):
+    monkeypatch.setitem(
+        registry.DATASETS,
+        "digits",
+        dataclasses.replace(registry.DATASETS["digits"], task="regression"),
+    )
+    with pytest.raises(
+        ValueError,
+        match="dataset 'digits' is registered as regression data but built classification data",
+    ):
         build_datamodule("digits", None, 0)

@@ -10,7 +10,10 @@ from collections.abc import Sequence
 STEP_ORDER = (
     ("perturb_inputs", "1. input perturbation (chained)"),
     ("objective_terms", "2-4. forward, module losses, objective terms (added by name)"),
-    ("weighting_sample_weights", "5. sample weights (multiplied, normalized over the global batch)"),
+    (
+        "weighting_sample_weights",
+        "5. sample weights (multiplied, normalized over the global batch)",
+    ),
     ("objweight_coefficients", "6. objective coefficients (one owner)"),
     ("surgery_parameters", "7. gradient surgery: the parameters it acts on (intersection)"),
     ("surgery_combine", "7. gradient surgery (chained; manual optimization)"),
@@ -46,9 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("recipe", help="a YAML file or hf://OWNER/REPO/PATH.yaml")
-        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=3")
+        s.add_argument(
+            "overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=3"
+        )
         if name == "fit":
-            s.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint file (e.g. RUN/checkpoints/last.ckpt)")
+            s.add_argument(
+                "--resume",
+                metavar="CKPT",
+                help="resume from a checkpoint file (e.g. RUN/checkpoints/last.ckpt)",
+            )
     _add_run_commands(sub)
     # paperhooks.new imports only the standard library at import: --help stays torch-free
     from paperhooks.new import add_arguments as add_new_arguments
@@ -60,20 +69,39 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     """``export``, ``push``, ``compare`` and ``docs`` (implemented in share, compare, docgen)."""
-    s = sub.add_parser("export", help="write a run as a model folder: safetensors, recipe, metrics, model card")
+    s = sub.add_parser(
+        "export", help="write a run as a model folder: safetensors, recipe, metrics, model card"
+    )
     s.add_argument("run", help="a run directory (runs/NAME/version_K)")
     s.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
     s = sub.add_parser("push", help="export a run and upload it to the Hugging Face Hub")
     s.add_argument("run", help="a run directory (runs/NAME/version_K)")
-    s.add_argument("repo_id", metavar="REPO_ID", help="OWNER/NAME of the model repository (created if missing)")
+    s.add_argument(
+        "repo_id", metavar="REPO_ID", help="OWNER/NAME of the model repository (created if missing)"
+    )
     s.add_argument("--private", action="store_true", help="create the repository private")
     s.add_argument("--token", help="Hub token (default: the saved login or HF_TOKEN)")
-    s = sub.add_parser("compare", help="plot runs' metrics as PNGs and tabulate their final metrics")
-    s.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or folders of version_* runs")
-    s.add_argument("--out", metavar="DIR", default="compare", help="output folder (default ./compare)")
-    s.add_argument("--metrics", metavar="M1,M2", help="only these metrics (e.g. val/acc,train/loss)")
-    s = sub.add_parser("docs", help="generate the reference pages of the docs from the code and installed plugins")
-    s.add_argument("--out", metavar="DIR", default="docs/generated", help="output folder (default docs/generated)")
+    s = sub.add_parser(
+        "compare", help="plot runs' metrics as PNGs and tabulate their final metrics"
+    )
+    s.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run directories, or folders of version_* runs"
+    )
+    s.add_argument(
+        "--out", metavar="DIR", default="compare", help="output folder (default ./compare)"
+    )
+    s.add_argument(
+        "--metrics", metavar="M1,M2", help="only these metrics (e.g. val/acc,train/loss)"
+    )
+    s = sub.add_parser(
+        "docs", help="generate the reference pages of the docs from the code and installed plugins"
+    )
+    s.add_argument(
+        "--out",
+        metavar="DIR",
+        default="docs/generated",
+        help="output folder (default docs/generated)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,7 +128,9 @@ def _plugins(args: argparse.Namespace) -> int:
         print("no paperhooks plugins installed (pip install paperhooks-<name>)")
         return 0
     header = ("name", "family", "distribution", "version", "paper")
-    table = [(r.name, r.family or "ERROR", r.distribution, r.version, r.paper or r.error) for r in rows]
+    table = [
+        (r.name, r.family or "ERROR", r.distribution, r.version, r.paper or r.error) for r in rows
+    ]
     _print_table(header, table)
     return 0
 
@@ -122,7 +152,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 def _validate(args: argparse.Namespace) -> int:
     recipe = _load(args)
     names = ", ".join(p.name for p in recipe.plugins) or "no plugins"
-    print(f"ok: {args.recipe} ({names}; strategy {recipe.trainer.strategy_kind}, {recipe.trainer.devices} device(s))")
+    print(
+        f"ok: {args.recipe} ({names}; strategy {recipe.trainer.strategy_kind}, {recipe.trainer.devices} device(s))"
+    )
     return 0
 
 
@@ -151,7 +183,9 @@ def _explain(args: argparse.Namespace) -> int:
         p.name = e.name
         plugins.append(p)
     order = PluginSet(plugins).order()
-    print(f"recipe {args.recipe}: {len(plugins)} plugin(s), strategy {recipe.trainer.strategy_kind}")
+    print(
+        f"recipe {args.recipe}: {len(plugins)} plugin(s), strategy {recipe.trainer.strategy_kind}"
+    )
     for hook, text in STEP_ORDER:
         if hook in order:
             print(f"{text}\n    {hook}: {' -> '.join(order[hook])}")
@@ -184,7 +218,13 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"plugins": _plugins, "validate": _validate, "cite": _cite, "explain": _explain, "fit": _fit}
+_COMMANDS = {
+    "plugins": _plugins,
+    "validate": _validate,
+    "cite": _cite,
+    "explain": _explain,
+    "fit": _fit,
+}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -197,7 +237,9 @@ def _export(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from paperhooks.share import push
 
-    print(f"pushed {args.run} to {push(args.run, args.repo_id, private=args.private, token=args.token)}")
+    print(
+        f"pushed {args.run} to {push(args.run, args.repo_id, private=args.private, token=args.token)}"
+    )
     return 0
 
 

@@ -51,7 +51,9 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
             key=lambda v: int(v.name.split("_")[1]) if v.name.split("_")[1].isdigit() else -1,
         )
         if not versions:
-            raise CompareError(f"{p} is not a run directory (no recipe.yaml) and holds no version_* runs")
+            raise CompareError(
+                f"{p} is not a run directory (no recipe.yaml) and holds no version_* runs"
+            )
         runs.extend(versions)
     return runs
 
@@ -82,9 +84,20 @@ def load_run(path: Path) -> Run:
 
     recipe = OmegaConf.to_container(OmegaConf.load(path / "recipe.yaml"))
     versions = recipe.get("plugin_versions") or {}
-    plugins = [f"{p['name']} ({versions[p['name']]})" if p["name"] in versions else p["name"] for p in recipe.get("plugins") or []]
-    final = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
-    return Run(path, f"{path.parent.name}/{path.name}", read_csv(path / "logs" / "metrics.csv"), final, plugins)
+    plugins = [
+        f"{p['name']} ({versions[p['name']]})" if p["name"] in versions else p["name"]
+        for p in recipe.get("plugins") or []
+    ]
+    final = (
+        json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    )
+    return Run(
+        path,
+        f"{path.parent.name}/{path.name}",
+        read_csv(path / "logs" / "metrics.csv"),
+        final,
+        plugins,
+    )
 
 
 def by_epoch(metric: str, runs: Sequence[Run]) -> bool:
@@ -108,7 +121,9 @@ def select(names: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
     for w in wanted:
         hits = [n for n in names if n == w or re.sub(r"_(step|epoch)$", "", n) == w]
         if not hits:
-            raise CompareError(f"no run logged the metric {w!r}; logged: {', '.join(sorted(names)) or 'nothing'}")
+            raise CompareError(
+                f"no run logged the metric {w!r}; logged: {', '.join(sorted(names)) or 'nothing'}"
+            )
         out += [h for h in sorted(hits) if h not in out]
     return out
 
@@ -145,7 +160,9 @@ def plot(metric: str, runs: Sequence[Run], path: Path) -> None:
     fig.savefig(path)
 
 
-def compare(paths: Sequence[str | Path], out: str | Path, metrics: Sequence[str] | None = None) -> Path:
+def compare(
+    paths: Sequence[str | Path], out: str | Path, metrics: Sequence[str] | None = None
+) -> Path:
     """Write one PNG per metric and ``compare.md`` into ``out``; return the path of ``compare.md``."""
     runs = [load_run(p) for p in find_runs(paths)]
     out = Path(out)
@@ -167,11 +184,19 @@ def compare(paths: Sequence[str | Path], out: str | Path, metrics: Sequence[str]
 
 def report(runs: Sequence[Run], finals: Sequence[str], files: dict[str, str]) -> str:
     """``compare.md``: the runs and their plugins, final metrics side by side, then the plots."""
-    lines = [f"# Comparison of {len(runs)} run(s)", "", "| run | plugins | directory |", "|---|---|---|"]
+    lines = [
+        f"# Comparison of {len(runs)} run(s)",
+        "",
+        "| run | plugins | directory |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r.label} | {', '.join(r.plugins) or 'none'} | `{r.path}` |" for r in runs]
     lines += ["", "## Final metrics", ""]
     if finals:
-        lines += ["| metric | " + " | ".join(r.label for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+        lines += [
+            "| metric | " + " | ".join(r.label for r in runs) + " |",
+            "|---" * (len(runs) + 1) + "|",
+        ]
         for m in finals:
             cells = [f"{r.final[m]:.4f}" if m in r.final else "–" for r in runs]
             lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
@@ -186,4 +211,13 @@ def report(runs: Sequence[Run], finals: Sequence[str], files: dict[str, str]) ->
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["CompareError", "Run", "by_epoch", "compare", "find_runs", "load_run", "read_csv", "report"]
+__all__ = [
+    "CompareError",
+    "Run",
+    "by_epoch",
+    "compare",
+    "find_runs",
+    "load_run",
+    "read_csv",
+    "report",
+]

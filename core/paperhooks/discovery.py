@@ -102,7 +102,11 @@ def list_plugins() -> list[Listed]:
             continue
         paper = ""
         if cls.paper:
-            venue = cls.paper.venue if str(cls.paper.year) in cls.paper.venue else f"{cls.paper.venue} {cls.paper.year}"
+            venue = (
+                cls.paper.venue
+                if str(cls.paper.year) in cls.paper.venue
+                else f"{cls.paper.venue} {cls.paper.year}"
+            )
             paper = f"{cls.paper.title} ({venue})"
         rows.append(Listed(name, item.distribution, item.version, cls.family, paper, ""))
     return rows

@@ -224,18 +224,24 @@ def topk_mask(local: Sequence[torch.Tensor], k: int | Callable[[int], int]) -> l
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
         raise ValueError(f"topk_mask: k must be an integer in [0, {total}], got {k!r}")
     if k == 0 or k == total:
-        return [torch.full(key.shape, k == total, dtype=torch.bool, device=key.device) for key in keys]
+        return [
+            torch.full(key.shape, k == total, dtype=torch.bool, device=key.device) for key in keys
+        ]
     # invariant: count(key >= lo) >= k > count(key >= hi)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
-        local_count = sum(((key >= mid).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device))
+        local_count = sum(
+            ((key >= mid).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device)
+        )
         if int(all_reduce_sum(local_count).item()) >= k:
             lo = mid
         else:
             hi = mid
     threshold = lo  # the k-th largest key: count(>= T) >= k > count(> T)
-    above = sum(((key > threshold).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device))
+    above = sum(
+        ((key > threshold).sum() for key in keys), torch.zeros((), dtype=torch.int64, device=device)
+    )
     ties = [(key == threshold).sum() for key in keys]
     # [R, 1 + L]: per rank, #above and #ties of each tensor (the only thing that crosses ranks)
     counts, _ = all_gather_cat(torch.stack([above, *ties]).view(1, -1))

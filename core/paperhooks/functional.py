@@ -153,7 +153,9 @@ class Hooks:
             return {k: v.mean() for k, v in objectives.items()}
         checks, self._unchecked = self._unchecked, []
         local = weights.detach().sum()  # in the weights' dtype, as the sum itself is taken
-        packed = torch.stack([local.to(torch.float64)] + [bad.to(torch.float64) for _, bad in checks])
+        packed = torch.stack(
+            [local.to(torch.float64)] + [bad.to(torch.float64) for _, bad in checks]
+        )
         packed = dist.all_reduce_sum(packed)
         total = packed[0].to(local.dtype)
         values = packed.tolist()  # the one host sync of the weighting path
@@ -164,7 +166,9 @@ class Hooks:
                 f"values, shape {tuple(weights.shape)}"
             )
         if not values[0] > 0 or values[0] == float("inf"):
-            raise ValueError(f"sample weights sum to {values[0]} over the global batch; need a finite sum > 0")
+            raise ValueError(
+                f"sample weights sum to {values[0]} over the global batch; need a finite sum > 0"
+            )
         scale = dist.world_size() / total
         return {k: (weights.to(v.dtype) * v).sum() * scale for k, v in objectives.items()}
 
@@ -186,7 +190,10 @@ class Hooks:
         """``Σ_k c_k L_k``. A coefficient that is the number 1 multiplies nothing, and the sum
         starts from the first term: no ``1.0 · L`` or ``0 + L`` nodes in the graph."""
         coefs = self.coefficients(objectives)
-        return summed(v if isinstance(c := coefs[k], int | float) and c == 1 else c * v for k, v in objectives.items())
+        return summed(
+            v if isinstance(c := coefs[k], int | float) and c == 1 else c * v
+            for k, v in objectives.items()
+        )
 
     def weighted_mean(self, losses: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The sample-weighted mean of ``losses`` over the global batch, as a scalar loss."""
@@ -233,7 +240,9 @@ class Hooks:
                 "gradient surgery: the plugins' surgery_parameters selected no parameter"
             )
         # the surgery parameters first, the rest after (in module order within each)
-        named = [np for np in named if np[0] in chosen] + [np for np in named if np[0] not in chosen]
+        named = [np for np in named if np[0] in chosen] + [
+            np for np in named if np[0] not in chosen
+        ]
         if self.ctx.strategy == "fsdp2":  # shards: FSDP2 reduces each backward pass itself
             return self.engine.run_sharded(values, named, chosen, self._surgery, self.ctx)  # type: ignore[arg-type]
         direction = self.engine.run(

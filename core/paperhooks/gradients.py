@@ -465,7 +465,9 @@ class Engine:
             # the K losses ride along as one more column: one collective for both
             packed = torch.cat([s_local, local_losses.to(s_local.dtype)[:, None]], dim=1)
             reduced = dist.all_reduce_sum(packed) / world
-            gset = GradientSet(reduced[:, :-1], names, reduced[:, -1].double(), layout="full", blocks=blocks)
+            gset = GradientSet(
+                reduced[:, :-1], names, reduced[:, -1].double(), layout="full", blocks=blocks
+            )
             chunk = None
         else:
             losses = dist.all_reduce_sum(local_losses) / world
@@ -488,12 +490,15 @@ class Engine:
             full_s = direction.vector
         if o_local is None:
             return Direction(full_s, weights, gset)
-        w_other = weights if weights is not None else torch.ones(len(names), dtype=torch.float64, device=o_local.device)
+        w_other = (
+            weights
+            if weights is not None
+            else torch.ones(len(names), dtype=torch.float64, device=o_local.device)
+        )
         o_dir = w_other.to(o_local.dtype) @ o_local
         if distributed:
             o_dir = dist.all_reduce_sum(o_dir) / world
         return Direction(torch.cat([full_s, o_dir]), weights, gset)
-
 
     def run_sharded(
         self,
@@ -521,12 +526,27 @@ class Engine:
             v = values[name]
             if v.requires_grad:
                 v.backward(retain_graph=k < len(names) - 1)
-            rows.append(torch.cat([_local(p.grad).reshape(-1) if p.grad is not None else torch.zeros_like(t).reshape(-1)
-                                   for p, t in zip(params, locals_, strict=True)]))
+            rows.append(
+                torch.cat(
+                    [
+                        _local(p.grad).reshape(-1)
+                        if p.grad is not None
+                        else torch.zeros_like(t).reshape(-1)
+                        for p, t in zip(params, locals_, strict=True)
+                    ]
+                )
+            )
         local = torch.stack(rows)  # [K, P_local]: shards of the global gradients
-        losses = dist.all_reduce_sum(torch.stack([values[n].detach().to(torch.float64) for n in names])) / dist.world_size()
+        losses = (
+            dist.all_reduce_sum(torch.stack([values[n].detach().to(torch.float64) for n in names]))
+            / dist.world_size()
+        )
         _check_surgery_first(named_params, surgery_names)
-        ps = sum(t.numel() for (name, _), t in zip(named_params, locals_, strict=True) if name in surgery_names)
+        ps = sum(
+            t.numel()
+            for (name, _), t in zip(named_params, locals_, strict=True)
+            if name in surgery_names
+        )
         gset = GradientSet(local[:, :ps], names, losses, layout="columns")
         direction = _chain(gset, chain, ctx, names)
         weights = direction.weights
@@ -534,7 +554,11 @@ class Engine:
             weights = None
         full = direction.vector
         if ps < local.shape[1]:
-            w = weights if weights is not None else torch.ones(len(names), dtype=torch.float64, device=local.device)
+            w = (
+                weights
+                if weights is not None
+                else torch.ones(len(names), dtype=torch.float64, device=local.device)
+            )
             full = torch.cat([full, w.to(local.dtype) @ local[:, ps:]])
         offset = 0
         for p, t in zip(params, locals_, strict=True):
@@ -547,15 +571,24 @@ class Engine:
         return Direction(full, weights, gset)
 
 
-def _check_surgery_first(named_params: Sequence[tuple[str, torch.nn.Parameter]], surgery_names: set[str]) -> None:
+def _check_surgery_first(
+    named_params: Sequence[tuple[str, torch.nn.Parameter]], surgery_names: set[str]
+) -> None:
     seen_other = False
     for name, _ in named_params:
         if name in surgery_names and seen_other:
-            raise ValueError("Engine: order the surgery parameters first (Hooks.surgery_gradients does)")
+            raise ValueError(
+                "Engine: order the surgery parameters first (Hooks.surgery_gradients does)"
+            )
         seen_other |= name not in surgery_names
 
 
-def _chain(gset: GradientSet, chain: Sequence[Callable[..., GradientSet | Direction | None]], ctx: object, names: list[str]) -> Direction:
+def _chain(
+    gset: GradientSet,
+    chain: Sequence[Callable[..., GradientSet | Direction | None]],
+    ctx: object,
+    names: list[str],
+) -> Direction:
     result: GradientSet | Direction = gset
     for f in chain:
         res = f(grads=result, ctx=ctx)
@@ -563,15 +596,19 @@ def _chain(gset: GradientSet, chain: Sequence[Callable[..., GradientSet | Direct
             continue
         if not isinstance(res, GradientSet | Direction):
             name = getattr(getattr(f, "plugin", None), "name", "?")
-            raise TypeError(f"surgery plugin {name!r} returned {type(res).__name__}; return a GradientSet, a Direction "
-                            "(e.g. grads.combine(weights)) or None")
+            raise TypeError(
+                f"surgery plugin {name!r} returned {type(res).__name__}; return a GradientSet, a Direction "
+                "(e.g. grads.combine(weights)) or None"
+            )
         result = res
         if isinstance(result, Direction):
             break
     direction = result if isinstance(result, Direction) else result.sum()
     if not _all_finite(direction.vector):
-        raise FloatingPointError(f"gradient surgery produced a non-finite direction (objectives {names}, "
-                                 f"global losses {gset.losses.tolist()})")
+        raise FloatingPointError(
+            f"gradient surgery produced a non-finite direction (objectives {names}, "
+            f"global losses {gset.losses.tolist()})"
+        )
     return direction
 
 
@@ -616,7 +653,10 @@ def _sole_owner(rows: torch.Tensor) -> bool:
     """True when ``rows`` is referenced only by the caller's local name and the argument here
     (no other Python reference to the tensor) and its storage by this tensor alone (plus the
     temporary storage object that asks: no view, row or other tensor shares it)."""
-    return sys.getrefcount(rows) <= 3 and torch._C._storage_Use_Count(rows.untyped_storage()._cdata) <= 2
+    return (
+        sys.getrefcount(rows) <= 3
+        and torch._C._storage_Use_Count(rows.untyped_storage()._cdata) <= 2
+    )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -629,7 +669,9 @@ def _like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     if hasattr(p, "to_local"):
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        return DTensor.from_local(
+            local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
     return local
 
 

@@ -46,7 +46,9 @@ def check_combination(plugins: Sequence[tuple[str, type]]) -> None:
     for name, cls in plugins:
         for other, why in cls.incompatible_with.items():
             if other in names and other != name:
-                raise IncompatiblePluginsError(f"plugins {name!r} and {other!r} cannot be combined: {why}")
+                raise IncompatiblePluginsError(
+                    f"plugins {name!r} and {other!r} cannot be combined: {why}"
+                )
     for hook in ONE_OWNER:
         owners = [n for n, cls in plugins if hook in _hook_names(cls)]
         if len(owners) > 1:
@@ -69,7 +71,9 @@ class Impl:
 
     __slots__ = ("plugin", "function", "argnames")
 
-    def __init__(self, plugin: Plugin, function: Callable[..., Any], argnames: tuple[str, ...]) -> None:
+    def __init__(
+        self, plugin: Plugin, function: Callable[..., Any], argnames: tuple[str, ...]
+    ) -> None:
         self.plugin, self.function, self.argnames = plugin, function, argnames
 
     def __call__(self, **kwargs: Any) -> Any:
@@ -96,11 +100,16 @@ class PluginSet:
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as e:
-            raise PluginLoadError(f"a plugin implements a hook paperhooks does not specify: {e}") from None
+            raise PluginLoadError(
+                f"a plugin implements a hook paperhooks does not specify: {e}"
+            ) from None
         self._pm = pm
         self.calls: dict[str, list[Impl]] = {}
         for name in spec_names():
-            impls = [Impl(impl.plugin, impl.function, impl.argnames) for impl in getattr(pm.hook, name).get_hookimpls()]
+            impls = [
+                Impl(impl.plugin, impl.function, impl.argnames)
+                for impl in getattr(pm.hook, name).get_hookimpls()
+            ]
             self.calls[name] = impls[::-1] if name in REVERSED else impls
         self.replaces_task_loss = any(p.replaces_task_loss for p in self.plugins)
 
@@ -109,7 +118,9 @@ class PluginSet:
         families = (p.family, *p.extra_families)
         unknown = [f for f in families if f not in FAMILIES]
         if unknown:
-            raise PluginLoadError(f"plugin {p.name!r}: family {unknown[0]!r} is not one of {', '.join(FAMILIES)}")
+            raise PluginLoadError(
+                f"plugin {p.name!r}: family {unknown[0]!r} is not one of {', '.join(FAMILIES)}"
+            )
         prefixes = (*(FAMILIES[f] for f in families), "lifecycle_")
         for hook in _hook_names(type(p)):
             if not hook.startswith(prefixes):
@@ -147,6 +158,8 @@ class PluginSet:
         names = [p.name for p in self.plugins]
         saved = [s["name"] for s in states]
         if names != saved:
-            raise RecipeError(f"checkpoint holds plugins {saved}, but the recipe has {names}; they must match to resume")
+            raise RecipeError(
+                f"checkpoint holds plugins {saved}, but the recipe has {names}; they must match to resume"
+            )
         for p, s in zip(self.plugins, states, strict=True):
             p.load_state_dict(s["state"])

@@ -110,7 +110,11 @@ class HookedModule(L.LightningModule):
 
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         for m in self.model.modules():
-            if m is not self.model and any(True for _ in m.parameters(recurse=False)) and not list(m.children()):
+            if (
+                m is not self.model
+                and any(True for _ in m.parameters(recurse=False))
+                and not list(m.children())
+            ):
                 fully_shard(m, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
@@ -151,7 +155,9 @@ class HookedModule(L.LightningModule):
             self._prune(self.hooks.ctx)
 
     # -- the step ---------------------------------------------------------------------------------
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(
+        self, batch: Mapping[str, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor | None:
         # An exception mid-step saves torch's RNG as it was here, so a resume repeats the step
         # exactly. numpy's and Python's states are read when the checkpoint is written: nothing in
         # a step draws from them (data loading runs between steps), and reading them costs
@@ -163,10 +169,14 @@ class HookedModule(L.LightningModule):
         hooks.ctx.logging_step = self._logging_step()
         batch = hooks.perturb(batch, self)  # 1. input perturbation
         outputs = self.outputs(batch)  # 2. forward
-        base = None if hooks.plugins.replaces_task_loss else self.losses(batch, outputs)  # 3. losses
+        base = (
+            None if hooks.plugins.replaces_task_loss else self.losses(batch, outputs)
+        )  # 3. losses
         objectives = hooks.objectives(self, batch, outputs, base)  # 4. objective terms
         weights = (  # 5. weights, from the per-sample total of the objectives
-            hooks.sample_weights(summed(objectives.values()), batch, outputs, self) if hooks._weighting else None
+            hooks.sample_weights(summed(objectives.values()), batch, outputs, self)
+            if hooks._weighting
+            else None
         )
         reduced = hooks.reduce(objectives, weights)  # 6. global normalization
         self._log_step(reduced, outputs, batch)
@@ -195,9 +205,13 @@ class HookedModule(L.LightningModule):
         for f in calls["reparam_after_step"]:
             f(module=self, ctx=ctx)
         if self.masks:
-            if self._prunable is None:  # the layer objects stay; their parameters are looked up each time
+            if (
+                self._prunable is None
+            ):  # the layer objects stay; their parameters are looked up each time
                 self._prunable = pruning.prunable(self.model)
-            pruning.zero_pruned(self.model, self.masks, self._prunable)  # momentum, weight decay cannot revive them
+            pruning.zero_pruned(
+                self.model, self.masks, self._prunable
+            )  # momentum, weight decay cannot revive them
             self._prune(ctx)
             self._log_sparsity(ctx)
         for f in calls["lifecycle_step_end"]:
@@ -216,7 +230,11 @@ class HookedModule(L.LightningModule):
         target = schedule(ctx=ctx)
         if target is None:
             return
-        if isinstance(target, bool) or not isinstance(target, int | float) or not 0.0 <= target < 1.0:
+        if (
+            isinstance(target, bool)
+            or not isinstance(target, int | float)
+            or not 0.0 <= target < 1.0
+        ):
             raise ValueError(
                 f"plugin {schedule.plugin.name!r}: pruning_schedule returned {target!r} at step {ctx.step}; "
                 "a sparsity must be a number in [0, 1)"
@@ -227,15 +245,27 @@ class HookedModule(L.LightningModule):
         params = pruning.local_weights(self.model, self.masks)  # under FSDP2: this rank's rows
         rows = pruning.local_rows(self.model, self.masks)
         scorer = self.hooks.plugins.owner("pruning_scores")
-        scores = (scorer(params=params, module=self, ctx=ctx) if scorer else None) or pruning.magnitude_scores(params)
+        scores = (
+            scorer(params=params, module=self, ctx=ctx) if scorer else None
+        ) or pruning.magnitude_scores(params)
         # pruned weights stay pruned: they rank below every weight still in
-        scores = {k: torch.where(m.mask[rows[k]], scores[k].float() if not scores[k].is_floating_point() else scores[k], -torch.inf)
-                  for k, m in self.masks.items()}
+        scores = {
+            k: torch.where(
+                m.mask[rows[k]],
+                scores[k].float() if not scores[k].is_floating_point() else scores[k],
+                -torch.inf,
+            )
+            for k, m in self.masks.items()
+        }
         allocator = self.hooks.plugins.owner("pruning_allocate")
-        keep = (allocator(scores=scores, sparsity=target, ctx=ctx) if allocator else None) or pruning.global_allocation(
-            scores, target, sharded=sharded
-        )
-        bad = [k for k in self.masks if k not in keep or keep[k].shape != scores[k].shape or keep[k].dtype != torch.bool]
+        keep = (
+            allocator(scores=scores, sparsity=target, ctx=ctx) if allocator else None
+        ) or pruning.global_allocation(scores, target, sharded=sharded)
+        bad = [
+            k
+            for k in self.masks
+            if k not in keep or keep[k].shape != scores[k].shape or keep[k].dtype != torch.bool
+        ]
         if bad:
             raise ValueError(
                 f"plugin {allocator.plugin.name if allocator else '(core)'!r}: pruning_allocate must return one boolean mask per prunable "
@@ -285,9 +315,18 @@ class HookedModule(L.LightningModule):
         # is the global loss, so the logged value is reduced when there are several ranks.
         return self._trainer is not None and self.trainer.world_size > 1
 
-    def _log_step(self, reduced: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], batch: Any) -> None:
+    def _log_step(
+        self, reduced: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], batch: Any
+    ) -> None:
         for k, v in reduced.items():
-            self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=True, prog_bar=(k == "loss"), sync_dist=self._multi)
+            self.log(
+                f"train/{k}",
+                v.detach(),
+                on_step=True,
+                on_epoch=True,
+                prog_bar=(k == "loss"),
+                sync_dist=self._multi,
+            )
 
     def on_train_epoch_end(self) -> None:
         for f in self.hooks.plugins.calls["lifecycle_epoch_end"]:
@@ -342,7 +381,11 @@ def _steps_per_epoch(trainer: L.Trainer) -> int | None:
 
 def _get_rng_raw(torch_state: torch.Tensor | None = None) -> tuple[Any, ...]:
     """torch's (``torch_state`` if given), numpy's and Python's global RNG states."""
-    return (torch.get_rng_state() if torch_state is None else torch_state), np.random.get_state(), random.getstate()
+    return (
+        (torch.get_rng_state() if torch_state is None else torch_state),
+        np.random.get_state(),
+        random.getstate(),
+    )
 
 
 def _rng_to_plain(raw: tuple[Any, ...]) -> dict[str, Any]:
@@ -353,5 +396,7 @@ def _rng_to_plain(raw: tuple[Any, ...]) -> dict[str, Any]:
 
 def _set_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(
+        ("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
+    )
     random.setstate((3, tuple(state["python"]), None))

@@ -81,12 +81,16 @@ def check_name(name: str) -> None:
     found = discovery.entry_points()
     if name in found:
         item = found[name]
-        raise TemplateError(f"plugin name {name!r} is taken: {item.distribution} {item.version} is installed with it")
+        raise TemplateError(
+            f"plugin name {name!r} is taken: {item.distribution} {item.version} is installed with it"
+        )
     try:
         dist = md.distribution(f"paperhooks-{name}")
     except md.PackageNotFoundError:
         return
-    raise TemplateError(f"plugin name {name!r} is taken: distribution paperhooks-{name} {dist.version} is installed")
+    raise TemplateError(
+        f"plugin name {name!r} is taken: distribution paperhooks-{name} {dist.version} is installed"
+    )
 
 
 def check_family(family: str) -> None:
@@ -104,13 +108,17 @@ def check_paper(paper: PaperInfo) -> None:
         if not text.strip() and what != "title":
             raise TemplateError(f"the {what} is empty")
         if any(ord(c) < 32 for c in text) or '"""' in text:
-            raise TemplateError(f"the {what} must be one line without control characters or triple quotes: {text!r}")
+            raise TemplateError(
+                f"the {what} must be one line without control characters or triple quotes: {text!r}"
+            )
     if not paper.authors:
         raise TemplateError("give at least one author")
     if not 1900 <= paper.year <= datetime.date.today().year + 1:
         raise TemplateError(f"year {paper.year} is not a publication year")
     if paper.arxiv and not ARXIV_RE.match(paper.arxiv):
-        raise TemplateError(f"arXiv id {paper.arxiv!r} should look like 2502.06733 (or hep-th/9901001)")
+        raise TemplateError(
+            f"arXiv id {paper.arxiv!r} should look like 2502.06733 (or hep-th/9901001)"
+        )
     if paper.code_url != "none found" and not re.match(r"^https?://\S+$", paper.code_url):
         raise TemplateError(f"code URL {paper.code_url!r} must be an http(s) URL or 'none found'")
 
@@ -169,24 +177,52 @@ def render(
             quiet=True,
         )
     except Exception as e:  # noqa: BLE001 - copier's errors (bad template, bad answer) reach the user as one error
-        raise TemplateError(f"copier could not render {src} into {dst}: {type(e).__name__}: {e}") from e
+        raise TemplateError(
+            f"copier could not render {src} into {dst}: {type(e).__name__}: {e}"
+        ) from e
     return dst
 
 
 # -- command line -----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``paperhooks new``."""
-    parser.add_argument("name", help="plugin name (lowercase letters, digits, hyphens), e.g. my-method")
-    parser.add_argument("--family", required=True, help="hook family: sample-weighting, objective, gradient-surgery, ...")
-    parser.add_argument("--output", metavar="DIR", help="where to write (default: plugins/NAME in a paperhooks checkout, else ./NAME)")
+    parser.add_argument(
+        "name", help="plugin name (lowercase letters, digits, hyphens), e.g. my-method"
+    )
+    parser.add_argument(
+        "--family",
+        required=True,
+        help="hook family: sample-weighting, objective, gradient-surgery, ...",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        help="where to write (default: plugins/NAME in a paperhooks checkout, else ./NAME)",
+    )
     parser.add_argument("--title", default="", help="the paper's title")
-    parser.add_argument("--author", action="append", dest="authors", metavar="NAME", help="an author (repeat for each)")
+    parser.add_argument(
+        "--author",
+        action="append",
+        dest="authors",
+        metavar="NAME",
+        help="an author (repeat for each)",
+    )
     parser.add_argument("--year", type=int, help="year of publication (default: this year)")
-    parser.add_argument("--venue", default=PaperInfo.venue, help="e.g. 'ICLR 2025' (default: %(default)s)")
+    parser.add_argument(
+        "--venue", default=PaperInfo.venue, help="e.g. 'ICLR 2025' (default: %(default)s)"
+    )
     parser.add_argument("--arxiv", default="", metavar="ID", help="arXiv id, e.g. 2502.06733")
-    parser.add_argument("--code-url", default=PaperInfo.code_url, help="official code URL (default: %(default)s)")
-    parser.add_argument("--description", default=PaperInfo.description, help="one line on what the method does")
-    parser.add_argument("--template", metavar="SRC", help="copier template source (default: templates/plugin of this checkout)")
+    parser.add_argument(
+        "--code-url", default=PaperInfo.code_url, help="official code URL (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--description", default=PaperInfo.description, help="one line on what the method does"
+    )
+    parser.add_argument(
+        "--template",
+        metavar="SRC",
+        help="copier template source (default: templates/plugin of this checkout)",
+    )
     parser.add_argument("--vcs-ref", metavar="REF", help="git ref of --template to render")
 
 
@@ -202,10 +238,19 @@ def command(args: argparse.Namespace) -> int:
         code_url=args.code_url,
         description=args.description,
     )
-    dst = render(args.name, args.family, paper, output=args.output, template=args.template, vcs_ref=args.vcs_ref)
+    dst = render(
+        args.name,
+        args.family,
+        paper,
+        output=args.output,
+        template=args.template,
+        vcs_ref=args.vcs_ref,
+    )
     module = "paperhooks_" + args.name.replace("-", "_")
     shown = _shown(dst)
-    print(f"created {shown}: distribution paperhooks-{args.name}, family {args.family}, entry point {args.name}")
+    print(
+        f"created {shown}: distribution paperhooks-{args.name}, family {args.family}, entry point {args.name}"
+    )
     steps = [
         (f"pip install -e {shown}", "then `paperhooks plugins` lists it"),
         (f"pytest {shown}", "the conformance kit and the placeholder tests pass as rendered"),

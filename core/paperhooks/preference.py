@@ -61,7 +61,9 @@ def log_ratio_margin(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
-def pair_inputs(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_inputs(
+    batch: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ids, attention, mask)`` of chosen then rejected sequences, ``[2B, T]`` each."""
     ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
     attention = torch.cat([batch["chosen_attention"], batch["rejected_attention"]])
@@ -93,7 +95,9 @@ class PreferenceModule(HookedModule):
         if self.objective.reference == "precomputed":
             n_train, n_val = data_sizes
             if n_train < 1:
-                raise ValueError("objective.reference 'precomputed' needs the data sizes (data_sizes=(n_train, n_val))")
+                raise ValueError(
+                    "objective.reference 'precomputed' needs the data sizes (data_sizes=(n_train, n_val))"
+                )
             self.register_buffer("ref_train", torch.zeros(n_train, 2))
             self.register_buffer("ref_val", torch.zeros(max(n_val, 1), 2))
             self.register_buffer("ref_ready", torch.zeros((), dtype=torch.bool))
@@ -140,7 +144,11 @@ class PreferenceModule(HookedModule):
 
     @torch.no_grad()
     def reference_logps(
-        self, batch: Mapping[str, torch.Tensor], ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor
+        self,
+        batch: Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
+        attention: torch.Tensor,
+        mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         b = batch["chosen_ids"].shape[0]
         mode = self.objective.reference
@@ -161,7 +169,9 @@ class PreferenceModule(HookedModule):
         zero = torch.zeros(b, device=ids.device)
         return {"ref_chosen_logps": zero, "ref_rejected_logps": zero.clone()}
 
-    def losses(self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def losses(
+        self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         """The DPO loss per pair (named ``loss``)."""
         return dpo_loss(
             outputs["chosen_logps"],
@@ -215,16 +225,24 @@ class PreferenceModule(HookedModule):
 
             mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
             for m in self.reference_model.modules():
-                if m is not self.reference_model and any(True for _ in m.parameters(recurse=False)) and not list(m.children()):
+                if (
+                    m is not self.reference_model
+                    and any(True for _ in m.parameters(recurse=False))
+                    and not list(m.children())
+                ):
                     fully_shard(m, mesh=mesh)
             fully_shard(self.reference_model, mesh=mesh)
 
     # -- steps ------------------------------------------------------------------------------------
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(
+        self, batch: Mapping[str, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor | None:
         self._split = "train"
         return super().training_step(batch, batch_idx)
 
-    def _log_step(self, reduced: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], batch: Any) -> None:
+    def _log_step(
+        self, reduced: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], batch: Any
+    ) -> None:
         super()._log_step(reduced, outputs, batch)
         h = log_ratio_margin(outputs).detach()
         self.train_reward_acc((h > 0).float())
@@ -255,16 +273,24 @@ class PreferenceModule(HookedModule):
 
         dm = getattr(self.trainer, "datamodule", None)
         table = getattr(dm, "reward_table", None)
-        if isinstance(self.model, TabularPolicy) and table is not None and dm.preference_matrix is not None:
+        if (
+            isinstance(self.model, TabularPolicy)
+            and table is not None
+            and dm.preference_matrix is not None
+        ):
             probs = self.model.log_probs().exp().detach()
-            self.log("val/expected_reward", (probs * table.to(probs.device)).sum(1).mean(), on_epoch=True)
+            self.log(
+                "val/expected_reward", (probs * table.to(probs.device)).sum(1).mean(), on_epoch=True
+            )
         elif self.objective.eval_samples and table is not None:
             reward, length = self.sample_eval(self.objective.eval_samples)
             self.log("val/sample_reward", reward, on_epoch=True)
             self.log("val/sample_length", length, on_epoch=True)
 
     @torch.no_grad()
-    def sample_eval(self, n: int, seed: int | None = None, policy: nn.Module | None = None) -> tuple[float, float]:
+    def sample_eval(
+        self, n: int, seed: int | None = None, policy: nn.Module | None = None
+    ) -> tuple[float, float]:
         """Sample responses for the first ``n`` validation prompts; mean hidden reward and length.
 
         ``policy``: another policy to sample (e.g. ``self.reference_model``); default the policy.

@@ -49,7 +49,12 @@ class Mask(nn.Module):
             return m
         # the common case first: the copy made for this very buffer, unchanged, in this dtype
         # (a cached buffer is a CPU tensor that tracks versions, as checked when it was made)
-        if cached is not None and cached[0] is m and cached[1] == m._version and cached[2].dtype == like.dtype:
+        if (
+            cached is not None
+            and cached[0] is m
+            and cached[1] == m._version
+            and cached[2].dtype == like.dtype
+        ):
             return cached[2]
         if not m.is_cpu or m.is_inference():
             return m
@@ -96,13 +101,17 @@ def shard_rows(t: torch.Tensor) -> slice:
 
     placements = t.placements
     if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
-        raise ValueError(f"pruning under FSDP2 expects parameters sharded on dim 0, got placements {placements}")
+        raise ValueError(
+            f"pruning under FSDP2 expects parameters sharded on dim 0, got placements {placements}"
+        )
     n, world, r = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
     c = -(-n // world)
     start, stop = min(r * c, n), min((r + 1) * c, n)
     local = t.to_local()
     if local.shape[0] != stop - start:
-        raise ValueError(f"unexpected FSDP2 shard: {local.shape[0]} rows on rank {r}, expected {stop - start} of {n}")
+        raise ValueError(
+            f"unexpected FSDP2 shard: {local.shape[0]} rows on rank {r}, expected {stop - start} of {n}"
+        )
     return slice(start, stop)
 
 
@@ -116,7 +125,10 @@ def sharded_run(ctx: Any) -> bool:
 def local_rows(model: nn.Module, masks: Mapping[str, Mask]) -> dict[str, slice]:
     """For each masked layer, the rows of its weight this rank holds (all rows unless sharded)."""
     layers = prunable(model)
-    return {k: shard_rows(stored(layers[k])) if is_sharded(stored(layers[k])) else slice(None) for k in masks}
+    return {
+        k: shard_rows(stored(layers[k])) if is_sharded(stored(layers[k])) else slice(None)
+        for k in masks
+    }
 
 
 def magnitude_scores(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,8 +200,14 @@ def uniform_allocation(
     Ties as in :func:`global_allocation`, layer by layer; ``sharded`` likewise.
     """
     if sharded:
-        return {k: dist.topk_mask([s], lambda n: n - pruned_count(n, sparsity))[0] for k, s in scores.items()}
-    return {k: _stable_top(s.reshape(-1), s.numel() - pruned_count(s.numel(), sparsity)).view_as(s) for k, s in scores.items()}
+        return {
+            k: dist.topk_mask([s], lambda n: n - pruned_count(n, sparsity))[0]
+            for k, s in scores.items()
+        }
+    return {
+        k: _stable_top(s.reshape(-1), s.numel() - pruned_count(s.numel(), sparsity)).view_as(s)
+        for k, s in scores.items()
+    }
 
 
 def sparsity_of(masks: Mapping[str, Mask]) -> float:
@@ -239,7 +257,9 @@ def local_weights(model: nn.Module, masks: Mapping[str, Mask]) -> dict[str, torc
 
 
 @torch.no_grad()
-def set_masks(model: nn.Module, masks: Mapping[str, Mask], keep: Mapping[str, torch.Tensor]) -> None:
+def set_masks(
+    model: nn.Module, masks: Mapping[str, Mask], keep: Mapping[str, torch.Tensor]
+) -> None:
     """``M ← M ∧ keep`` (pruned weights stay pruned). Under FSDP2 ``keep`` holds this rank's
     rows; every rank's rows are gathered into the whole mask (one byte per weight, once per
     mask update), which FSDP2 keeps unsharded like every buffer."""

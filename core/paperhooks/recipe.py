@@ -163,7 +163,9 @@ def load_raw(source: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise RecipeError(f"override {item!r} must look like key=value (e.g. trainer.max_epochs=3)")
+            raise RecipeError(
+                f"override {item!r} must look like key=value (e.g. trainer.max_epochs=3)"
+            )
         parsed = OmegaConf.from_dotlist([f"x={value}"])["x"]
         try:
             OmegaConf.update(cfg, _override_key(cfg, key), parsed, merge=True, force_add=True)
@@ -187,7 +189,9 @@ def _override_key(cfg: Any, key: str) -> str:
         else:
             names = [p.get("name") for p in plugins]
             if sel not in names:
-                raise RecipeError(f"override {key!r}: the recipe has no plugin {sel!r}; plugins: {names}")
+                raise RecipeError(
+                    f"override {key!r}: the recipe has no plugin {sel!r}; plugins: {names}"
+                )
             idx = names.index(sel)
         if idx >= len(plugins):
             raise RecipeError(f"override {key!r}: the recipe has {len(plugins)} plugins")
@@ -213,7 +217,9 @@ def _fetch(source: str) -> str:
 
 def _registered(section: str, raw: Any, registry: Mapping[str, Any]) -> Section:
     if not isinstance(raw, Mapping) or "name" not in raw:
-        raise ConfigTypeError(f"{section} must be a mapping with a 'name' among: {', '.join(registry)}")
+        raise ConfigTypeError(
+            f"{section} must be a mapping with a 'name' among: {', '.join(registry)}"
+        )
     values = dict(raw)
     name = values.pop("name")
     if name not in registry:
@@ -234,7 +240,9 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
     for key in raw:
         if key not in TOP_KEYS:
             allowed = ", ".join(f"{k}: {v}" for k, v in TOP_KEYS.items())
-            raise ConfigKeyError(f"unknown top-level key {key!r}{did_you_mean(str(key), TOP_KEYS)}; allowed keys: {allowed}")
+            raise ConfigKeyError(
+                f"unknown top-level key {key!r}{did_you_mean(str(key), TOP_KEYS)}; allowed keys: {allowed}"
+            )
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigTypeError(f"seed must be int, got {seed!r}")
@@ -253,7 +261,9 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
         name = values.pop("name")
         cls = discovery.load(name, found)
         config = schema.build(cls.Config, values, f"plugins[{i}] ({name})")
-        entries.append(PluginEntry(name, cls, config, found[name].distribution, found[name].version))
+        entries.append(
+            PluginEntry(name, cls, config, found[name].distribution, found[name].version)
+        )
     _check_versions(raw.get("plugin_versions"), entries)
     # the built-in tasks and every installed plugin's (entry-point group paperhooks.tasks)
     load_tasks()
@@ -290,7 +300,9 @@ def validate(raw: Mapping[str, Any]) -> Recipe:
     return recipe
 
 
-def _check_data_kind(entries: Sequence[PluginEntry], data: Section, objective: Any, datasets: Mapping[str, Any]) -> None:
+def _check_data_kind(
+    entries: Sequence[PluginEntry], data: Section, objective: Any, datasets: Mapping[str, Any]
+) -> None:
     """Plugins' ``tasks`` and the ``objective`` section against the dataset's declared kind.
 
     Datasets registered without ``task`` are checked when the module is built instead.
@@ -300,14 +312,21 @@ def _check_data_kind(entries: Sequence[PluginEntry], data: Section, objective: A
         return
     for e in entries:
         if e.cls.tasks and kind not in e.cls.tasks:
-            raise RecipeError(f"plugins.{e.name}: works on {' or '.join(e.cls.tasks)} data only; data {data.name!r} is {kind}")
+            raise RecipeError(
+                f"plugins.{e.name}: works on {' or '.join(e.cls.tasks)} data only; data {data.name!r} is {kind}"
+            )
     if objective is not None and kind != "preference":
-        raise RecipeError(f"objective: only preference data takes objective settings; data {data.name!r} is {kind}")
+        raise RecipeError(
+            f"objective: only preference data takes objective settings; data {data.name!r} is {kind}"
+        )
 
 
 #: (family, strategy kind) pairs the core itself cannot run yet, and why
 CORE_UNSUPPORTED = {
-    ("gradient-surgery", "fsdp"): "the per-objective gradient engine does not support sharded parameters yet",
+    (
+        "gradient-surgery",
+        "fsdp",
+    ): "the per-objective gradient engine does not support sharded parameters yet",
     ("gradient-surgery", "deepspeed"): "DeepSpeed ZeRO mishandles several backward passes per step",
     ("pruning", "fsdp"): (
         "masks are selected over FSDP2's row shards (DTensor, dim 0); Lightning's fsdp shards "
@@ -321,7 +340,9 @@ def _check_versions(recorded: Any, entries: Sequence[PluginEntry]) -> None:
     if recorded is None:
         return
     if not isinstance(recorded, Mapping):
-        raise ConfigTypeError(f"plugin_versions must be a mapping name: distribution==version, got {recorded!r}")
+        raise ConfigTypeError(
+            f"plugin_versions must be a mapping name: distribution==version, got {recorded!r}"
+        )
     for e in entries:
         want = recorded.get(e.name)
         have = f"{e.distribution}=={e.version}"
@@ -348,8 +369,14 @@ def check_strategy(recipe: Recipe) -> None:
     for e in recipe.plugins:
         why = CORE_UNSUPPORTED.get((e.cls.family, kind))
         if why:
-            raise UnsupportedStrategyError(f"plugin {e.name!r} ({e.cls.family}) cannot run under strategy {kind!r}: {why}")
-        if kind == "fsdp2" and e.cls.family == "gradient-surgery" and not getattr(e.cls, "columns_ok", False):
+            raise UnsupportedStrategyError(
+                f"plugin {e.name!r} ({e.cls.family}) cannot run under strategy {kind!r}: {why}"
+            )
+        if (
+            kind == "fsdp2"
+            and e.cls.family == "gradient-surgery"
+            and not getattr(e.cls, "columns_ok", False)
+        ):
             raise UnsupportedStrategyError(
                 f"plugin {e.name!r} (gradient-surgery) cannot run under strategy 'fsdp2': it declares columns_ok = False "
                 "(it reads whole parameter blocks or keeps gradient vectors), and FSDP2 gives each rank only shards; "

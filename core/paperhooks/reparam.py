@@ -61,8 +61,12 @@ class Layers:
     def __post_init__(self) -> None:
         for t in self.types:
             check_field(t in LAYER_TYPES, "layers.types", f"one of {', '.join(LAYER_TYPES)}", t)
-        check_field(len(self.types) > 0, "layers.types", "at least one module type", list(self.types))
-        check_field(len(self.include) > 0, "layers.include", "at least one glob pattern", list(self.include))
+        check_field(
+            len(self.types) > 0, "layers.types", "at least one module type", list(self.types)
+        )
+        check_field(
+            len(self.include) > 0, "layers.include", "at least one glob pattern", list(self.include)
+        )
 
 
 def head_name(model: nn.Module, candidates: Sequence[str]) -> str | None:
@@ -76,7 +80,9 @@ def head_name(model: nn.Module, candidates: Sequence[str]) -> str | None:
     return candidates[-1] if candidates else None
 
 
-def select_layers(model: nn.Module, layers: Layers, *, plugin: str = "") -> list[tuple[str, nn.Module]]:
+def select_layers(
+    model: nn.Module, layers: Layers, *, plugin: str = ""
+) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the layers ``layers`` selects, in module order.
 
     Raises ``ValueError`` naming the plugin and the available layers when none is selected.
@@ -86,7 +92,8 @@ def select_layers(model: nn.Module, layers: Layers, *, plugin: str = "") -> list
     chosen = [
         (n, m)
         for n, m in typed
-        if any(fnmatch.fnmatchcase(n, p) for p in layers.include) and not any(fnmatch.fnmatchcase(n, p) for p in layers.exclude)
+        if any(fnmatch.fnmatchcase(n, p) for p in layers.include)
+        and not any(fnmatch.fnmatchcase(n, p) for p in layers.exclude)
     ]
     if layers.skip_head:
         head = head_name(model, [n for n, _ in typed])

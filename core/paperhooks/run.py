@@ -60,7 +60,9 @@ def _strategy(recipe: Recipe) -> Any:
     if kind == "ddp":
         return DDPStrategy(process_group_backend="gloo" if t.accelerator == "cpu" else None)
     if kind == "fsdp2":
-        return ModelParallelStrategy(data_parallel_size=t.devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        return ModelParallelStrategy(
+            data_parallel_size=t.devices, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     return kind
 
 
@@ -121,12 +123,16 @@ def build(recipe: Recipe, run_dir: Path | None = None, split_seed: int | None = 
     RunCheckpoints = _checkpoint_callback_cls()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     run_dir = run_dir or _new_run_dir(recipe)
-    dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed if split_seed is None else split_seed)
+    dm = build_datamodule(
+        recipe.data.name, recipe.data.config, recipe.seed if split_seed is None else split_seed
+    )
     dm.seed = recipe.seed  # the batch order
     module = build_module(recipe, dm.info, (len(dm.train_set), len(dm.val_set)))
     if getattr(module, "reference_model", None) is not None:
         # the frozen reference is in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        warnings.filterwarnings(
+            "ignore", message=r".*module\(s\) in eval mode at the start of training.*"
+        )
     t = recipe.trainer
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [RunCheckpoints(ckpt_dir, t.checkpoint_every_n_steps)]
@@ -151,14 +157,18 @@ def build(recipe: Recipe, run_dir: Path | None = None, split_seed: int | None = 
         enable_checkpointing=False,
         logger=[
             CSVLogger(run_dir / "logs", name="", version=""),
-            TensorBoardLogger(run_dir / "logs", name="", version="tensorboard", default_hp_metric=False),
+            TensorBoardLogger(
+                run_dir / "logs", name="", version="tensorboard", default_hp_metric=False
+            ),
         ],
         callbacks=callbacks,
     )
     if not module.automatic_optimization:
         module.manual_clip = t.gradient_clip_val
     if trainer.is_global_zero:
-        _write_recipe(run_dir / "recipe.yaml", {**recipe.raw, "plugin_versions": recipe.plugin_versions})
+        _write_recipe(
+            run_dir / "recipe.yaml", {**recipe.raw, "plugin_versions": recipe.plugin_versions}
+        )
     return Built(recipe, dm, module, trainer, run_dir)
 
 
@@ -178,14 +188,29 @@ def _checkpoint_callback_cls() -> type:
             self.directory = directory
             self.every = every
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
             step = trainer.global_step
             final = trainer.max_steps > 0 and step >= trainer.max_steps
-            last_batch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1 and batch_idx + 1 == trainer.num_training_batches
-            periodic = self.every is not None and step % self.every == 0 and step != getattr(self, "_saved", -1)
+            last_batch = (
+                trainer.max_epochs is not None
+                and trainer.current_epoch == trainer.max_epochs - 1
+                and batch_idx + 1 == trainer.num_training_batches
+            )
+            periodic = (
+                self.every is not None
+                and step % self.every == 0
+                and step != getattr(self, "_saved", -1)
+            )
             if periodic:
                 trainer.save_checkpoint(self.directory / f"step{step}.ckpt", weights_only=False)
-            if periodic or final or last_batch or (self.every is None and batch_idx + 1 == trainer.num_training_batches):
+            if (
+                periodic
+                or final
+                or last_batch
+                or (self.every is None and batch_idx + 1 == trainer.num_training_batches)
+            ):
                 trainer.save_checkpoint(self.directory / "last.ckpt", weights_only=False)
                 self._saved = step
 
@@ -201,7 +226,9 @@ def _write_recipe(path: Path, data: dict[str, Any]) -> None:
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
 
 
-def fit(recipe: Recipe, resume: str | None = None, run_dir: Path | None = None) -> tuple[Built, dict[str, float]]:
+def fit(
+    recipe: Recipe, resume: str | None = None, run_dir: Path | None = None
+) -> tuple[Built, dict[str, float]]:
     """Fit ``recipe`` (optionally resuming from a checkpoint path); return final metrics.
 
     A recipe with ``stages`` runs each stage in turn (:mod:`paperhooks.stages`).
@@ -226,7 +253,9 @@ def final_metrics(built: Built) -> dict[str, float]:
         # the final metrics are always those of the final weights, also when max_steps
         # stopped training in the middle of an epoch
         built.trainer.validate(built.module, datamodule=built.datamodule, verbose=False)
-        metrics.update({k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1})
+        metrics.update(
+            {k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1}
+        )
     count = getattr(built.module, "trainable_parameters", None)
     if count is not None:
         metrics["model/trainable_parameters"] = float(count)

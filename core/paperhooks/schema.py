@@ -37,7 +37,9 @@ def type_name(tp: Any) -> str:
 
 def allowed_keys(cls: type) -> str:
     hints = typing.get_type_hints(cls)
-    return ", ".join(f"{f.name}: {type_name(hints[f.name])}" for f in dataclasses.fields(cls) if f.init)
+    return ", ".join(
+        f"{f.name}: {type_name(hints[f.name])}" for f in dataclasses.fields(cls) if f.init
+    )
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -57,7 +59,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise ConfigTypeError(f"{where} must be one of {type_name(tp)}, got {value!r}{did_you_mean(str(value), map(str, get_args(tp)))}")
+        raise ConfigTypeError(
+            f"{where} must be one of {type_name(tp)}, got {value!r}{did_you_mean(str(value), map(str, get_args(tp)))}"
+        )
     if origin is tuple:
         if isinstance(value, str | bytes) or not isinstance(value, Sequence):
             raise ConfigTypeError(f"{where} must be a {type_name(tp)}, got {value!r}")
@@ -65,11 +69,18 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigTypeError(f"{where} must have {len(args)} items ({type_name(tp)}), got {value!r}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            raise ConfigTypeError(
+                f"{where} must have {len(args)} items ({type_name(tp)}), got {value!r}"
+            )
+        return tuple(
+            _convert(v, a, f"{where}[{i}]")
+            for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigTypeError(f"{where} must be a mapping with keys {allowed_keys(tp)}; got {value!r}")
+            raise ConfigTypeError(
+                f"{where} must be a mapping with keys {allowed_keys(tp)}; got {value!r}"
+            )
         return build(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):

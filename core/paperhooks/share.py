@@ -84,7 +84,9 @@ def effective_state_dict(run: Path, checkpoint: str = "last.ckpt") -> dict[str, 
     return _effective(run, checkpoint)[0]
 
 
-def _effective(run: Path, checkpoint: str = "last.ckpt") -> tuple[dict[str, torch.Tensor], list[str]]:
+def _effective(
+    run: Path, checkpoint: str = "last.ckpt"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """:func:`effective_state_dict` and the keys of the weights a pruning mask was folded into."""
     import torch
 
@@ -103,7 +105,9 @@ def _effective(run: Path, checkpoint: str = "last.ckpt") -> tuple[dict[str, torc
     pruned = [f"{name}.weight" for name in getattr(module, "masks", {})]
     model = merge(module.model, module.plugins)
     # Clones: safetensors refuses tensors that share memory (tied weights load back fine).
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}, pruned
+    return {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+    }, pruned
 
 
 def size_report(tensors: Mapping[str, torch.Tensor], pruned: Sequence[str] = ()) -> dict[str, Any]:
@@ -124,12 +128,18 @@ def size_report(tensors: Mapping[str, torch.Tensor], pruned: Sequence[str] = ())
     sparse = dense
     for k, v in layers.items():
         itemsize = tensors[k].element_size()
-        sparse += v["nonzero"] * itemsize + -(-v["numel"] // 8) - v["numel"] * itemsize  # values + bitmask
+        sparse += (
+            v["nonzero"] * itemsize + -(-v["numel"] // 8) - v["numel"] * itemsize
+        )  # values + bitmask
     p_numel = sum(v["numel"] for v in layers.values())
     p_nonzero = sum(v["nonzero"] for v in layers.values())
     return {
         "layers": layers,
-        "pruned": {"numel": p_numel, "nonzero": p_nonzero, "sparsity": 1.0 - p_nonzero / p_numel if p_numel else 0.0},
+        "pruned": {
+            "numel": p_numel,
+            "nonzero": p_nonzero,
+            "sparsity": 1.0 - p_nonzero / p_numel if p_numel else 0.0,
+        },
         "model": {"numel": numel, "nonzero": nonzero, "bytes_dense": dense, "bytes_sparse": sparse},
     }
 
@@ -170,10 +180,16 @@ def export(run: str | Path, out: str | Path | None = None, repo_id: str | None =
         p, m = size["pruned"], size["model"]
         log.info(
             "pruned weights: %d of %d nonzero (sparsity %.4f); model %d bytes dense, %d bytes as values + bitmask",
-            p["nonzero"], p["numel"], p["sparsity"], m["bytes_dense"], m["bytes_sparse"],
+            p["nonzero"],
+            p["numel"],
+            p["sparsity"],
+            m["bytes_dense"],
+            m["bytes_sparse"],
         )
     save_file(tensors, out / WEIGHTS, metadata=metadata)
-    shared = {k: v for k, v in raw.items() if k != "run_dir"}  # a local path means nothing elsewhere
+    shared = {
+        k: v for k, v in raw.items() if k != "run_dir"
+    }  # a local path means nothing elsewhere
     (out / "recipe.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(shared)))
     if (run / "metrics.json").is_file():
         shutil.copyfile(run / "metrics.json", out / "metrics.json")
@@ -220,7 +236,14 @@ def _plugin_rows(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
     for entry in raw.get("plugins") or []:
         name = entry["name"]
         cls = discovery.load(name, found)
-        rows.append({"name": name, "version": versions.get(name, "unknown"), "family": cls.family, "paper": cls.paper})
+        rows.append(
+            {
+                "name": name,
+                "version": versions.get(name, "unknown"),
+                "family": cls.family,
+                "paper": cls.paper,
+            }
+        )
     return rows
 
 
@@ -242,7 +265,9 @@ def model_card(
     model, data = raw["model"]["name"], raw["data"]["name"]
     tags = ["paperhooks", "pytorch-lightning", f"model:{model}", f"dataset:{data}"]
     tags += sorted({p["family"] for p in plugins}) + [p["name"] for p in plugins]
-    front = ModelCardData(library_name="paperhooks", tags=list(dict.fromkeys(tags)), metrics=sorted(metrics)).to_yaml()
+    front = ModelCardData(
+        library_name="paperhooks", tags=list(dict.fromkeys(tags)), metrics=sorted(metrics)
+    ).to_yaml()
 
     lines = [f"---\n{front}\n---", "", f"# {raw.get('name', 'run')}", ""]
     used = ", ".join(f"`{p['name']}`" for p in plugins) or "no paper plugins"
@@ -309,7 +334,10 @@ def model_card(
         if paper is None or paper.bibtex in seen:
             continue
         seen.add(paper.bibtex)
-        lines += [f"`{p['name']}`: {paper.title}. {', '.join(paper.authors)}. {venue_year(paper)}.", ""]
+        lines += [
+            f"`{p['name']}`: {paper.title}. {', '.join(paper.authors)}. {venue_year(paper)}.",
+            "",
+        ]
         lines += ["```bibtex", paper.bibtex.strip(), "```", ""]
     if not seen:
         lines.append("This run used no paper plugins.")
@@ -330,7 +358,10 @@ def _size_lines(size: Mapping[str, Any]) -> list[str]:
         "| weight | entries | nonzero | sparsity |",
         "|---|---|---|---|",
     ]
-    lines += [f"| `{k}` | {v['numel']:,} | {v['nonzero']:,} | {v['sparsity']:.4f} |" for k, v in size["layers"].items()]
+    lines += [
+        f"| `{k}` | {v['numel']:,} | {v['nonzero']:,} | {v['sparsity']:.4f} |"
+        for k, v in size["layers"].items()
+    ]
     return lines
 
 
@@ -354,7 +385,11 @@ def push(run: str | Path, repo_id: str, *, private: bool = False, token: str | N
         export(run, folder, repo_id=repo_id)
     else:  # the card's snippets name the repository
         card = model_card(
-            read_run_recipe(folder), read_metrics(folder), repo_id=repo_id, run_name=_run_name(run), size=read_size(folder)
+            read_run_recipe(folder),
+            read_metrics(folder),
+            repo_id=repo_id,
+            run_name=_run_name(run),
+            size=read_size(folder),
         )
         (folder / "README.md").write_text(card)
     api = HfApi(token=token)

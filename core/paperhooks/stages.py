@@ -98,11 +98,17 @@ def stage_raws(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     base = {k: v for k, v in raw.items() if k != "stages"}
     out, seen = [], set()
     for i, stage in enumerate(stages):
-        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage["name"]:
+        if (
+            not isinstance(stage, dict)
+            or not isinstance(stage.get("name"), str)
+            or not stage["name"]
+        ):
             raise RecipeError(f"stages[{i}] must be a mapping with a 'name' (str), got {stage!r}")
         name = stage["name"]
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in seen:
-            raise RecipeError(f"stages[{i}].name {name!r} must be unique and use letters, digits, '-', '_', '.'")
+            raise RecipeError(
+                f"stages[{i}].name {name!r} must be unique and use letters, digits, '-', '_', '.'"
+            )
         seen.add(name)
         unknown = set(stage) - STAGE_KEYS
         if unknown:
@@ -115,14 +121,18 @@ def stage_raws(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _ingredients(stage: dict[str, Any], merged: dict[str, Any], i: int, name: str) -> list[dict[str, Any]]:
+def _ingredients(
+    stage: dict[str, Any], merged: dict[str, Any], i: int, name: str
+) -> list[dict[str, Any]]:
     items = stage.get("ingredients")
     if items is None:
         if "soup" in stage:
             raise RecipeError(f"stages[{i}] ({name}): soup needs ingredients")
         return []
     if not isinstance(items, list) or len(items) < 2:
-        raise RecipeError(f"stages[{i}] ({name}): ingredients must be a list of at least 2 mappings")
+        raise RecipeError(
+            f"stages[{i}] ({name}): ingredients must be a list of at least 2 mappings"
+        )
     out = []
     for j, item in enumerate(items):
         where = f"stages[{i}].ingredients[{j}]"
@@ -201,7 +211,9 @@ def _masks_in_checkpoint(path: str | Path) -> bool:
     return any(k.startswith("model.") and k.endswith(".mask") for k in state)
 
 
-_RESUME = re.compile(r"stages[/\\](\d+)-([A-Za-z0-9_.-]+)[/\\](?:ingredient-(\d+)[/\\])?checkpoints[/\\]")
+_RESUME = re.compile(
+    r"stages[/\\](\d+)-([A-Za-z0-9_.-]+)[/\\](?:ingredient-(\d+)[/\\])?checkpoints[/\\]"
+)
 
 
 def _resume_point(resume: str | None, recipe: Any) -> tuple[int, int | None, Path | None]:
@@ -226,7 +238,11 @@ def _resume_point(resume: str | None, recipe: Any) -> tuple[int, int | None, Pat
 
 
 def _fit_one(
-    recipe: Any, where: Path, carried: Carried | None, ckpt: str | Path | None, split_seed: int | None = None
+    recipe: Any,
+    where: Path,
+    carried: Carried | None,
+    ckpt: str | Path | None,
+    split_seed: int | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """One fit of a stage or an ingredient, from ``carried`` or resumed from ``ckpt``."""
     from paperhooks import pruning
@@ -250,11 +266,19 @@ def average(states: list[Carried]) -> Carried:
     masks must be the same in every ingredient (they are kept)."""
     first = states[0]
     for s in states[1:]:
-        if s.masks.keys() != first.masks.keys() or any(not torch.equal(s.masks[k], first.masks[k]) for k in first.masks):
-            raise RecipeError("soup: the ingredients' pruning masks differ; a soup averages ingredients of one mask")
+        if s.masks.keys() != first.masks.keys() or any(
+            not torch.equal(s.masks[k], first.masks[k]) for k in first.masks
+        ):
+            raise RecipeError(
+                "soup: the ingredients' pruning masks differ; a soup averages ingredients of one mask"
+            )
     weights = {}
     for k, v in states[-1].weights.items():
-        weights[k] = torch.stack([s.weights[k] for s in states]).mean(0) if v.is_floating_point() else v.clone()
+        weights[k] = (
+            torch.stack([s.weights[k] for s in states]).mean(0)
+            if v.is_floating_point()
+            else v.clone()
+        )
     return Carried(weights, {k: v.clone() for k, v in states[-1].masks.items()})
 
 
@@ -263,7 +287,9 @@ def recalibrate_bn(module: Any, datamodule: Any, fraction: float = 1.0) -> None:
     """Reset every BatchNorm's running statistics and recompute them (cumulative average) over
     the first ``fraction`` of the unshuffled training set, in training mode. Every rank goes
     through the same rows, so the statistics are identical on all ranks and equal 1 process."""
-    bns = [m for m in module.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = [
+        m for m in module.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     if not bns:
         return
     saved = [(m, m.momentum) for m in bns]
@@ -276,7 +302,10 @@ def recalibrate_bn(module: Any, datamodule: Any, fraction: float = 1.0) -> None:
     module.model.train()
     try:
         for start in range(0, n, datamodule.batch_size):
-            batch = {k: v[start : min(start + datamodule.batch_size, n)].to(module.device) for k, v in rows.items()}
+            batch = {
+                k: v[start : min(start + datamodule.batch_size, n)].to(module.device)
+                for k, v in rows.items()
+            }
             module.outputs(batch)
     finally:
         module.model.train(was)
@@ -298,17 +327,25 @@ def _evaluate(built: Any, candidate: Carried, soup: SoupConfig) -> tuple[Carried
     metrics: dict[str, float] = {}
     if r.trainer.limit_val_batches != 0:
         built.trainer.validate(module, datamodule=dm, verbose=False)
-        metrics = {k: float(v) for k, v in built.trainer.callback_metrics.items() if v.numel() == 1 and k.startswith("val/")}
+        metrics = {
+            k: float(v)
+            for k, v in built.trainer.callback_metrics.items()
+            if v.numel() == 1 and k.startswith("val/")
+        }
     return carry(module), metrics
 
 
-def _soup(built: Any, results: list[tuple[Carried, dict[str, float]]], soup: SoupConfig) -> tuple[Carried, dict[str, Any]]:
+def _soup(
+    built: Any, results: list[tuple[Carried, dict[str, float]]], soup: SoupConfig
+) -> tuple[Carried, dict[str, Any]]:
     if soup.method == "uniform":
         state, metrics = _evaluate(built, average([c for c, _ in results]), soup)
         return state, {"method": "uniform", "used": list(range(len(results))), "metrics": metrics}
     missing = [j for j, (_, m) in enumerate(results) if soup.monitor not in m]
     if missing:
-        raise RecipeError(f"soup: greedy soups need the validation metric {soup.monitor!r}; ingredients {missing} did not log it")
+        raise RecipeError(
+            f"soup: greedy soups need the validation metric {soup.monitor!r}; ingredients {missing} did not log it"
+        )
     order = sorted(range(len(results)), key=lambda j: -results[j][1][soup.monitor])
     used = [order[0]]
     state, metrics = _evaluate(built, results[order[0]][0], soup)
@@ -346,14 +383,18 @@ def _stage_end(recipe: Any, i: int, top: Path) -> Carried:
     return _from_checkpoint(stage, where / "checkpoints" / "last.ckpt", stage.seed)[0]
 
 
-def fit_stages(recipe: Any, resume: str | None = None, run_dir: Path | None = None) -> tuple[Any, dict[str, float]]:
+def fit_stages(
+    recipe: Any, resume: str | None = None, run_dir: Path | None = None
+) -> tuple[Any, dict[str, float]]:
     """Fit every stage in order; return the last stage's ``Built`` (with the top run dir)."""
     from paperhooks.run import _new_run_dir, _write_recipe
 
     first, first_ingredient, old_top = _resume_point(resume, recipe)
     top = run_dir or _new_run_dir(recipe)
     names = [n for n, _ in recipe.stages]
-    record: list[dict[str, Any]] = [{"stage": n, "status": "skipped (resumed at a later stage)"} for n in names[:first]]
+    record: list[dict[str, Any]] = [
+        {"stage": n, "status": "skipped (resumed at a later stage)"} for n in names[:first]
+    ]
     carried: Carried | None = None
     if first_ingredient is not None and first > 0:  # the soup stage's start: the stage before it
         assert old_top is not None
@@ -374,14 +415,25 @@ def fit_stages(recipe: Any, resume: str | None = None, run_dir: Path | None = No
                 where = stage_dir / f"ingredient-{j}"
                 if i == first and first_ingredient is not None and j < first_ingredient:
                     assert old_top is not None
-                    old = old_top / "stages" / f"{i}-{name}" / f"ingredient-{j}" / "checkpoints" / "last.ckpt"
+                    old = (
+                        old_top
+                        / "stages"
+                        / f"{i}-{name}"
+                        / f"ingredient-{j}"
+                        / "checkpoints"
+                        / "last.ckpt"
+                    )
                     results.append(_from_checkpoint(ing, old, stage.seed))
-                    entry["ingredients"].append({"dir": str(old), "status": "done (earlier run)", "metrics": results[-1][1]})
+                    entry["ingredients"].append(
+                        {"dir": str(old), "status": "done (earlier run)", "metrics": results[-1][1]}
+                    )
                     continue
                 ckpt = resume if (i == first and first_ingredient == j) else None
                 built, m = _fit_one(ing, where, carried, ckpt, split_seed=stage.seed)
                 results.append((carry(built.module), m))
-                entry["ingredients"].append({"dir": str(where.relative_to(top)), "status": "done", "metrics": m})
+                entry["ingredients"].append(
+                    {"dir": str(where.relative_to(top)), "status": "done", "metrics": m}
+                )
             carried, entry["soup"] = _soup(built, results, stage.soup)
             metrics = entry["soup"]["metrics"]
             if built.trainer.is_global_zero:
@@ -391,7 +443,9 @@ def fit_stages(recipe: Any, resume: str | None = None, run_dir: Path | None = No
         record.append(entry)
         if built.trainer.is_global_zero:
             if i == first:
-                _write_recipe(top / "recipe.yaml", {**recipe.raw, "plugin_versions": recipe.plugin_versions})
+                _write_recipe(
+                    top / "recipe.yaml", {**recipe.raw, "plugin_versions": recipe.plugin_versions}
+                )
             (top / "stages.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     assert built is not None
     if built.trainer.is_global_zero:

@@ -25,8 +25,11 @@ class TaskModule(HookedModule):
         super().__init__(model, **kwargs)
         self.task = task
         if task == "classification":
+
             def acc() -> torchmetrics.Metric:
-                return torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+                return torchmetrics.classification.MulticlassAccuracy(
+                    num_classes=num_classes, average="micro"
+                )
 
             self.train_acc, self.train_clean_acc, self.val_acc = acc(), acc(), acc()
         else:
@@ -36,12 +39,16 @@ class TaskModule(HookedModule):
         out = self(batch["input"])
         return {"logits": out} if self.task == "classification" else {"prediction": out}
 
-    def losses(self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def losses(
+        self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         if self.task == "classification":
             return F.cross_entropy(outputs["logits"], batch["target"], reduction="none")
         return (outputs["prediction"] - batch["target"]) ** 2
 
-    def _log_step(self, reduced: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], batch: Any) -> None:
+    def _log_step(
+        self, reduced: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], batch: Any
+    ) -> None:
         super()._log_step(reduced, outputs, batch)
         if self.task != "classification" or "logits" not in outputs:
             return
@@ -55,7 +62,9 @@ class TaskModule(HookedModule):
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         outputs = self.outputs(batch)
         loss = self.losses(batch, outputs).mean()
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["input"].shape[0])
+        self.log(
+            "val/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["input"].shape[0]
+        )
         if self.task == "classification":
             self.val_acc(outputs["logits"], batch["target"])
             self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)

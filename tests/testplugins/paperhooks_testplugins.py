@@ -23,7 +23,13 @@ PAPER = Paper(
     code="none found",
 )
 
-ALL_STRATEGIES = {"single": "tested", "ddp": "tested", "fsdp2": "tested", "fsdp": "untested", "deepspeed": "untested"}
+ALL_STRATEGIES = {
+    "single": "tested",
+    "ddp": "tested",
+    "fsdp2": "tested",
+    "fsdp": "untested",
+    "deepspeed": "untested",
+}
 
 
 @dataclass(frozen=True)
@@ -262,23 +268,32 @@ class MaskProbe(Plugin):
         from paperhooks import pruning
 
         layers = pruning.prunable(module.model)
-        effective = pruning.local_weights(module.model, module.masks)  # under FSDP2: this rank's rows
+        effective = pruning.local_weights(
+            module.model, module.masks
+        )  # under FSDP2: this rank's rows
         rows = pruning.local_rows(module.model, module.masks)
         for name, m in module.masks.items():
             pruned = ~m.mask[rows[name]]
             if not bool((effective[name][pruned] == 0).all()):
-                raise AssertionError(f"step {ctx.step}: a pruned entry of {name}.weight is not zero")
+                raise AssertionError(
+                    f"step {ctx.step}: a pruned entry of {name}.weight is not zero"
+                )
             stored = pruning.stored(layers[name])
             stored = stored.to_local() if pruning.is_sharded(stored) else stored
             if pruning.only_mask(layers[name]) and not bool((stored[pruned] == 0).all()):
-                raise AssertionError(f"step {ctx.step}: a pruned entry of {name}'s stored weight is not zero")
+                raise AssertionError(
+                    f"step {ctx.step}: a pruned entry of {name}'s stored weight is not zero"
+                )
         self.checked += 1
 
     @hookimpl
     def lifecycle_fit_end(self, module, ctx):
         if self.config.out:
             state = {f"mask/{k}": m.mask.clone() for k, m in module.masks.items()}
-            torch.save({**state, "checked": torch.tensor(self.checked)}, f"{self.config.out}/rank{ctx.rank}.pt")
+            torch.save(
+                {**state, "checked": torch.tensor(self.checked)},
+                f"{self.config.out}/rank{ctx.rank}.pt",
+            )
 
     def state_dict(self):
         return {"checked": self.checked}

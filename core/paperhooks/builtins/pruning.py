@@ -154,7 +154,11 @@ class OneShotPruning(Plugin):
     @hookimpl
     def pruning_schedule(self, ctx: StepContext) -> float | None:
         c = self.config
-        at = c.step if c.unit == "step" else c.step * steps_per_epoch("one-shot-pruning", "step", ctx)
+        at = (
+            c.step
+            if c.unit == "step"
+            else c.step * steps_per_epoch("one-shot-pruning", "step", ctx)
+        )
         return c.sparsity if ctx.step == at else None
 
 
@@ -199,8 +203,10 @@ class GradualConfig:
                 f"{name}: end_step - begin_step ({self.end_step} - {self.begin_step}) must be a multiple of "
                 f"frequency ({self.frequency}): the schedule prunes at t_0 + kΔt, k = 0..n"
             )
-        if isinstance(self.exponent, bool) or not isinstance(self.exponent, int | float) or not (
-            math.isfinite(self.exponent) and self.exponent > 0
+        if (
+            isinstance(self.exponent, bool)
+            or not isinstance(self.exponent, int | float)
+            or not (math.isfinite(self.exponent) and self.exponent > 0)
         ):
             raise ValueError(f"{name}: exponent must be a number > 0, got {self.exponent!r}")
 
@@ -211,7 +217,13 @@ def in_steps(c: GradualConfig, steps_per_epoch: int) -> GradualConfig:
     if c.unit == "step":
         return c
     s = steps_per_epoch
-    return replace(c, begin_step=c.begin_step * s, end_step=c.end_step * s, frequency=c.frequency * s, unit="step")
+    return replace(
+        c,
+        begin_step=c.begin_step * s,
+        end_step=c.end_step * s,
+        frequency=c.frequency * s,
+        unit="step",
+    )
 
 
 def cubic_sparsity(t: int, c: GradualConfig, steps_per_epoch: int | None = None) -> float | None:
@@ -223,7 +235,9 @@ def cubic_sparsity(t: int, c: GradualConfig, steps_per_epoch: int | None = None)
     """
     if c.unit == "epoch":
         if steps_per_epoch is None:
-            raise ValueError("gradual-pruning: unit: epoch needs steps_per_epoch to count begin_step, end_step, frequency")
+            raise ValueError(
+                "gradual-pruning: unit: epoch needs steps_per_epoch to count begin_step, end_step, frequency"
+            )
         c = in_steps(c, steps_per_epoch)
     if t < c.begin_step or t > c.end_step or (t - c.begin_step) % c.frequency:
         return None
@@ -250,7 +264,9 @@ class GradualPruning(Plugin):
     def pruning_schedule(self, ctx: StepContext) -> float | None:
         c = self.config
         if c.unit == "epoch":
-            c = in_steps(c, steps_per_epoch("gradual-pruning", "begin_step, end_step, frequency", ctx))
+            c = in_steps(
+                c, steps_per_epoch("gradual-pruning", "begin_step, end_step, frequency", ctx)
+            )
         return cubic_sparsity(ctx.step, c)
 
 
@@ -289,7 +305,9 @@ class IterativeConfig:
         return 1.0 - (1.0 - self.final_sparsity) ** (1.0 / self.cycles)
 
 
-def iterative_sparsity(t: int, c: IterativeConfig, steps_per_epoch: int | None = None) -> float | None:
+def iterative_sparsity(
+    t: int, c: IterativeConfig, steps_per_epoch: int | None = None
+) -> float | None:
     """The sparsity of cycle k at its step, or ``None`` when ``t`` is not a pruning step.
 
     Cycle k = 1..n prunes at t_k = begin + (k − 1)·every (×S with ``unit: epoch``) to
@@ -302,7 +320,9 @@ def iterative_sparsity(t: int, c: IterativeConfig, steps_per_epoch: int | None =
     begin, every = c.begin, c.every
     if c.unit == "epoch":
         if steps_per_epoch is None:
-            raise ValueError("iterative-pruning: unit: epoch needs steps_per_epoch to count begin, every")
+            raise ValueError(
+                "iterative-pruning: unit: epoch needs steps_per_epoch to count begin, every"
+            )
         begin, every = begin * steps_per_epoch, every * steps_per_epoch
     if t < begin or (t - begin) % every:
         return None
@@ -394,7 +414,8 @@ ties kept in order), tested in `tests/test_pruning.py`.
 ## Measured effect
 
 A baseline: no claim of its own.
-""" + _SHARED,
+"""
+    + _SHARED,
     "gradual-pruning": """# gradual-pruning
 
 Zhu & Gupta (2017), *To prune, or not to prune*, equation (1):
@@ -416,7 +437,8 @@ nΔt = 100, Δt = 10.
 A baseline. `recipes/gradual-pruning.yaml` (MLP 64-128-64-10 on digits, 20 epochs, 90%
 sparsity reached at step 300 of 460; seed 0, one run each): dense `val/acc` 0.964, 90%
 sparse with `uniform-allocation` 0.950, 90% sparse with the global threshold 0.950.
-""" + _SHARED,
+"""
+    + _SHARED,
     "iterative-pruning": """# iterative-pruning
 
 Han et al. (2015), *Learning both Weights and Connections for Efficient Neural Networks*,
@@ -451,7 +473,8 @@ above one-shot at epoch 6 (the last cycle's step) in 7 of 8 seeds (mean +0.008, 
 `recipes/iterative-pruning.yaml` (MLP 64-128-64-10, 20 epochs, cycles at epochs 5, 8, 11;
 seed 0, one run each): dense 0.964, iterative 0.961, one-shot at epoch 5 0.950, one-shot
 at epoch 11 0.955, iterative with `uniform-allocation` 0.953.
-""" + _SHARED,
+"""
+    + _SHARED,
     "uniform-allocation": """# uniform-allocation
 
 Each prunable layer at the scheduled sparsity: `round(s·n_l)` of its `n_l` weights pruned,
@@ -466,7 +489,8 @@ Per layer, equal to `torch.nn.utils.prune.l1_unstructured(layer, "weight", amoun
 ## Measured effect
 
 A baseline: no claim of its own.
-""" + _SHARED,
+"""
+    + _SHARED,
 }
 
 __all__ = [

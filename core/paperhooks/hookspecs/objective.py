@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 
 @hookspec
 def objective_terms(
-    module: Any, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], ctx: StepContext
+    module: Any,
+    batch: Mapping[str, torch.Tensor],
+    outputs: Mapping[str, torch.Tensor],
+    ctx: StepContext,
 ) -> Mapping[str, torch.Tensor] | None:
     """Named per-sample loss terms, each of shape ``[B]``.
 

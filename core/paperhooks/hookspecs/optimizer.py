@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 
 
 @hookspec(firstresult=True)
-def optimizer_build(param_groups: list[dict[str, Any]], ctx: StepContext) -> torch.optim.Optimizer | None:
+def optimizer_build(
+    param_groups: list[dict[str, Any]], ctx: StepContext
+) -> torch.optim.Optimizer | None:
     """Build the optimizer over ``param_groups`` (each has ``params``, ``lr``, ``weight_decay``).
 
     Exactly one owner: with no optimizer plugin the recipe's ``optimizer`` section builds a

@@ -14,7 +14,9 @@ if TYPE_CHECKING:
 
 
 @hookspec
-def perturb_inputs(batch: Mapping[str, torch.Tensor], module: Any, ctx: StepContext) -> Mapping[str, torch.Tensor] | None:
+def perturb_inputs(
+    batch: Mapping[str, torch.Tensor], module: Any, ctx: StepContext
+) -> Mapping[str, torch.Tensor] | None:
     """Return a new batch with perturbed inputs, or ``None`` to leave it.
 
     Backward passes made here must run inside ``ctx.no_sync()``.

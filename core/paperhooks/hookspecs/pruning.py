@@ -25,7 +25,9 @@ def pruning_schedule(ctx: StepContext) -> float | None:
 
 
 @hookspec(firstresult=True)
-def pruning_scores(params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext) -> Mapping[str, torch.Tensor] | None:
+def pruning_scores(
+    params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext
+) -> Mapping[str, torch.Tensor] | None:
     """Importance of each prunable weight (higher is kept). One owner; default ``|w|``.
 
     :param params: prunable layer name → current (masked) weight tensor; under FSDP2, this

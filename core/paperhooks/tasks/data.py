@@ -53,7 +53,12 @@ class LabelNoise:
     rate: float = 0.0
 
     def __post_init__(self) -> None:
-        check_field(self.kind in ("none", "symmetric", "pairflip"), "label_noise.kind", "one of none, symmetric, pairflip", self.kind)
+        check_field(
+            self.kind in ("none", "symmetric", "pairflip"),
+            "label_noise.kind",
+            "one of none, symmetric, pairflip",
+            self.kind,
+        )
         check_field(0 <= self.rate < 1, "label_noise.rate", "in [0, 1)", self.rate)
 
 
@@ -78,7 +83,9 @@ class DigitsConfig:
         check_field(self.image_size >= 1, "image_size", ">= 1", self.image_size)
         check_field(self.imbalance >= 1, "imbalance", ">= 1 (1 = balanced)", self.imbalance)
         check_field(self.groups >= 0, "groups", ">= 0 (0 = no groups)", self.groups)
-        check_field(0 <= self.group_majority <= 1, "group_majority", "in [0, 1]", self.group_majority)
+        check_field(
+            0 <= self.group_majority <= 1, "group_majority", "in [0, 1]", self.group_majority
+        )
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,17 @@ class RegressionConfig:
         check_field(self.n_val >= 1, "n_val", ">= 1", self.n_val)
         check_field(self.dim >= 1, "dim", ">= 1", self.dim)
         check_field(self.noise >= 0, "noise", ">= 0", self.noise)
-        check_field(0 <= self.redundant_fraction <= 1, "redundant_fraction", "in [0, 1]", self.redundant_fraction)
+        check_field(
+            0 <= self.redundant_fraction <= 1,
+            "redundant_fraction",
+            "in [0, 1]",
+            self.redundant_fraction,
+        )
 
 
-def _subsample_imbalanced(y: torch.Tensor, ratio: float, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+def _subsample_imbalanced(
+    y: torch.Tensor, ratio: float, num_classes: int, gen: torch.Generator
+) -> torch.Tensor:
     """Indices keeping ``n_c * ratio ** (-c / (C - 1))`` (at least 1) samples of class ``c``."""
     keep = []
     for c in range(num_classes):
@@ -113,7 +127,9 @@ def _subsample_imbalanced(y: torch.Tensor, ratio: float, num_classes: int, gen: 
     return torch.cat(keep).sort().values
 
 
-def _noisy_labels(y: torch.Tensor, noise: LabelNoise, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+def _noisy_labels(
+    y: torch.Tensor, noise: LabelNoise, num_classes: int, gen: torch.Generator
+) -> torch.Tensor:
     flip = torch.rand(y.shape, generator=gen) < noise.rate
     if noise.kind == "symmetric":
         other = (y + torch.randint(1, num_classes, y.shape, generator=gen)) % num_classes
@@ -146,13 +162,19 @@ def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
     c = 10
     if config.image_size != 8:
         size = (config.image_size, config.image_size)
-        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+        x = torch.nn.functional.interpolate(
+            x, size=size, mode="bilinear", align_corners=False
+        ).clamp(0, 1)
     # stratified split: the first round(val_fraction * n_c) of each class's permutation go to val
     g = generator(seed, "digits.split")
     val_mask = torch.zeros(len(y), dtype=torch.bool)
     for k in range(c):
         idx = (y == k).nonzero().flatten()
-        val_mask[idx[torch.randperm(idx.numel(), generator=g)[: round(config.val_fraction * idx.numel())]]] = True
+        val_mask[
+            idx[
+                torch.randperm(idx.numel(), generator=g)[: round(config.val_fraction * idx.numel())]
+            ]
+        ] = True
     xt, yt, xv, yv = x[~val_mask], y[~val_mask], x[val_mask], y[val_mask]
     if config.imbalance != 1.0:
         keep = _subsample_imbalanced(yt, config.imbalance, c, generator(seed, "digits.imbalance"))
@@ -173,11 +195,21 @@ def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
         train["target"] = _noisy_labels(yt, config.label_noise, c, generator(seed, "digits.noise"))
         train["clean_target"], val["clean_target"] = yt, yv.clone()
     if config.groups:
-        train["group"] = _groups(yt, config.groups, config.group_majority, generator(seed, "digits.groups"))
-        val["group"] = _groups(yv, config.groups, config.group_majority, generator(seed, "digits.groups.val"))
+        train["group"] = _groups(
+            yt, config.groups, config.group_majority, generator(seed, "digits.groups")
+        )
+        val["group"] = _groups(
+            yv, config.groups, config.group_majority, generator(seed, "digits.groups.val")
+        )
     info = DataInfo("classification", c, tuple(xt.shape[1:]))
     return PaperhooksDataModule(
-        info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers, redundant
+        info,
+        DictDataset(train),
+        DictDataset(val),
+        config.batch_size,
+        seed,
+        config.num_workers,
+        redundant,
     )
 
 
@@ -202,7 +234,9 @@ def build_regression(config: RegressionConfig, seed: int) -> PaperhooksDataModul
         xt[rows], yt[rows], redundant[rows] = xp[pool], yp[pool], True
     info = DataInfo("regression", 0, (config.dim,))
     train, val = DictDataset({"input": xt, "target": yt}), DictDataset({"input": xv, "target": yv})
-    return PaperhooksDataModule(info, train, val, config.batch_size, seed, config.num_workers, redundant)
+    return PaperhooksDataModule(
+        info, train, val, config.batch_size, seed, config.num_workers, redundant
+    )
 
 
 __all__ = ["DigitsConfig", "Duplicates", "LabelNoise", "PaperhooksDataModule", "RegressionConfig"]

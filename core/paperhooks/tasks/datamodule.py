@@ -41,17 +41,23 @@ class PaperhooksDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
-        self.redundant = redundant if redundant is not None else torch.zeros(len(train_set), dtype=torch.bool)
+        self.redundant = (
+            redundant if redundant is not None else torch.zeros(len(train_set), dtype=torch.bool)
+        )
 
     def per_process_batch_size(self) -> int:
         """``batch_size // world_size``; raises if the global batch does not split evenly."""
         return per_rank_batch_size(self.batch_size, self.trainer)
 
     def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        return make_loader(self.train_set, self.batch_size, self.seed, self.trainer, True, self.num_workers)
+        return make_loader(
+            self.train_set, self.batch_size, self.seed, self.trainer, True, self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        return make_loader(self.val_set, self.batch_size, self.seed, self.trainer, False, self.num_workers)
+        return make_loader(
+            self.val_set, self.batch_size, self.seed, self.trainer, False, self.num_workers
+        )
 
 
 class PreferenceDataModule(PaperhooksDataModule):
@@ -72,7 +78,9 @@ class PreferenceDataModule(PaperhooksDataModule):
     reward_kind: str = "mean"
     chain_lengths: tuple[int, int] = (0, 0)
 
-    def hidden_reward(self, prompt: torch.Tensor, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def hidden_reward(
+        self, prompt: torch.Tensor, response: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Hidden rewards ``[B]`` of responses ``[B, T]`` (``mask``: 1 on content tokens).
 
         ``prompt`` is the topic (synthetic) or prompt id (tabular, where ``response`` is ``[B]``).

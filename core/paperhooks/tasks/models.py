@@ -56,7 +56,12 @@ class MLPConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        check_field(all(isinstance(h, int) and h >= 1 for h in self.hidden), "hidden", "a tuple of ints >= 1", self.hidden)
+        check_field(
+            all(isinstance(h, int) and h >= 1 for h in self.hidden),
+            "hidden",
+            "a tuple of ints >= 1",
+            self.hidden,
+        )
         check_field(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
 
 
@@ -71,7 +76,9 @@ def build_timm(config: TimmConfig, info: DataInfo) -> nn.Module:
     import timm
 
     if len(info.input_shape) != 3:
-        raise ValueError(f"model timm needs image inputs [C, H, W], but the data gives {info.input_shape}")
+        raise ValueError(
+            f"model timm needs image inputs [C, H, W], but the data gives {info.input_shape}"
+        )
     names = timm.list_models()
     if config.arch not in names:
         close = difflib.get_close_matches(config.arch, names, n=5)
@@ -108,4 +115,12 @@ def build_linear(config: LinearConfig, info: DataInfo) -> nn.Module:
     return _finish(model, info)
 
 
-__all__ = ["LinearConfig", "MLPConfig", "SqueezeLast", "TimmConfig", "build_linear", "build_mlp", "build_timm"]
+__all__ = [
+    "LinearConfig",
+    "MLPConfig",
+    "SqueezeLast",
+    "TimmConfig",
+    "build_linear",
+    "build_mlp",
+    "build_timm",
+]

@@ -100,15 +100,42 @@ class SyntheticPreferencesConfig:
     def __post_init__(self) -> None:
         check_field(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         check_field(self.num_workers >= 0, "num_workers", ">= 0", self.num_workers)
-        check_field(self.n_train >= 1 and self.n_val >= 1, "n_train and n_val", ">= 1", (self.n_train, self.n_val))
-        check_field(self.vocab_size >= 4, "vocab_size", ">= 4 (pad, EOS and two content tokens)", self.vocab_size)
-        check_field(1 <= self.topics <= self.vocab_size - 2, "topics", "in [1, vocab_size - 2]", self.topics)
+        check_field(
+            self.n_train >= 1 and self.n_val >= 1,
+            "n_train and n_val",
+            ">= 1",
+            (self.n_train, self.n_val),
+        )
+        check_field(
+            self.vocab_size >= 4,
+            "vocab_size",
+            ">= 4 (pad, EOS and two content tokens)",
+            self.vocab_size,
+        )
+        check_field(
+            1 <= self.topics <= self.vocab_size - 2, "topics", "in [1, vocab_size - 2]", self.topics
+        )
         check_field(self.prompt_length >= 1, "prompt_length", ">= 1", self.prompt_length)
-        check_field(1 <= self.min_response <= self.max_response, "min_response", "in [1, max_response]", self.min_response)
+        check_field(
+            1 <= self.min_response <= self.max_response,
+            "min_response",
+            "in [1, max_response]",
+            self.min_response,
+        )
         check_field(0 <= self.flip_rate < 0.5, "flip_rate", "in [0, 0.5)", self.flip_rate)
         check_field(self.steps >= 0, "steps", ">= 0 (0: no step boundaries)", self.steps)
-        check_field(self.steps <= self.min_response, "steps", f"<= min_response ({self.min_response})", self.steps)
-        check_field(0 < self.chain_valid < 1, "chain_valid", "in (0, 1) (the fraction of valid tokens per step)", self.chain_valid)
+        check_field(
+            self.steps <= self.min_response,
+            "steps",
+            f"<= min_response ({self.min_response})",
+            self.steps,
+        )
+        check_field(
+            0 < self.chain_valid < 1,
+            "chain_valid",
+            "in (0, 1) (the fraction of valid tokens per step)",
+            self.chain_valid,
+        )
         if self.reward == "chain":
             m, content = self.chain_valid_tokens, self.vocab_size - 2
             check_field(
@@ -138,7 +165,13 @@ def _response_steps(lengths: torch.Tensor, steps: int, width: int, offset: int) 
     return out
 
 
-def _synthetic_split(config: SyntheticPreferencesConfig, u: torch.Tensor, n: int, flip_rate: float, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _synthetic_split(
+    config: SyntheticPreferencesConfig,
+    u: torch.Tensor,
+    n: int,
+    flip_rate: float,
+    g: torch.Generator,
+) -> dict[str, torch.Tensor]:
     c, width = config, config.prompt_length + config.max_response + 1
     content = torch.arange(2, c.vocab_size)
     topic = torch.randint(0, c.topics, (n,), generator=g)
@@ -180,7 +213,11 @@ def _synthetic_split(config: SyntheticPreferencesConfig, u: torch.Tensor, n: int
 
 
 def _chain_reward(
-    valid: torch.Tensor, lengths: tuple[int, int], prompt: torch.Tensor, response: torch.Tensor, mask: torch.Tensor
+    valid: torch.Tensor,
+    lengths: tuple[int, int],
+    prompt: torch.Tensor,
+    response: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
     """``reward: chain``: 1 if ``min ≤ n ≤ max`` and every content token is valid at its position, else 0.
 
@@ -188,14 +225,18 @@ def _chain_reward(
     """
     positions = valid.shape[1]
     pos = torch.arange(response.shape[1], device=response.device)
-    ok = valid[prompt.unsqueeze(1), pos.clamp_max(positions - 1).unsqueeze(0), response].bool() & (pos < positions)
+    ok = valid[prompt.unsqueeze(1), pos.clamp_max(positions - 1).unsqueeze(0), response].bool() & (
+        pos < positions
+    )
     content = mask.bool()
     n = content.sum(1)
     chain = (ok | ~content).all(1) & (n >= lengths[0]) & (n <= lengths[1])
     return chain.to(torch.float32)
 
 
-def _chain_table(config: SyntheticPreferencesConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _chain_table(
+    config: SyntheticPreferencesConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The content tokens of every ``(topic, position)`` in random order ``[K, P, V − 2]`` (the first
     ``chain_valid_tokens`` are ``V[k, t]``) and the validity table ``[K, P, V]``."""
     c = config
@@ -205,7 +246,13 @@ def _chain_table(config: SyntheticPreferencesConfig, g: torch.Generator) -> tupl
     return order, valid
 
 
-def _chain_split(config: SyntheticPreferencesConfig, order: torch.Tensor, n: int, flip_rate: float, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _chain_split(
+    config: SyntheticPreferencesConfig,
+    order: torch.Tensor,
+    n: int,
+    flip_rate: float,
+    g: torch.Generator,
+) -> dict[str, torch.Tensor]:
     """``reward: chain`` pairs: a valid chain against an independent chain broken at its pit (module doc)."""
     c, width, m = config, config.prompt_length + config.max_response + 1, config.chain_valid_tokens
     content = torch.arange(2, c.vocab_size)
@@ -220,9 +267,13 @@ def _chain_split(config: SyntheticPreferencesConfig, order: torch.Tensor, n: int
         good = rows.gather(2, torch.randint(0, m, (n, c.max_response, 1), generator=g)).squeeze(2)
         if not broken:
             return torch.where(pos < length[:, None], good, PAD), length, torch.full((n,), -1)
-        bad = rows.gather(2, torch.randint(m, len(content), (n, c.max_response, 1), generator=g)).squeeze(2)
+        bad = rows.gather(
+            2, torch.randint(m, len(content), (n, c.max_response, 1), generator=g)
+        ).squeeze(2)
         if c.chain_tail == "valid":  # only the pit is wrong: the steps after it are valid again
-            rest = rows.gather(2, torch.randint(0, m, (n, c.max_response, 1), generator=g)).squeeze(2)
+            rest = rows.gather(2, torch.randint(0, m, (n, c.max_response, 1), generator=g)).squeeze(
+                2
+            )
         else:
             rest = content[torch.randint(0, len(content), (n, c.max_response), generator=g)]
         pit = (torch.rand(n, generator=g) * length).long()  # uniform in 0..n−1
@@ -254,21 +305,32 @@ def _chain_split(config: SyntheticPreferencesConfig, order: torch.Tensor, n: int
 
 
 @register_dataset("synthetic-preferences", SyntheticPreferencesConfig, task="preference")
-def build_synthetic_preferences(config: SyntheticPreferencesConfig, seed: int) -> PreferenceDataModule:
+def build_synthetic_preferences(
+    config: SyntheticPreferencesConfig, seed: int
+) -> PreferenceDataModule:
     """Preference pairs over a small vocabulary with a hidden per-token reward (see module doc)."""
     from paperhooks.tasks.datamodule import PreferenceDataModule
 
     if config.reward == "chain":
         return _build_chain(config, seed)
-    u = torch.randn(config.topics, config.vocab_size, generator=generator(seed, "preferences.reward"))
+    u = torch.randn(
+        config.topics, config.vocab_size, generator=generator(seed, "preferences.reward")
+    )
     u[:, :2] = 0.0  # pad and EOS carry no reward
-    train = _synthetic_split(config, u, config.n_train, config.flip_rate, generator(seed, "preferences.train"))
+    train = _synthetic_split(
+        config, u, config.n_train, config.flip_rate, generator(seed, "preferences.train")
+    )
     val = _synthetic_split(config, u, config.n_val, 0.0, generator(seed, "preferences.val"))
     width = config.prompt_length + config.max_response + 1
     info = DataInfo(
-        "preference", config.vocab_size, (width,), sizes=(("vocab_size", config.vocab_size), ("max_length", width))
+        "preference",
+        config.vocab_size,
+        (width,),
+        sizes=(("vocab_size", config.vocab_size), ("max_length", width)),
     )
-    dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
+    dm = PreferenceDataModule(
+        info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers
+    )
     dm.reward_table, dm.reward_kind = u, config.reward
     dm.prompt_length = config.prompt_length
     return dm
@@ -278,13 +340,20 @@ def _build_chain(config: SyntheticPreferencesConfig, seed: int) -> PreferenceDat
     from paperhooks.tasks.datamodule import PreferenceDataModule
 
     order, valid = _chain_table(config, generator(seed, "preferences.chain"))
-    train = _chain_split(config, order, config.n_train, config.flip_rate, generator(seed, "preferences.train"))
+    train = _chain_split(
+        config, order, config.n_train, config.flip_rate, generator(seed, "preferences.train")
+    )
     val = _chain_split(config, order, config.n_val, 0.0, generator(seed, "preferences.val"))
     width = config.prompt_length + config.max_response + 1
     info = DataInfo(
-        "preference", config.vocab_size, (width,), sizes=(("vocab_size", config.vocab_size), ("max_length", width))
+        "preference",
+        config.vocab_size,
+        (width,),
+        sizes=(("vocab_size", config.vocab_size), ("max_length", width)),
     )
-    dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
+    dm = PreferenceDataModule(
+        info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers
+    )
     dm.reward_table, dm.reward_kind = valid, "chain"
     dm.chain_lengths = (config.min_response, config.max_response)
     dm.prompt_length = config.prompt_length
@@ -308,12 +377,21 @@ class TabularPreferencesConfig:
         check_field(self.responses >= 2, "responses", ">= 2", self.responses)
         check_field(0 <= self.flip_rate < 0.5, "flip_rate", "in [0, 0.5)", self.flip_rate)
         if self.preference == "cyclic":
-            check_field(self.responses % 2 == 1, "responses", "odd for a cyclic preference", self.responses)
+            check_field(
+                self.responses % 2 == 1, "responses", "odd for a cyclic preference", self.responses
+            )
 
 
-def _tabular_split(p_matrix: torch.Tensor, r: torch.Tensor, flip_rate: float, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _tabular_split(
+    p_matrix: torch.Tensor, r: torch.Tensor, flip_rate: float, g: torch.Generator
+) -> dict[str, torch.Tensor]:
     P, M = r.shape
-    rows = [(p, i, j) for p in range(P) for i, j in itertools.permutations(range(M), 2) if p_matrix[p, i, j] > 0.5]
+    rows = [
+        (p, i, j)
+        for p in range(P)
+        for i, j in itertools.permutations(range(M), 2)
+        if p_matrix[p, i, j] > 0.5
+    ]
     prompt, win, lose = (torch.tensor(c, dtype=torch.int64) for c in zip(*rows, strict=True))
     flipped = torch.rand(len(rows), generator=g) < flip_rate
     chosen, rejected = torch.where(flipped, lose, win), torch.where(flipped, win, lose)
@@ -353,7 +431,9 @@ def build_tabular_preferences(config: TabularPreferencesConfig, seed: int) -> Pr
     train = _tabular_split(p_matrix, r, config.flip_rate, generator(seed, "tabular.train"))
     val = _tabular_split(p_matrix, r, 0.0, generator(seed, "tabular.val"))
     info = DataInfo("preference", M, (2,), sizes=(("prompts", P), ("responses", M)))
-    dm = PreferenceDataModule(info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers)
+    dm = PreferenceDataModule(
+        info, DictDataset(train), DictDataset(val), config.batch_size, seed, config.num_workers
+    )
     dm.reward_table, dm.preference_matrix = r, p_matrix
     return dm
 
@@ -380,7 +460,9 @@ class CausalLMPolicy(nn.Module):
         self.lm = lm
 
     def forward(self, ids: torch.Tensor, attention: torch.Tensor, hidden: bool = False):  # type: ignore[override]
-        out = self.lm(input_ids=ids, attention_mask=attention, output_hidden_states=hidden, use_cache=False)
+        out = self.lm(
+            input_ids=ids, attention_mask=attention, output_hidden_states=hidden, use_cache=False
+        )
         logps = token_logps_from_logits(out.logits, ids)
         return (logps, out.hidden_states[-1]) if hidden else logps
 
@@ -391,7 +473,9 @@ class CausalLMPolicy(nn.Module):
 class TabularPolicy(nn.Module):
     """``π(y | p) = softmax(θ_p)_y`` over ``M`` canned responses; ids are ``[prompt, response]``."""
 
-    def __init__(self, prompts: int, responses: int, init: str = "uniform", scale: float = 1.0) -> None:
+    def __init__(
+        self, prompts: int, responses: int, init: str = "uniform", scale: float = 1.0
+    ) -> None:
         super().__init__()
         theta = torch.zeros(prompts, responses)
         if init == "random":  # the global RNG, seeded from the recipe like every model's init
@@ -429,8 +513,18 @@ class CausalLMConfig:
 
     def __post_init__(self) -> None:
         check_field(self.layers >= 1, "layers", ">= 1", self.layers)
-        check_field(self.max_positions >= 0, "max_positions", ">= 0 (0: the data's max_length)", self.max_positions)
-        check_field(self.heads >= 1 and self.width % self.heads == 0, "width", "a multiple of heads", self.width)
+        check_field(
+            self.max_positions >= 0,
+            "max_positions",
+            ">= 0 (0: the data's max_length)",
+            self.max_positions,
+        )
+        check_field(
+            self.heads >= 1 and self.width % self.heads == 0,
+            "width",
+            "a multiple of heads",
+            self.width,
+        )
 
 
 @register_model("causal-lm", CausalLMConfig)
@@ -439,24 +533,37 @@ def build_causal_lm(config: CausalLMConfig, info: DataInfo) -> nn.Module:
     try:
         import transformers
     except ImportError:
-        raise ValueError("model causal-lm needs transformers: pip install 'paperhooks[lm]'") from None
+        raise ValueError(
+            "model causal-lm needs transformers: pip install 'paperhooks[lm]'"
+        ) from None
 
     if info.task != "preference":
-        raise ValueError(f"model causal-lm needs preference data (token sequences); the data is {info.task}")
+        raise ValueError(
+            f"model causal-lm needs preference data (token sequences); the data is {info.task}"
+        )
     if config.pretrained:
         try:
             lm = transformers.AutoModelForCausalLM.from_pretrained(
                 config.pretrained, use_safetensors=True, trust_remote_code=False
             )
         except (OSError, ValueError) as e:
-            raise ValueError(f"model.pretrained {config.pretrained!r}: cannot load a causal LM: {e}") from None
+            raise ValueError(
+                f"model.pretrained {config.pretrained!r}: cannot load a causal LM: {e}"
+            ) from None
         vocab = info.size("vocab_size")
         if lm.config.vocab_size < vocab:
-            raise ValueError(f"model.pretrained has vocab_size {lm.config.vocab_size} < the data's {vocab}")
+            raise ValueError(
+                f"model.pretrained has vocab_size {lm.config.vocab_size} < the data's {vocab}"
+            )
         return CausalLMPolicy(lm)
     vocab, length = info.size("vocab_size"), info.size("max_length")
     if config.max_positions:
-        check_field(config.max_positions >= length, "max_positions", f">= the data's max_length ({length})", config.max_positions)
+        check_field(
+            config.max_positions >= length,
+            "max_positions",
+            f">= the data's max_length ({length})",
+            config.max_positions,
+        )
         length = config.max_positions
     if config.arch == "gpt2":
         cfg = transformers.GPT2Config(
@@ -491,7 +598,10 @@ def build_tabular_policy(config: TabularPolicyConfig, info: DataInfo) -> nn.Modu
 
 @torch.no_grad()
 def sample(
-    policy: CausalLMPolicy, prompts: torch.Tensor, max_new_tokens: int, generator: torch.Generator | None = None,
+    policy: CausalLMPolicy,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    generator: torch.Generator | None = None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample responses after ``prompts`` ``[B, L]`` until EOS or ``max_new_tokens``.

@@ -37,7 +37,9 @@ class DataInfo:
         """One of :attr:`sizes` by name (raises naming the available ones)."""
         found = dict(self.sizes)
         if key not in found:
-            raise ValueError(f"the data gives no {key!r} (it gives: {', '.join(found) or 'nothing'})")
+            raise ValueError(
+                f"the data gives no {key!r} (it gives: {', '.join(found) or 'nothing'})"
+            )
         return found[key]
 
 
@@ -60,7 +62,11 @@ class Registered:
 MODELS: dict[str, Registered] = {}
 DATASETS: dict[str, Registered] = {}
 
-_BUILTIN_MODULES = ("paperhooks.tasks.models", "paperhooks.tasks.data", "paperhooks.tasks.preference")
+_BUILTIN_MODULES = (
+    "paperhooks.tasks.models",
+    "paperhooks.tasks.data",
+    "paperhooks.tasks.preference",
+)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -71,9 +77,13 @@ def _register(
     table: dict[str, Registered], kind: str, name: str, config_cls: type, task: str | None = None
 ) -> Callable[[_F], _F]:
     if task is not None and task not in TASK_KINDS:
-        raise ValueError(f"{kind} {name!r}: task must be one of {', '.join(TASK_KINDS)}, got {task!r}")
+        raise ValueError(
+            f"{kind} {name!r}: task must be one of {', '.join(TASK_KINDS)}, got {task!r}"
+        )
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
-        raise TypeError(f"{kind} {name!r}: config class {config_cls.__name__} must be a frozen dataclass")
+        raise TypeError(
+            f"{kind} {name!r}: config class {config_cls.__name__} must be a frozen dataclass"
+        )
 
     def deco(builder: _F) -> _F:
         if name in table:
@@ -149,7 +159,9 @@ def task_errors_hint() -> str:
     """``"; tasks that failed to load: ..."`` for unknown-name errors, or ``""``."""
     if not TASK_ERRORS:
         return ""
-    return "; tasks that failed to load: " + "; ".join(f"{k} ({v})" for k, v in sorted(TASK_ERRORS.items()))
+    return "; tasks that failed to load: " + "; ".join(
+        f"{k} ({v})" for k, v in sorted(TASK_ERRORS.items())
+    )
 
 
 def _lookup(table: dict[str, Registered], kind: str, name: str) -> Registered:
@@ -157,7 +169,9 @@ def _lookup(table: dict[str, Registered], kind: str, name: str) -> Registered:
     if name not in table:
         close = difflib.get_close_matches(name, list(table), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown {kind} {name!r}{hint} (registered: {', '.join(sorted(table))}){task_errors_hint()}")
+        raise ValueError(
+            f"unknown {kind} {name!r}{hint} (registered: {', '.join(sorted(table))}){task_errors_hint()}"
+        )
     return table[name]
 
 
@@ -175,7 +189,9 @@ def _coerce(entry: Registered, config: Any) -> Any:
         return config
     if isinstance(config, Mapping):
         return config_from_mapping(entry.config_cls, config)
-    raise TypeError(f"{entry.name!r} expects a {entry.config_cls.__name__}, a mapping or None; got {type(config).__name__}")
+    raise TypeError(
+        f"{entry.name!r} expects a {entry.config_cls.__name__}, a mapping or None; got {type(config).__name__}"
+    )
 
 
 def build_model(name: str, config: Any, info: DataInfo) -> torch.nn.Module:
@@ -189,7 +205,9 @@ def build_datamodule(name: str, config: Any, seed: int) -> PaperhooksDataModule:
     entry = _lookup(DATASETS, "dataset", name)
     dm = entry.builder(_coerce(entry, config), seed)
     if entry.task is not None and dm.info.task != entry.task:
-        raise ValueError(f"dataset {name!r} is registered as {entry.task} data but built {dm.info.task} data")
+        raise ValueError(
+            f"dataset {name!r} is registered as {entry.task} data but built {dm.info.task} data"
+        )
     return dm
 
 

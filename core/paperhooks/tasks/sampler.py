@@ -57,7 +57,9 @@ class ShardedBatchSampler:
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
         if drop_last and global_batch_size % world_size:
             raise ValueError(
                 f"global_batch_size ({global_batch_size}) must be divisible by world_size ({world_size})"
@@ -176,7 +178,12 @@ def per_rank_batch_size(global_batch_size: int, trainer: Any | None) -> int:
 
 
 def make_loader(
-    dataset: DictDataset, global_batch_size: int, seed: int, trainer: Any | None, train: bool, num_workers: int = 0
+    dataset: DictDataset,
+    global_batch_size: int,
+    seed: int,
+    trainer: Any | None,
+    train: bool,
+    num_workers: int = 0,
 ) -> DataLoader[dict[str, torch.Tensor]]:
     """A loader of this rank's share of each global batch (rank and world from ``trainer``).
 
@@ -185,7 +192,9 @@ def make_loader(
     """
     per_rank_batch_size(global_batch_size, trainer)
     rank, world = (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
-    sampler = ShardedBatchSampler(len(dataset), global_batch_size, seed, rank, world, shuffle=train, drop_last=train)
+    sampler = ShardedBatchSampler(
+        len(dataset), global_batch_size, seed, rank, world, shuffle=train, drop_last=train
+    )
     if train and trainer is not None:
         sampler.progress = functools.partial(lightning_progress, trainer, len(sampler))
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)

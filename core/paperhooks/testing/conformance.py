@@ -98,7 +98,9 @@ class PluginConformance:
 
     def _name(self) -> str:
         if not self.name:
-            raise ConformanceError(f"{type(self).__name__} must set `name` to the plugin's entry-point name")
+            raise ConformanceError(
+                f"{type(self).__name__} must set `name` to the plugin's entry-point name"
+            )
         return self.name
 
     def test_loads_through_its_entry_point(self) -> None:

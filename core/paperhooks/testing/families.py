@@ -84,7 +84,9 @@ def tiny_module(seed: int = 0) -> Any:
     return HookedModule(tiny_model(seed))
 
 
-def tiny_batch(n: int = 6, features: int = 8, classes: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_batch(
+    n: int = 6, features: int = 8, classes: int = 4, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
         "input": torch.randn(n, features, generator=g),
@@ -129,12 +131,19 @@ def check_sample_weighting(plugin: Plugin, *, reads_losses: bool = True, step: i
         if w is None:
             continue
         acted = True
-        expect(isinstance(w, torch.Tensor) and w.shape == losses.shape, plugin,
-               f"weights must be a tensor of shape {tuple(losses.shape)}, got {getattr(w, 'shape', type(w))} ({case})")
+        expect(
+            isinstance(w, torch.Tensor) and w.shape == losses.shape,
+            plugin,
+            f"weights must be a tensor of shape {tuple(losses.shape)}, got {getattr(w, 'shape', type(w))} ({case})",
+        )
         expect(_finite(w), plugin, f"weights are not finite ({case}): {w.tolist()}")
         expect(bool((w >= 0).all()), plugin, f"weights are negative ({case}): {w.tolist()}")
         expect(bool(w.sum() > 0), plugin, f"weights are all zero ({case})")
-    expect(acted, plugin, f"returned no weights at step {step}; give a plugin_config under which it acts")
+    expect(
+        acted,
+        plugin,
+        f"returned no weights at step {step}; give a plugin_config under which it acts",
+    )
 
     losses = cases["random losses"]
     bad = losses.clone()
@@ -145,14 +154,20 @@ def check_sample_weighting(plugin: Plugin, *, reads_losses: bool = True, step: i
             call(bad, batch)
         except Exception as e:  # noqa: BLE001 - any error type, as long as it names the plugin
             names = {label(plugin), type(plugin).__name__}
-            expect(any(n and n in str(e) for n in names), plugin,
-                   f"NaN losses raised {type(e).__name__}({e}), which does not name the plugin")
+            expect(
+                any(n and n in str(e) for n in names),
+                plugin,
+                f"NaN losses raised {type(e).__name__}({e}), which does not name the plugin",
+            )
         else:
             expect(False, plugin, "NaN losses gave no error; raise one that names the plugin")
     else:
         a, b = call(losses, batch), call(2 * losses + 1, batch)
-        expect(a is not None and b is not None and torch.equal(a, b), plugin,
-               "declares reads_losses=False, but its weights change with the losses")
+        expect(
+            a is not None and b is not None and torch.equal(a, b),
+            plugin,
+            "declares reads_losses=False, but its weights change with the losses",
+        )
 
 
 # -- gradient surgery ----------------------------------------------------------------------------
@@ -166,7 +181,9 @@ def conflicting_gradients(k: int, p: int, seed: int) -> torch.Tensor:
     return torch.stack(rows) * torch.rand(k, 1, generator=g).add(0.1) * 3
 
 
-def check_gradient_surgery(plugin: Plugin, *, seeds: Sequence[int] = range(5), step: int = STEP) -> None:
+def check_gradient_surgery(
+    plugin: Plugin, *, seeds: Sequence[int] = range(5), step: int = STEP
+) -> None:
     """Finite, valid result type, input untouched, and ``⟨d, Σ_k g_k⟩ ≥ 0`` for the direction d."""
     from paperhooks.gradients import Block, Direction, GradientSet
 
@@ -175,7 +192,9 @@ def check_gradient_surgery(plugin: Plugin, *, seeds: Sequence[int] = range(5), s
     cases = []
     for seed in seeds:
         for k in (2, 3):
-            cases.append((f"{k} conflicting gradients (seed {seed})", conflicting_gradients(k, p, seed)))
+            cases.append(
+                (f"{k} conflicting gradients (seed {seed})", conflicting_gradients(k, p, seed))
+            )
     aligned = torch.randn(p, generator=torch.Generator().manual_seed(99))
     cases.append(("2 aligned gradients", torch.stack([aligned, 2 * aligned])))
     cases.append(("a zero gradient", torch.stack([aligned, torch.zeros(p)])))
@@ -190,23 +209,35 @@ def check_gradient_surgery(plugin: Plugin, *, seeds: Sequence[int] = range(5), s
         if out is None:
             d = G.sum(dim=0)
         elif isinstance(out, Direction):
-            expect(out.vector.shape == G.shape[1:], plugin, f"returned a direction of shape {tuple(out.vector.shape)}, "
-                   f"need {tuple(G.shape[1:])} ({case})")
+            expect(
+                out.vector.shape == G.shape[1:],
+                plugin,
+                f"returned a direction of shape {tuple(out.vector.shape)}, "
+                f"need {tuple(G.shape[1:])} ({case})",
+            )
             d = out.vector
         else:
-            expect(isinstance(out, GradientSet), plugin,
-                   f"must return a GradientSet, a Direction or None, got {type(out).__name__} ({case})")
+            expect(
+                isinstance(out, GradientSet),
+                plugin,
+                f"must return a GradientSet, a Direction or None, got {type(out).__name__} ({case})",
+            )
             d = out.rows.sum(dim=0)
         expect(_finite(d), plugin, f"the direction is not finite ({case})")
         total = G.sum(dim=0)
         inner = torch.dot(d.double(), total.double()).item()
         scale = d.double().norm().item() * total.double().norm().item()
-        expect(inner >= -1e-6 * max(scale, 1e-12), plugin,
-               f"the direction is not a descent direction for Σ_k g_k: ⟨d, Σ g⟩ = {inner:.4g} < 0 ({case})")
+        expect(
+            inner >= -1e-6 * max(scale, 1e-12),
+            plugin,
+            f"the direction is not a descent direction for Σ_k g_k: ⟨d, Σ g⟩ = {inner:.4g} < 0 ({case})",
+        )
 
 
 # -- pruning -------------------------------------------------------------------------------------------
-def check_pruning(plugin: Plugin, *, sparsities: Sequence[float] = (0.25, 0.5, 0.9), max_steps: int = 20) -> None:
+def check_pruning(
+    plugin: Plugin, *, sparsities: Sequence[float] = (0.25, 0.5, 0.9), max_steps: int = 20
+) -> None:
     """The masks the plugin's schedule, criterion and allocation give reach the asked sparsity.
 
     With a schedule, the sparsity asked is its last value over ``max_steps`` steps, which must
@@ -224,12 +255,18 @@ def check_pruning(plugin: Plugin, *, sparsities: Sequence[float] = (0.25, 0.5, 0
         for step in range(max_steps + 1):
             s = schedule(ctx=context(step, max_steps))
             if s is not None:
-                expect(isinstance(s, int | float) and 0 <= s < 1, plugin,
-                       f"schedule must give a sparsity in [0, 1) or None, got {s!r} at step {step}")
+                expect(
+                    isinstance(s, int | float) and 0 <= s < 1,
+                    plugin,
+                    f"schedule must give a sparsity in [0, 1) or None, got {s!r} at step {step}",
+                )
                 asked.append(float(s))
-        expect(bool(asked) and asked[-1] > 0, plugin,
-               f"the schedule never asks for a positive sparsity over {max_steps} steps; "
-               "give a plugin_config under which it prunes")
+        expect(
+            bool(asked) and asked[-1] > 0,
+            plugin,
+            f"the schedule never asks for a positive sparsity over {max_steps} steps; "
+            "give a plugin_config under which it prunes",
+        )
         targets = [asked[-1]]
     module = tiny_module()
     layers = pruning.prunable(module.model)
@@ -237,16 +274,32 @@ def check_pruning(plugin: Plugin, *, sparsities: Sequence[float] = (0.25, 0.5, 0
     total = sum(p.numel() for p in params.values())
     ctx = context(max_steps, max_steps)
     for s in targets:
-        scores = (scorer(params=params, module=module, ctx=ctx) if scorer else None) or pruning.magnitude_scores(params)
-        expect(set(scores) == set(params) and all(scores[k].shape == params[k].shape for k in params), plugin,
-               "scores must have one tensor per prunable weight, of its shape")
+        scores = (
+            scorer(params=params, module=module, ctx=ctx) if scorer else None
+        ) or pruning.magnitude_scores(params)
+        expect(
+            set(scores) == set(params) and all(scores[k].shape == params[k].shape for k in params),
+            plugin,
+            "scores must have one tensor per prunable weight, of its shape",
+        )
         expect(all(_finite(v) for v in scores.values()), plugin, "scores are not finite")
-        keep = (allocator(scores=scores, sparsity=s, ctx=ctx) if allocator else None) or pruning.global_allocation(scores, s)
-        expect(set(keep) == set(params) and all(keep[k].shape == params[k].shape and keep[k].dtype == torch.bool for k in params),
-               plugin, "masks must be one boolean tensor per prunable weight, of its shape")
+        keep = (
+            allocator(scores=scores, sparsity=s, ctx=ctx) if allocator else None
+        ) or pruning.global_allocation(scores, s)
+        expect(
+            set(keep) == set(params)
+            and all(
+                keep[k].shape == params[k].shape and keep[k].dtype == torch.bool for k in params
+            ),
+            plugin,
+            "masks must be one boolean tensor per prunable weight, of its shape",
+        )
         reached = 1.0 - sum(int(v.sum()) for v in keep.values()) / total
-        expect(abs(reached - s) <= len(params) / total + 1e-9, plugin,
-               f"masks reach sparsity {reached:.4f}, asked {s:.4f}")
+        expect(
+            abs(reached - s) <= len(params) / total + 1e-9,
+            plugin,
+            f"masks reach sparsity {reached:.4f}, asked {s:.4f}",
+        )
 
 
 # -- reparameterization ------------------------------------------------------------------------------
@@ -263,24 +316,35 @@ def check_reparameterization(plugin: Plugin) -> None:
     expect(bool(registered), plugin, "reparam_setup registered no parametrization on module.model")
     x = tiny_batch()["input"]
     y = model(x)
-    expect(y.shape == (x.shape[0], 4) and _finite(y), plugin, "the reparameterized model's output is not finite")
+    expect(
+        y.shape == (x.shape[0], 4) and _finite(y),
+        plugin,
+        "the reparameterized model's output is not finite",
+    )
     y.square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
-    expect(bool(grads) and all(g is not None and _finite(g) for g in grads), plugin,
-           "gradients of the reparameterized model are missing or not finite")
+    expect(
+        bool(grads) and all(g is not None and _finite(g) for g in grads),
+        plugin,
+        "gradients of the reparameterized model are missing or not finite",
+    )
     for f in calls(plugin, "reparam_after_step"):
         f(module=module, ctx=context(1))
     expect(_finite(model(x)), plugin, "the output is not finite after reparam_after_step")
 
 
 # -- objective -------------------------------------------------------------------------------------------
-def check_objective(plugin: Plugin, *, step: int = STEP, task: Mapping[str, Any] | None = None) -> None:
+def check_objective(
+    plugin: Plugin, *, step: int = STEP, task: Mapping[str, Any] | None = None
+) -> None:
     """Named per-sample terms, ``[B]`` or ``[B, T]``, finite, with finite gradients.
 
     ``task`` (a :func:`~paperhooks.testing.metadata.tiny_recipe` task such as
     ``PREFERENCE_TASK``) checks the terms on that task's module and batch instead of the MLP's.
     """
-    module, batch = _task_module_and_batch(task) if task is not None else (tiny_module(), tiny_batch())
+    module, batch = (
+        _task_module_and_batch(task) if task is not None else (tiny_module(), tiny_batch())
+    )
     outputs = module.outputs(batch)
     acted = False
     for f in calls(plugin, "objective_terms"):
@@ -288,17 +352,27 @@ def check_objective(plugin: Plugin, *, step: int = STEP, task: Mapping[str, Any]
         if terms is None:
             continue
         acted = True
-        expect(isinstance(terms, Mapping) and all(isinstance(k, str) and k for k in terms), plugin,
-               f"objective_terms must return a mapping from names to tensors, got {type(terms).__name__}")
+        expect(
+            isinstance(terms, Mapping) and all(isinstance(k, str) and k for k in terms),
+            plugin,
+            f"objective_terms must return a mapping from names to tensors, got {type(terms).__name__}",
+        )
         for k, v in terms.items():
             n = next(iter(batch.values())).shape[0]
-            expect(isinstance(v, torch.Tensor) and v.dim() in (1, 2) and v.shape[0] == n, plugin,
-                   f"term {k!r} must have shape [B] or [B, T] with B = {n}, got {getattr(v, 'shape', type(v))}")
+            expect(
+                isinstance(v, torch.Tensor) and v.dim() in (1, 2) and v.shape[0] == n,
+                plugin,
+                f"term {k!r} must have shape [B] or [B, T] with B = {n}, got {getattr(v, 'shape', type(v))}",
+            )
             expect(_finite(v), plugin, f"term {k!r} is not finite")
             if v.requires_grad:
                 v.sum().backward(retain_graph=True)
     expect(acted, plugin, f"returned no terms at step {step}")
-    expect(all(p.grad is None or _finite(p.grad) for p in module.parameters()), plugin, "gradients of the terms are not finite")
+    expect(
+        all(p.grad is None or _finite(p.grad) for p in module.parameters()),
+        plugin,
+        "gradients of the terms are not finite",
+    )
 
 
 # -- objective weighting ---------------------------------------------------------------------------
@@ -309,7 +383,9 @@ def _task_module_and_batch(task: Mapping[str, Any]) -> tuple[Any, dict[str, torc
 
     data, model = dict(task["data"]), dict(task["model"])
     if not str(data.get("name", "")).endswith("preferences"):
-        raise ValueError(f"check_objective: task must be a preference task, got data {data.get('name')!r}")
+        raise ValueError(
+            f"check_objective: task must be a preference task, got data {data.get('name')!r}"
+        )
     data.pop("batch_size", None)
     dm, batch = preference_batch(data.pop("name"), rows=8, **data)
     objective = PreferenceObjective(**dict(task.get("objective") or {}))
@@ -327,12 +403,18 @@ def check_objective_weighting(plugin: Plugin, *, step: int = STEP) -> None:
         c = hook(objectives=dict(objectives), ctx=context(step))
         if c is None:
             continue
-        expect(isinstance(c, Mapping) and set(c) <= set(objectives), plugin,
-               f"coefficients must name objectives among {sorted(objectives)}, got {c!r} ({case})")
+        expect(
+            isinstance(c, Mapping) and set(c) <= set(objectives),
+            plugin,
+            f"coefficients must name objectives among {sorted(objectives)}, got {c!r} ({case})",
+        )
         for k, v in c.items():
             value = torch.as_tensor(v)
-            expect(value.numel() == 1 and _finite(value) and bool(value >= 0), plugin,
-                   f"coefficient {k!r} must be a finite scalar >= 0, got {v!r} ({case})")
+            expect(
+                value.numel() == 1 and _finite(value) and bool(value >= 0),
+                plugin,
+                f"coefficient {k!r} must be a finite scalar >= 0, got {v!r} ({case})",
+            )
 
 
 # -- optimizer -------------------------------------------------------------------------------------------
@@ -340,7 +422,9 @@ def check_optimizer(plugin: Plugin, *, lr: float = 0.01, steps: int = 20) -> Non
     """A ``torch.optim.Optimizer`` that decreases a convex quadratic and resumes exactly."""
 
     def build(w: nn.Parameter) -> torch.optim.Optimizer:
-        return the_call(plugin, "optimizer_build")(param_groups=[{"params": [w], "lr": lr, "weight_decay": 0.0}], ctx=context(0))
+        return the_call(plugin, "optimizer_build")(
+            param_groups=[{"params": [w], "lr": lr, "weight_decay": 0.0}], ctx=context(0)
+        )
 
     target = torch.randn(10, generator=torch.Generator().manual_seed(0))
 
@@ -355,18 +439,30 @@ def check_optimizer(plugin: Plugin, *, lr: float = 0.01, steps: int = 20) -> Non
 
     w = nn.Parameter(torch.zeros(10))
     opt = build(w)
-    expect(isinstance(opt, torch.optim.Optimizer), plugin, f"optimizer_build must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    expect(
+        isinstance(opt, torch.optim.Optimizer),
+        plugin,
+        f"optimizer_build must return a torch.optim.Optimizer, got {type(opt).__name__}",
+    )
     start = loss(w).item()
     run(opt, w, steps)
     end = loss(w).item()
-    expect(math.isfinite(end) and end < start, plugin, f"{steps} steps at lr {lr} did not decrease ½‖w − w*‖²: {start:.4g} → {end:.4g}")
+    expect(
+        math.isfinite(end) and end < start,
+        plugin,
+        f"{steps} steps at lr {lr} did not decrease ½‖w − w*‖²: {start:.4g} → {end:.4g}",
+    )
     # resume: a new optimizer loading the state continues exactly as the original
     w2 = nn.Parameter(w.detach().clone())
     opt2 = build(w2)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     run(opt, w, 3)
     run(opt2, w2, 3)
-    expect(torch.equal(w.detach(), w2.detach()), plugin, "an optimizer loaded from state_dict does not continue identically")
+    expect(
+        torch.equal(w.detach(), w2.detach()),
+        plugin,
+        "an optimizer loaded from state_dict does not continue identically",
+    )
 
 
 # -- metric ---------------------------------------------------------------------------------------------
@@ -380,14 +476,26 @@ def check_metric(plugin: Plugin) -> None:
         got.update(f(module=module, ctx=context(0)) or {})
     expect(bool(got), plugin, "metric_build returned no metrics")
     for name, metric in got.items():
-        expect(isinstance(name, str) and name and "." not in name, plugin, f"metric name {name!r} must be non-empty, without '.'")
-        expect(isinstance(metric, torchmetrics.Metric), plugin, f"metric {name!r} is not a torchmetrics.Metric")
+        expect(
+            isinstance(name, str) and name and "." not in name,
+            plugin,
+            f"metric name {name!r} must be non-empty, without '.'",
+        )
+        expect(
+            isinstance(metric, torchmetrics.Metric),
+            plugin,
+            f"metric {name!r} is not a torchmetrics.Metric",
+        )
         for seed in (0, 1):
             batch = tiny_batch(seed=seed)
             metric.update(module.outputs(batch), batch)
         values = metric.compute()
         flat = values.values() if isinstance(values, Mapping) else [values]
-        expect(all(_finite(torch.as_tensor(v)) for v in flat), plugin, f"metric {name!r} computed a non-finite value")
+        expect(
+            all(_finite(torch.as_tensor(v)) for v in flat),
+            plugin,
+            f"metric {name!r} computed a non-finite value",
+        )
         metric.reset()
 
 
@@ -404,15 +512,33 @@ def check_input_perturbation(plugin: Plugin, *, step: int = STEP) -> None:
         if new is None:
             continue
         acted = True
-        expect(isinstance(new, Mapping) and set(batch) <= set(new), plugin, "the perturbed batch lost keys")
+        expect(
+            isinstance(new, Mapping) and set(batch) <= set(new),
+            plugin,
+            "the perturbed batch lost keys",
+        )
         x = new["input"]
-        expect(x.shape == batch["input"].shape and x.dtype == batch["input"].dtype and _finite(x), plugin,
-               "perturbed inputs must be finite, with the shape and dtype of the inputs")
+        expect(
+            x.shape == batch["input"].shape and x.dtype == batch["input"].dtype and _finite(x),
+            plugin,
+            "perturbed inputs must be finite, with the shape and dtype of the inputs",
+        )
         expect(torch.equal(new["target"], before["target"]), plugin, "changed the targets")
-    expect(acted, plugin, f"returned no perturbed batch at step {step}; give a plugin_config under which it acts")
-    expect(all(torch.equal(batch[k], before[k]) for k in before), plugin, "changed the original batch in place")
-    expect(all(p.grad is None or not bool(p.grad.any()) for p in module.parameters()), plugin,
-           "left gradients in the parameters' .grad; use torch.autograd.grad")
+    expect(
+        acted,
+        plugin,
+        f"returned no perturbed batch at step {step}; give a plugin_config under which it acts",
+    )
+    expect(
+        all(torch.equal(batch[k], before[k]) for k in before),
+        plugin,
+        "changed the original batch in place",
+    )
+    expect(
+        all(p.grad is None or not bool(p.grad.any()) for p in module.parameters()),
+        plugin,
+        "left gradients in the parameters' .grad; use torch.autograd.grad",
+    )
 
 
 # -- post-training ------------------------------------------------------------------------------------
@@ -430,11 +556,18 @@ def check_post_training(plugin: Plugin) -> None:
         for f in calls(plugin, "transform_after_fit"):
             f(module=module, datamodule=dm, ctx=context(0))
         batch = next(iter(dm.val_dataloader()))
-        expect(_finite(module.model(batch["input"])), plugin, "the transformed model's output is not finite")
+        expect(
+            _finite(module.model(batch["input"])),
+            plugin,
+            "the transformed model's output is not finite",
+        )
         states.append(module.model.state_dict())
     a, b = states
-    expect(sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), plugin,
-           "two runs of the transform on the same model gave different weights")
+    expect(
+        sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a),
+        plugin,
+        "two runs of the transform on the same model gave different weights",
+    )
 
 
 FAMILY_CHECKS: dict[str, Callable[..., None]] = {

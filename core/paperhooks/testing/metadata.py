@@ -37,7 +37,9 @@ def check_entry_point(name: str) -> type[Plugin]:
 
     found = discovery.entry_points()
     if name not in found:
-        fail(name, f"no entry point in group 'paperhooks' (installed: {', '.join(found) or 'none'})")
+        fail(
+            name, f"no entry point in group 'paperhooks' (installed: {', '.join(found) or 'none'})"
+        )
     try:
         return discovery.load(name, found)
     except PaperhooksError as e:
@@ -52,7 +54,9 @@ def make_plugin(name: str, plugin_config: Mapping[str, Any] | None = None) -> Pl
     try:
         config = schema.build(cls.Config, dict(plugin_config or {}), f"plugins[0] ({name})")
     except (PaperhooksError, TypeError) as e:
-        raise ConformanceError(f"plugin {name!r}: plugin_config {dict(plugin_config or {})} is invalid: {e}") from e
+        raise ConformanceError(
+            f"plugin {name!r}: plugin_config {dict(plugin_config or {})} is invalid: {e}"
+        ) from e
     plugin = cls(config)
     plugin.name = name
     return plugin
@@ -72,13 +76,19 @@ def check_metadata(cls: type, name: str | None = None) -> None:
     who = name or getattr(cls, "__name__", repr(cls))
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         fail(who, f"{cls!r} is not a paperhooks.Plugin subclass")
-    problems = [*_paper_problems(cls.paper), *_strategy_problems(cls.strategies), *_config_problems(cls)]
+    problems = [
+        *_paper_problems(cls.paper),
+        *_strategy_problems(cls.strategies),
+        *_config_problems(cls),
+    ]
     if cls.family not in FAMILIES:
         problems.append(f"family {cls.family!r} is not one of {', '.join(FAMILIES)}")
     else:
         problems += _hook_problems(cls)
     if name is not None and cls.name and cls.name != name:
-        problems.append(f"class attribute name = {cls.name!r} differs from its entry-point name {name!r}")
+        problems.append(
+            f"class attribute name = {cls.name!r} differs from its entry-point name {name!r}"
+        )
     if problems:
         fail(who, "metadata problems:\n  - " + "\n  - ".join(problems))
 
@@ -87,15 +97,24 @@ def _paper_problems(paper: Any) -> list[str]:
     if not isinstance(paper, Paper):
         return [f"paper must be a paperhooks.Paper, got {type(paper).__name__}"]
     out = [f"paper.{f} is empty" for f in paper.missing()]
-    if not (isinstance(paper.authors, tuple) and all(isinstance(a, str) and a.strip() for a in paper.authors)):
+    if not (
+        isinstance(paper.authors, tuple)
+        and all(isinstance(a, str) and a.strip() for a in paper.authors)
+    ):
         out.append(f"paper.authors must be a tuple of names, got {paper.authors!r}")
     year = paper.year
-    if isinstance(year, bool) or not isinstance(year, int) or not 1900 <= year <= datetime.date.today().year + 1:
+    if (
+        isinstance(year, bool)
+        or not isinstance(year, int)
+        or not 1900 <= year <= datetime.date.today().year + 1
+    ):
         out.append(f"paper.year must be a year, got {year!r}")
     if paper.arxiv is not None and not ARXIV_RE.match(str(paper.arxiv)):
         out.append(f"paper.arxiv must be an arXiv id like 2502.06733 or None, got {paper.arxiv!r}")
     if paper.bibtex and not _bibtex_ok(paper.bibtex):
-        out.append("paper.bibtex is not one BibTeX entry (@type{key, title = {...}, ...}) with balanced braces")
+        out.append(
+            "paper.bibtex is not one BibTeX entry (@type{key, title = {...}, ...}) with balanced braces"
+        )
     if paper.code and paper.code != "none found" and not re.match(r"^https?://\S+$", paper.code):
         out.append(f"paper.code must be an http(s) URL or 'none found', got {paper.code!r}")
     return out
@@ -107,14 +126,20 @@ def _bibtex_ok(text: str) -> bool:
         depth += {"{": 1, "}": -1}.get(ch, 0)
         if depth < 0:
             return False
-    return depth == 0 and bool(BIBTEX_RE.match(text)) and re.search(r"\btitle\s*=", text, re.I) is not None
+    return (
+        depth == 0
+        and bool(BIBTEX_RE.match(text))
+        and re.search(r"\btitle\s*=", text, re.I) is not None
+    )
 
 
 def _strategy_problems(strategies: Mapping[str, str]) -> list[str]:
     out = []
     missing = [k for k in STRATEGIES if k not in strategies]
     if missing:
-        out.append(f"strategies must declare every kind of {', '.join(STRATEGIES)}; missing {', '.join(missing)}")
+        out.append(
+            f"strategies must declare every kind of {', '.join(STRATEGIES)}; missing {', '.join(missing)}"
+        )
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
         out.append(f"strategies declares unknown kinds {unknown}")
@@ -134,27 +159,36 @@ def _config_problems(cls: type[Plugin]) -> list[str]:
         return [f"Config must be a dataclass, got {config_cls!r}"]
     out = []
     if not config_cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
-        out.append(f"Config {config_cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))")
+        out.append(
+            f"Config {config_cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))"
+        )
     no_default = [
         f.name
         for f in dataclasses.fields(config_cls)
         if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if no_default:
-        return [*out, f"Config fields without a default: {', '.join(no_default)} (defaults are the paper's)"]
+        return [
+            *out,
+            f"Config fields without a default: {', '.join(no_default)} (defaults are the paper's)",
+        ]
     try:
         default = config_cls()
     except Exception as e:  # noqa: BLE001 - a config whose defaults fail its own validation
         return [*out, f"Config() with the defaults raises {type(e).__name__}: {e}"]
     callables = [k for k, v in schema.to_plain(default).items() if callable(v)]
     if callables:
-        out.append(f"Config fields hold callables: {', '.join(callables)} (recipes hold plain data)")
+        out.append(
+            f"Config fields hold callables: {', '.join(callables)} (recipes hold plain data)"
+        )
     try:
         again = schema.build(config_cls, schema.to_plain(default), "Config")
     except (PaperhooksError, TypeError) as e:
         return [*out, f"the default Config does not survive a recipe round-trip: {e}"]
     if again != default:
-        out.append(f"the default Config changes through a recipe round-trip: {default!r} -> {again!r}")
+        out.append(
+            f"the default Config changes through a recipe round-trip: {default!r} -> {again!r}"
+        )
     return out
 
 
@@ -222,7 +256,10 @@ PREFERENCE_TASK: dict[str, Any] = {
 
 
 def check_recipe_roundtrip(
-    name: str, config_overrides: Mapping[str, Any] | None = None, *, task: Mapping[str, Any] | None = None
+    name: str,
+    config_overrides: Mapping[str, Any] | None = None,
+    *,
+    task: Mapping[str, Any] | None = None,
 ) -> Any:
     """A recipe naming the plugin with ``config_overrides`` validates; its resolved config,
     written as YAML and read back, validates to an equal config. Returns the config.
@@ -244,10 +281,15 @@ def check_recipe_roundtrip(
     try:
         (entry,) = R.validate(tiny_recipe([{"name": name, **overrides}], task=task)).plugins
     except (PaperhooksError, TypeError) as e:  # TypeError: a config field type recipes cannot hold
-        raise ConformanceError(f"plugin {name!r}: a recipe with {overrides} does not validate: {e}") from e
+        raise ConformanceError(
+            f"plugin {name!r}: a recipe with {overrides} does not validate: {e}"
+        ) from e
     config = entry.config
     if not isinstance(config, entry.cls.Config):
-        fail(name, f"the recipe built a {type(config).__name__}, not its Config {entry.cls.Config.__name__}")
+        fail(
+            name,
+            f"the recipe built a {type(config).__name__}, not its Config {entry.cls.Config.__name__}",
+        )
     plain = schema.to_plain(config)
     for key, value in overrides.items():
         if plain.get(key) != _plain(value):
@@ -257,7 +299,9 @@ def check_recipe_roundtrip(
     try:
         (again,) = R.validate(tiny_recipe(reread, task=task)).plugins
     except (PaperhooksError, TypeError) as e:
-        raise ConformanceError(f"plugin {name!r}: its resolved config {plain} does not validate again: {e}") from e
+        raise ConformanceError(
+            f"plugin {name!r}: its resolved config {plain} does not validate again: {e}"
+        ) from e
     if again.config != config:
         fail(name, f"the config changed through YAML: {config!r} -> {again.config!r}")
     with contextlib.suppress(ConfigKeyError):
@@ -281,8 +325,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
 
 
 __all__ = [

@@ -26,7 +26,9 @@ def preference_batch(
     return dm, dm.train_set.__getitems__(list(range(rows)))
 
 
-def preference_module(dm: Any, model: str = "causal-lm", model_config: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+def preference_module(
+    dm: Any, model: str = "causal-lm", model_config: Mapping[str, Any] | None = None, **kwargs: Any
+) -> Any:
     """A :class:`~paperhooks.preference.PreferenceModule` over the registered ``model`` for ``dm``."""
     from paperhooks.preference import PreferenceModule
     from paperhooks.tasks import build_model
@@ -37,7 +39,10 @@ def preference_module(dm: Any, model: str = "causal-lm", model_config: Mapping[s
 
 
 def trl_dpo_loss(
-    outputs: Mapping[str, torch.Tensor], beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+    outputs: Mapping[str, torch.Tensor],
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """TRL's batch loss for ``outputs`` of :meth:`PreferenceModule.outputs` (mean over pairs).
 
@@ -60,7 +65,9 @@ def trl_dpo_loss(
                 log_probs=tok[:, 1:], entropy=zeros, mean_logits=zeros, is_top1=zeros.bool()
             )
 
-    accelerator = types.SimpleNamespace(device=tok.device, gather_for_metrics=lambda x: x, gather=lambda x: x)
+    accelerator = types.SimpleNamespace(
+        device=tok.device, gather_for_metrics=lambda x: x, gather=lambda x: x
+    )
     trainer = types.SimpleNamespace(
         model=Model(), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
         precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],

@@ -24,7 +24,10 @@ from paperhooks.testing.metadata import check_entry_point, tiny_recipe
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
@@ -55,7 +58,11 @@ def _plugin_entry(name: str, plugin_config: Mapping[str, Any] | None) -> dict[st
 
 
 def check_few_steps(
-    name: str, plugin_config: Mapping[str, Any] | None, tmp_path: Path, *, task: Mapping[str, Any] | None = None
+    name: str,
+    plugin_config: Mapping[str, Any] | None,
+    tmp_path: Path,
+    *,
+    task: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """One epoch of :func:`tiny_recipe` (11 steps, then one validation batch), in-process.
 
@@ -75,7 +82,9 @@ def check_few_steps(
     try:
         ckpt = load_checkpoint(built.run_dir)
     except Exception as e:  # noqa: BLE001 - e.g. plugin state that weights_only refuses
-        raise ConformanceError(f"plugin {name!r}: the checkpoint does not load with weights_only=True: {e}") from e
+        raise ConformanceError(
+            f"plugin {name!r}: the checkpoint does not load with weights_only=True: {e}"
+        ) from e
     if ckpt["global_step"] < 1:
         fail(name, "trained no step")
     if not any(k.startswith("train/") for k in metrics):
@@ -83,7 +92,11 @@ def check_few_steps(
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         fail(name, f"metrics are not finite after {ckpt['global_step']} steps: {bad}")
-    weights = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    weights = [
+        k
+        for k, v in ckpt["state_dict"].items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
     if weights:
         fail(name, f"weights are not finite after {ckpt['global_step']} steps: {weights}")
     return metrics
@@ -114,20 +127,33 @@ def check_resume(
     end = load_checkpoint(full.run_dir)
     mid = load_checkpoint(full.run_dir, f"step{stop}.ckpt")
     if mid["global_step"] != stop or end["global_step"] != max_steps:
-        fail(name, f"expected checkpoints at steps {stop} and {max_steps}, got {mid['global_step']} and {end['global_step']}")
+        fail(
+            name,
+            f"expected checkpoints at steps {stop} and {max_steps}, got {mid['global_step']} and {end['global_step']}",
+        )
     if all(torch.equal(mid["state_dict"][k], end["state_dict"][k]) for k in end["state_dict"]):
         fail(name, f"the weights did not change between steps {stop} and {max_steps}")
-    resumed, _ = _fit({**raw, "name": "resumed"}, resume=full.run_dir / "checkpoints" / f"step{stop}.ckpt")
+    resumed, _ = _fit(
+        {**raw, "name": "resumed"}, resume=full.run_dir / "checkpoints" / f"step{stop}.ckpt"
+    )
     again = load_checkpoint(resumed.run_dir)
     try:
-        assert again["global_step"] == max_steps, f"resumed run ended at step {again['global_step']}"
+        assert again["global_step"] == max_steps, (
+            f"resumed run ended at step {again['global_step']}"
+        )
         assert_states_close(end["state_dict"], again["state_dict"], atol=0)
         assert_nested_equal(end["optimizer_states"], again["optimizer_states"], "optimizer_states")
         assert_nested_equal(end["lr_schedulers"], again["lr_schedulers"], "lr_schedulers")
-        assert_nested_equal(end["paperhooks"]["plugins"], again["paperhooks"]["plugins"], "plugin states")
-        assert_nested_equal(end["paperhooks"]["sparsity"], again["paperhooks"]["sparsity"], "sparsity")
+        assert_nested_equal(
+            end["paperhooks"]["plugins"], again["paperhooks"]["plugins"], "plugin states"
+        )
+        assert_nested_equal(
+            end["paperhooks"]["sparsity"], again["paperhooks"]["sparsity"], "sparsity"
+        )
     except AssertionError as e:
-        raise ConformanceError(f"plugin {name!r}: resuming from step {stop} does not end bit-identical: {e}") from e
+        raise ConformanceError(
+            f"plugin {name!r}: resuming from step {stop} does not end bit-identical: {e}"
+        ) from e
 
 
 def check_ddp_equals_single(
@@ -171,12 +197,24 @@ def check_ddp_equals_single(
 
     one = load_checkpoint(fit(R.load(path, ["name=one"]))[0].run_dir)
     many = load_checkpoint(
-        fit_cli(path, [f"name={strategy}", f"trainer.devices={devices}", f"trainer.strategy={strategy}"], cwd=tmp_path)
+        fit_cli(
+            path,
+            [f"name={strategy}", f"trainer.devices={devices}", f"trainer.strategy={strategy}"],
+            cwd=tmp_path,
+        )
     )
     try:
-        assert one["global_step"] == many["global_step"], f"steps differ: {one['global_step']} and {many['global_step']}"
+        assert one["global_step"] == many["global_step"], (
+            f"steps differ: {one['global_step']} and {many['global_step']}"
+        )
         assert_states_close(one["state_dict"], many["state_dict"], atol=atol, rtol=rtol)
-        assert_nested_close(one["paperhooks"]["plugins"], many["paperhooks"]["plugins"], "plugin states", atol=atol, rtol=rtol)
+        assert_nested_close(
+            one["paperhooks"]["plugins"],
+            many["paperhooks"]["plugins"],
+            "plugin states",
+            atol=atol,
+            rtol=rtol,
+        )
     except AssertionError as e:
         raise ConformanceError(
             f"plugin {name!r}: {devices} processes under {strategy!r} differ from 1 process on the global batch: {e}"

@@ -54,7 +54,9 @@ def test_plain_bone_tiles_b_along_the_input_by_hand():
     assert_close(bone_delta(b, 5), expected)
     # PEFT's forward: x = 1⁵ padded to 6, chunks [1,1],[1,1],[1,0] sum to [3, 2];
     # [3, 2] @ b = 3·[1,2,3] + 2·[4,5,6] = [11, 16, 21] = ΔW·1⁵.
-    assert_close(bone_forward(torch.ones(1, 5), torch.zeros(3, 5), b), torch.tensor([[11.0, 16.0, 21.0]]))
+    assert_close(
+        bone_forward(torch.ones(1, 5), torch.zeros(3, 5), b), torch.tensor([[11.0, 16.0, 21.0]])
+    )
 
 
 def test_bat_blocks_by_hand():
@@ -115,14 +117,18 @@ def _peft_layer(base: nn.Linear, variant: str, r: int):
     return layer.to(base.weight.dtype), attr  # the block is created in the default dtype
 
 
-@pytest.mark.parametrize(("variant", "out_f", "in_f", "r"), [("bone", 12, 16, 4), ("bone", 12, 10, 4), ("bat", 12, 16, 4), ("bat", 8, 24, 8)])
+@pytest.mark.parametrize(
+    ("variant", "out_f", "in_f", "r"),
+    [("bone", 12, 16, 4), ("bone", 12, 10, 4), ("bat", 12, 16, 4), ("bat", 8, 24, 8)],
+)
 def test_forward_merge_and_unmerge_agree_with_peft_miss(variant, out_f, in_f, r):
     torch.manual_seed(1)
     base = nn.Linear(in_f, out_f).double()
     ours = copy.deepcopy(base)
     theirs, attr = _peft_layer(base, variant, r)
-    Bone(BoneConfig(variant=variant, r=r, layers=Layers(types=("Linear",), skip_head=False))).reparam_setup(
-        module=_Module(nn.Sequential(ours)), ctx=None)
+    Bone(
+        BoneConfig(variant=variant, r=r, layers=Layers(types=("Linear",), skip_head=False))
+    ).reparam_setup(module=_Module(nn.Sequential(ours)), ctx=None)
     block = 0.3 * torch.randn_like(getattr(theirs, attr)["default"])
     with torch.no_grad():
         getattr(theirs, attr)["default"].copy_(block)
@@ -148,7 +154,9 @@ def test_whole_model_agrees_with_get_peft_model():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     ours = copy.deepcopy(model)
-    theirs = get_peft_model(copy.deepcopy(model), config_cls(r=4, init_weights="bat", target_modules=["0", "2"]))
+    theirs = get_peft_model(
+        copy.deepcopy(model), config_cls(r=4, init_weights="bat", target_modules=["0", "2"])
+    )
     Bone(BoneConfig(variant="bat", r=4)).reparam_setup(module=_Module(ours), ctx=None)
     for i in (0, 2):
         block = 0.2 * torch.randn(2, 4, 4)
@@ -158,7 +166,11 @@ def test_whole_model_agrees_with_get_peft_model():
     x = torch.randn(5, 16)
     assert_close(ours(x), theirs(x))
     # the same trainable set: the blocks only (2 × 32), everything else frozen
-    assert trainable_parameters(ours) == sum(p.numel() for p in theirs.parameters() if p.requires_grad) == 64
+    assert (
+        trainable_parameters(ours)
+        == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+        == 64
+    )
 
 
 # -- the plugin on a model -------------------------------------------------------------------------
@@ -168,10 +180,17 @@ def test_setup_keeps_the_function_freezes_the_base_and_merge_is_plain(variant):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
     x = torch.randn(5, 8)
     before = model(x).detach()
-    Bone(BoneConfig(variant=variant, r=4, trainable=("4.*",))).reparam_setup(module=_Module(model), ctx=None)
+    Bone(BoneConfig(variant=variant, r=4, trainable=("4.*",))).reparam_setup(
+        module=_Module(model), ctx=None
+    )
     assert_close(model(x), before)  # zero blocks
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == ["0.parametrizations.weight.0.block", "2.parametrizations.weight.0.block", "4.bias", "4.weight"]
+    assert trainable == [
+        "0.parametrizations.weight.0.block",
+        "2.parametrizations.weight.0.block",
+        "4.bias",
+        "4.weight",
+    ]
     # r·out per adapted layer (4·8 + 4·4) plus the head's 4·3 + 3
     assert trainable_parameters(model) == 32 + 16 + 15
     with torch.no_grad():
@@ -194,7 +213,11 @@ def test_bat_refuses_a_block_size_that_does_not_divide_the_weight():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"variant": "lora"}, "variant"), ({"r": 0}, "r"), ({"layers": Layers(types=("Conv2d",))}, "layers.types")],
+    [
+        ({"variant": "lora"}, "variant"),
+        ({"r": 0}, "r"),
+        ({"layers": Layers(types=("Conv2d",))}, "layers.types"),
+    ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"BoneConfig.{field}"):
@@ -208,12 +231,17 @@ def test_recipe_file_validates():
 
 def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
     metrics = check_few_steps("bone", {"variant": "bat", "r": 8}, tmp_path)
-    assert metrics["model/trainable_parameters"] == 16 * 8  # the block of Linear(64, 16): (16/8)·8·8
+    assert (
+        metrics["model/trainable_parameters"] == 16 * 8
+    )  # the block of Linear(64, 16): (16/8)·8·8
     assert metrics["bone/delta_ratio"] > 0
     ckpt = load_checkpoint(tmp_path / "runs" / "few-steps" / "version_0")
     assert sorted(ckpt["state_dict"]) == [
-        "model.1.bias", "model.1.parametrizations.weight.0.block", "model.1.parametrizations.weight.original",
-        "model.4.bias", "model.4.weight",
+        "model.1.bias",
+        "model.1.parametrizations.weight.0.block",
+        "model.1.parametrizations.weight.original",
+        "model.4.bias",
+        "model.4.weight",
     ]
     assert ckpt["state_dict"]["model.1.parametrizations.weight.0.block"].shape == (2, 8, 8)
 
@@ -221,4 +249,6 @@ def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
 @pytest.mark.slow
 def test_two_fsdp2_processes_equal_one_process(tmp_path):
     # BAT: the block is sharded by FSDP2 and all-gathered with W inside the forward
-    check_ddp_equals_single("bone", {"variant": "bat", "r": 8, "trainable": ["4.*"]}, tmp_path, strategy="fsdp2")
+    check_ddp_equals_single(
+        "bone", {"variant": "bat", "r": 8, "trainable": ["4.*"]}, tmp_path, strategy="fsdp2"
+    )

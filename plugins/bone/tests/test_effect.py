@@ -70,7 +70,15 @@ def _pretrained_body(seed: int) -> nn.Sequential:
     return body
 
 
-def _adapt(body: nn.Sequential, method: str, seed: int, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int = 100) -> float:
+def _adapt(
+    body: nn.Sequential,
+    method: str,
+    seed: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    steps: int = 100,
+) -> float:
     torch.manual_seed(10_000 + seed)
     model = nn.Sequential(copy.deepcopy(body), nn.Linear(64, 5))
     if method == "lora":
@@ -78,10 +86,14 @@ def _adapt(body: nn.Sequential, method: str, seed: int, x: torch.Tensor, y: torc
         model.requires_grad_(False)
         model[1].requires_grad_(True)
         for i in (0, 2):
-            parametrize.register_parametrization(model[0][i], "weight", _lm_adaptation().LoRA(4, 64, 64, gen))
+            parametrize.register_parametrization(
+                model[0][i], "weight", _lm_adaptation().LoRA(4, 64, 64, gen)
+            )
     else:
         layers = Layers(types=("Linear",), include=("0.*",), skip_head=False)
-        Bone(BoneConfig(variant=method, r=8, layers=layers, trainable=("1.*",))).reparam_setup(module=_lm_adaptation()._Module(model), ctx=None)
+        Bone(BoneConfig(variant=method, r=8, layers=layers, trainable=("1.*",))).reparam_setup(
+            module=_lm_adaptation()._Module(model), ctx=None
+        )
     assert trainable_parameters(model) == 1024 + 325
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     new = y >= 5
@@ -94,7 +106,9 @@ def _adapt(body: nn.Sequential, method: str, seed: int, x: torch.Tensor, y: torc
         return F.cross_entropy(model(x[new]), y[new] - 5).item()
 
 
-def _losses(lr: float, methods: tuple[str, ...] = ("lora", "bone", "bat")) -> dict[str, list[float]]:
+def _losses(
+    lr: float, methods: tuple[str, ...] = ("lora", "bone", "bat")
+) -> dict[str, list[float]]:
     x, y = _digits()
     return {m: [_adapt(_pretrained_body(s), m, s, x, y, lr) for s in SEEDS] for m in methods}
 
@@ -109,7 +123,9 @@ def test_at_the_best_learning_rate_lora_fits_faster_than_bat_and_bat_faster_than
     LoRA < BAT < Bone on every seed.
     """
     got = _losses(1e-2)
-    assert all(lo < ba < bo for lo, ba, bo in zip(got["lora"], got["bat"], got["bone"], strict=True)), got
+    assert all(
+        lo < ba < bo for lo, ba, bo in zip(got["lora"], got["bat"], got["bone"], strict=True)
+    ), got
 
 
 @pytest.mark.slow
@@ -135,6 +151,14 @@ def test_on_a_pretrained_tiny_llama_bone_and_bat_fit_faster_than_lora_at_their_b
     A2, B2 = lm.shifted(A, B, gen)
     train, held_out = lm.sample(A2, B2, 512, gen), lm.sample(A2, B2, 512, gen)
     base = lm.pretrain(0, pre)
-    got = {m: lm.adapt(base, m, 16, 0, lr, train, held_out) for m, lr in (("lora", 3e-2), ("bone", 1.7e-2), ("bat", 1.7e-2))}
-    assert got["lora"]["trainable"] == 17408 and got["bat"]["trainable"] == got["bone"]["trainable"] == 18432
-    assert got["bone"]["train"] < got["lora"]["train"] and got["bat"]["train"] < got["lora"]["train"], got
+    got = {
+        m: lm.adapt(base, m, 16, 0, lr, train, held_out)
+        for m, lr in (("lora", 3e-2), ("bone", 1.7e-2), ("bat", 1.7e-2))
+    }
+    assert (
+        got["lora"]["trainable"] == 17408
+        and got["bat"]["trainable"] == got["bone"]["trainable"] == 18432
+    )
+    assert (
+        got["bone"]["train"] < got["lora"]["train"] and got["bat"]["train"] < got["lora"]["train"]
+    ), got

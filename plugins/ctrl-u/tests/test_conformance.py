@@ -26,8 +26,13 @@ class TestConformance(PluginConformance):
     @pytest.mark.slow
     def test_two_processes_equal_one(self, tmp_path: Path) -> None:
         # one single-process run, compared with 2 processes under ddp and under fsdp2
-        raw = tiny_recipe([{"name": NAME, **CONFIG}], run_dir=tmp_path / "runs", trainer={"limit_val_batches": 0},
-                          batch_size=64, dropout=0.0)
+        raw = tiny_recipe(
+            [{"name": NAME, **CONFIG}],
+            run_dir=tmp_path / "runs",
+            trainer={"limit_val_batches": 0},
+            batch_size=64,
+            dropout=0.0,
+        )
         path = tmp_path / "recipe.yaml"
         path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
         one = load_checkpoint(fit_cli(path, ["name=one"], cwd=tmp_path))
@@ -36,4 +41,10 @@ class TestConformance(PluginConformance):
             many = load_checkpoint(fit_cli(path, overrides, cwd=tmp_path))
             assert one["global_step"] == many["global_step"] == 6, strategy
             assert_states_close(one["state_dict"], many["state_dict"], atol=1e-6, rtol=1e-5)
-            assert_nested_close(one["paperhooks"]["plugins"], many["paperhooks"]["plugins"], strategy, atol=1e-6, rtol=1e-5)
+            assert_nested_close(
+                one["paperhooks"]["plugins"],
+                many["paperhooks"]["plugins"],
+                strategy,
+                atol=1e-6,
+                rtol=1e-5,
+            )

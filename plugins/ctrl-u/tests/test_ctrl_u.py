@@ -47,7 +47,10 @@ def test_kl_uncertainty_by_hand_and_as_the_official_call():
     assert_close(u, torch.tensor([0.0130812, 0.0]), atol=1e-7, rtol=0)
     # the official expression: KLDivLoss(reduction="none")(log_softmax(o_prim), softmax(o_aux)),
     # summed over the class dim, times u_scale
-    official = torch.nn.KLDivLoss(reduction="none")(torch.log_softmax(o, 1), torch.softmax(o2, 1)).sum(1) * 0.1
+    official = (
+        torch.nn.KLDivLoss(reduction="none")(torch.log_softmax(o, 1), torch.softmax(o2, 1)).sum(1)
+        * 0.1
+    )
     assert_close(u, official)
 
 
@@ -62,8 +65,12 @@ def test_kl_uncertainty_of_sequences_is_the_masked_mean_over_positions():
 
 def test_l1_uncertainty_by_hand():
     # scalar predictions: |1 − 1.5| = 0.5, |2 − 0| = 2; vector predictions: mean over dims
-    assert_close(l1_uncertainty(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 0.0])), torch.tensor([0.5, 2.0]))
-    assert_close(l1_uncertainty(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 0.0]])), torch.tensor([2.0]))
+    assert_close(
+        l1_uncertainty(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 0.0])), torch.tensor([0.5, 2.0])
+    )
+    assert_close(
+        l1_uncertainty(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 0.0]])), torch.tensor([2.0])
+    )
     with pytest.raises(ValueError, match="ctrl-u.*shape"):
         l1_uncertainty(torch.zeros(2), torch.zeros(3))
 
@@ -106,7 +113,12 @@ def _core_loss(module, hooks, batch, loss_fn):
 
 
 def _grads(module, loss):
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()), retain_graph=True)])
+    return torch.cat(
+        [
+            g.reshape(-1)
+            for g in torch.autograd.grad(loss, list(module.parameters()), retain_graph=True)
+        ]
+    )
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
@@ -119,7 +131,11 @@ def test_core_gradient_is_the_official_objective_times_one_over_mean_weight(task
     module = TaskModule(net if task == "classification" else _Squeeze(net), task, n_out)
     g = torch.Generator().manual_seed(1)
     batch = {"input": torch.randn(6, 4, generator=g)}
-    batch["target"] = torch.randint(3, (6,), generator=g) if task == "classification" else torch.randn(6, generator=g)
+    batch["target"] = (
+        torch.randint(3, (6,), generator=g)
+        if task == "classification"
+        else torch.randn(6, generator=g)
+    )
     p = plugin(u_scale=0.7, input_noise=0.5)
     hooks = Hooks([p], seed=3)
     hooks.begin_step(step=4)
@@ -168,11 +184,18 @@ def test_second_view_noise_is_the_step_generators_and_changes_each_step():
 
 def test_dropout_makes_the_two_passes_differ_without_input_noise():
     torch.manual_seed(0)
-    module = HookedModule(torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 3)))
+    module = HookedModule(
+        torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 3))
+    )
     batch = {"input": torch.randn(5, 4), "target": torch.zeros(5, dtype=torch.long)}
     hooks = Hooks([plugin(u_scale=1.0)], seed=0)
     hooks.begin_step(0)
-    _core_loss(module, hooks, batch, lambda out: F.cross_entropy(out["logits"], batch["target"], reduction="none"))
+    _core_loss(
+        module,
+        hooks,
+        batch,
+        lambda out: F.cross_entropy(out["logits"], batch["target"], reduction="none"),
+    )
     assert float(hooks.ctx.logged["ctrl-u/uncertainty"]) > 0
     assert float(hooks.ctx.logged["ctrl-u/mean_weight"]) < 1
 
@@ -193,7 +216,9 @@ def test_weights_without_the_objective_hook_warn_that_the_penalty_is_missing():
     batch = {"input": torch.randn(5, 4)}
     p = plugin(input_noise=0.1)
     with pytest.warns(UserWarning, match="ctrl-u: objective_terms did not run"):
-        w = p.weighting_sample_weights(torch.ones(5), batch, module.outputs(batch), module, StepContext())
+        w = p.weighting_sample_weights(
+            torch.ones(5), batch, module.outputs(batch), module, StepContext()
+        )
     assert w.shape == (5,) and bool((w > 0).all() & (w <= 1).all())
 
 
@@ -203,7 +228,9 @@ def test_non_finite_losses_or_predictions_raise_naming_the_plugin(bad):
     batch = {"input": torch.randn(3, 4)}
     outputs = module.outputs(batch)
     with pytest.raises(ValueError, match="ctrl-u.*losses"):
-        plugin(input_noise=0.1).weighting_sample_weights(torch.tensor([1.0, bad, 0.0]), batch, outputs, module, StepContext())
+        plugin(input_noise=0.1).weighting_sample_weights(
+            torch.tensor([1.0, bad, 0.0]), batch, outputs, module, StepContext()
+        )
     batch["input"][1, 0] = bad
     with pytest.raises(ValueError, match="ctrl-u.*not finite"):
         plugin(input_noise=0.1).objective_terms(module, batch, module.outputs(batch), StepContext())
@@ -240,7 +267,9 @@ def test_plugin_metadata_and_entry_point():
     assert CtrlU.paper.missing() == [] and CtrlU.paper.arxiv == "2410.11236"
     assert "ctrlu-reward.py" in CtrlU.paper.checked_against
     assert plugin().state_dict() == {}
-    (ep,) = [ep for ep in importlib.metadata.entry_points(group="paperhooks") if ep.name == "ctrl-u"]
+    (ep,) = [
+        ep for ep in importlib.metadata.entry_points(group="paperhooks") if ep.name == "ctrl-u"
+    ]
     assert ep.load() is CtrlU
 
 

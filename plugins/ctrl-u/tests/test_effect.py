@@ -28,7 +28,9 @@ def train(seed: int, ctrl_u: bool) -> tuple[float, float]:
     dm = build_datamodule("digits-ambiguous", {"ambiguous_rate": 0.3}, seed)
     data = dm.train_set.tensors
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
     module = HookedModule(net)
     opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
     plugins = [CtrlU(CtrlUConfig(u_scale=1.0, input_noise=0.3))] if ctrl_u else []
@@ -45,7 +47,11 @@ def train(seed: int, ctrl_u: bool) -> tuple[float, float]:
             outputs = module.outputs(batch)  # the steps of HookedModule.training_step
             base = F.cross_entropy(outputs["logits"], batch["target"], reduction="none")
             objectives = hooks.objectives(module, batch, outputs, base)
-            w = hooks.sample_weights(sum(objectives.values()), batch, outputs, module) if ctrl_u else None
+            w = (
+                hooks.sample_weights(sum(objectives.values()), batch, outputs, module)
+                if ctrl_u
+                else None
+            )
             if w is not None:
                 wrong = batch["target"] != batch["clean_target"]
                 ratios.append((w[wrong].mean() / w[~wrong].mean()).item())
@@ -55,7 +61,11 @@ def train(seed: int, ctrl_u: bool) -> tuple[float, float]:
             opt.step()
             step += 1
     with torch.no_grad():
-        accuracy = (net(dm.val_set.tensors["input"]).argmax(1) == dm.val_set.tensors["target"]).float().mean()
+        accuracy = (
+            (net(dm.val_set.tensors["input"]).argmax(1) == dm.val_set.tensors["target"])
+            .float()
+            .mean()
+        )
     return accuracy.item(), statistics.mean(ratios) if ratios else 1.0
 
 

@@ -34,9 +34,20 @@ from paperhooks_d_pruner import (
 
 RECIPE = Path(__file__).parents[3] / "recipes" / "d-pruner.yaml"
 #: the kit's digits: general = digits 0-4, domain = 5-9, 32 rows each in batches of 8
-CAL = {"general_classes": [0, 1, 2, 3, 4], "domain_classes": [5, 6, 7, 8, 9], "general_size": 32, "domain_size": 32}
+CAL = {
+    "general_classes": [0, 1, 2, 3, 4],
+    "domain_classes": [5, 6, 7, 8, 9],
+    "general_size": 32,
+    "domain_size": 32,
+}
 #: a schedule that updates the masks at steps 2, 4, ..., 10 (so a resume at step 5 is mid-schedule)
-SCHEDULE = {"name": "gradual-pruning", "final_sparsity": 0.6, "begin_step": 2, "end_step": 10, "frequency": 2}
+SCHEDULE = {
+    "name": "gradual-pruning",
+    "final_sparsity": 0.6,
+    "begin_step": 2,
+    "end_step": 10,
+    "frequency": 2,
+}
 
 
 # -- the kit's checks that apply to a criterion ------------------------------------------------------
@@ -55,12 +66,18 @@ def test_family_properties_hold():
 # -- the formulas by hand -----------------------------------------------------------------------------
 def test_refined_gradient_and_increment_by_hand():
     # resolved.md #33: g = 0.5, η = 0.03, G = 10, λ = 0.1: 0.1·2·0.0009·10·0.25/1000 = 4.5e-7
-    assert refined_gradient(torch.tensor(0.5, dtype=torch.float64), torch.tensor(10.0, dtype=torch.float64)).item() == pytest.approx(0.50000045, abs=1e-12)
+    assert refined_gradient(
+        torch.tensor(0.5, dtype=torch.float64), torch.tensor(10.0, dtype=torch.float64)
+    ).item() == pytest.approx(0.50000045, abs=1e-12)
     # θ = 0.02, g̃ = 0.5: g̃θ = 0.01, (g̃θ)²/2000 = 5e-8, θ³ = 8e-6 → 0.01000805
-    inc = dual_importance_increment(torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.02, dtype=torch.float64))
+    inc = dual_importance_increment(
+        torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.02, dtype=torch.float64)
+    )
     assert inc.item() == pytest.approx(0.01000805, abs=1e-12)
     # the absolute value: g̃ = −1, θ = 0.5: −0.5 + 0.25/2000 + 0.125 = −0.374875 → 0.374875
-    assert dual_importance_increment(torch.tensor(-1.0), torch.tensor(0.5)).item() == pytest.approx(0.374875)
+    assert dual_importance_increment(torch.tensor(-1.0), torch.tensor(0.5)).item() == pytest.approx(
+        0.374875
+    )
 
 
 def test_general_importance_by_hand():
@@ -68,12 +85,16 @@ def test_general_importance_by_hand():
     # H = (2/3)·that = [[4/3, 2/3], [2/3, 4/3]], det = 4/3, H⁻¹ = [[1, −0.5], [−0.5, 1]].
     # Upper Cholesky of H⁻¹: U₁₁ = 1, U₁₂ = −0.5, U₂₂ = √(1 − 0.25) = √0.75.
     # G = W²/U_jj² = [1/1, 4/0.75] = [1, 16/3]  (no damping here)
-    xxt = hessian_update(torch.zeros(2, 2, dtype=torch.float64), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    xxt = hessian_update(
+        torch.zeros(2, 2, dtype=torch.float64), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    )
     assert_close(xxt, torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
     G = general_importance(torch.tensor([[1.0, 2.0]]), xxt, 3, percdamp=0.0)
     assert_close(G, torch.tensor([[1.0, 16.0 / 3.0]], dtype=torch.float64))
     # damping δ = 0.01: H + 0.01·(4/3)·I; an input never active gets H_jj = 1 (finite G)
-    assert torch.isfinite(general_importance(torch.ones(1, 2), torch.tensor([[2.0, 0.0], [0.0, 0.0]]), 3)).all()
+    assert torch.isfinite(
+        general_importance(torch.ones(1, 2), torch.tensor([[2.0, 0.0], [0.0, 0.0]]), 3)
+    ).all()
 
 
 def test_scores_are_the_sum_of_per_batch_increments():
@@ -85,7 +106,9 @@ def test_scores_are_the_sum_of_per_batch_increments():
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     gx = torch.randn(5, 4)
     plugin = DPruner(DPrunerConfig(general_size=5, domain_size=6, batch_size=2, lam=1e5, lr=1.0))
-    plugin.attach({"input": gx, "target": torch.zeros(5, dtype=torch.long)}, {"input": x, "target": y})
+    plugin.attach(
+        {"input": gx, "target": torch.zeros(5, dtype=torch.long)}, {"input": x, "target": y}
+    )
     W = model[0].weight
     S = plugin.pruning_scores(params={"0": W.detach()}, module=module, ctx=StepContext())["0"]
     G = general_importance(W.detach(), gx.double().T @ gx.double(), 5)
@@ -101,7 +124,11 @@ def test_scores_are_the_sum_of_per_batch_increments():
 
 
 def test_config_rejects_bad_values_naming_the_field():
-    for kwargs, field in (({"lam": -1.0}, "lam"), ({"batch_size": 0}, "batch_size"), ({"general_classes": ["a"]}, "general_classes")):
+    for kwargs, field in (
+        ({"lam": -1.0}, "lam"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"general_classes": ["a"]}, "general_classes"),
+    ):
         with pytest.raises(ValueError, match=f"DPrunerConfig.{field}"):
             DPrunerConfig(**kwargs)
 
@@ -114,8 +141,12 @@ def test_recipe_file_validates():
 
 # -- in fits ----------------------------------------------------------------------------------------------
 def _raw(tmp_path: Path, name: str, **trainer):
-    return tiny_recipe([SCHEDULE, {"name": "d-pruner", **CAL}], run_dir=tmp_path / "runs", name=name,
-                       trainer={"max_steps": 12, "limit_val_batches": 0, **trainer})
+    return tiny_recipe(
+        [SCHEDULE, {"name": "d-pruner", **CAL}],
+        run_dir=tmp_path / "runs",
+        name=name,
+        trainer={"max_steps": 12, "limit_val_batches": 0, **trainer},
+    )
 
 
 def _masks(sd):
@@ -133,7 +164,9 @@ def test_exact_sparsity_zeros_and_bit_identical_resume_mid_schedule(tmp_path):
             assert int((~m).sum()) == round(s * m.numel())  # per layer, exactly
             w = sd[k.replace("parametrizations.weight.0.mask", "parametrizations.weight.original")]
             assert bool((w[~m] == 0).all())  # pruned entries are zero in the stored weight
-    resumed, _ = _fit({**raw, "name": "resumed"}, resume=full.run_dir / "checkpoints" / "step5.ckpt")
+    resumed, _ = _fit(
+        {**raw, "name": "resumed"}, resume=full.run_dir / "checkpoints" / "step5.ckpt"
+    )
     again = load_checkpoint(resumed.run_dir)
     assert again["global_step"] == 12
     assert_states_close(end["state_dict"], again["state_dict"], atol=0)
@@ -146,13 +179,25 @@ def test_two_processes_equal_one_with_identical_masks(tmp_path):
     # SGD (the kit's optimizer): calibration statistics summed over ranks (whole batches per
     # rank), so both ranks hold one process's S and masks. Adam would amplify float noise on
     # parameters whose true gradient is ~0 (see the card); SGD does not, so 1e-6 holds.
-    raw = tiny_recipe([SCHEDULE, {"name": "d-pruner", **CAL}], run_dir=tmp_path / "runs",
-                      trainer={"limit_val_batches": 0}, batch_size=64, dropout=0.0)
+    raw = tiny_recipe(
+        [SCHEDULE, {"name": "d-pruner", **CAL}],
+        run_dir=tmp_path / "runs",
+        trainer={"limit_val_batches": 0},
+        batch_size=64,
+        dropout=0.0,
+    )
     path = tmp_path / "ddp.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
     one = load_checkpoint(fit_cli(path, ["name=one", "trainer.max_steps=8"], cwd=tmp_path))
-    many = load_checkpoint(fit_cli(path, ["name=ddp", "trainer.max_steps=8", "trainer.devices=2", "trainer.strategy=ddp"],
-                                   cwd=tmp_path))
+    many = load_checkpoint(
+        fit_cli(
+            path,
+            ["name=ddp", "trainer.max_steps=8", "trainer.devices=2", "trainer.strategy=ddp"],
+            cwd=tmp_path,
+        )
+    )
     m1, m2 = _masks(one["state_dict"]), _masks(many["state_dict"])
-    assert all(torch.equal(m1[k], m2[k]) for k in m1) and any(int((~m).sum()) > 0 for m in m1.values())
+    assert all(torch.equal(m1[k], m2[k]) for k in m1) and any(
+        int((~m).sum()) > 0 for m in m1.values()
+    )
     assert_states_close(one["state_dict"], many["state_dict"], atol=1e-6, rtol=1e-5)

@@ -10,6 +10,7 @@ Setup (plain torch; the plugin's hook called the way the core's ``_prune`` calls
   the code), (c) the same with λ = 0 (domain importance alone).
 - Measured: held-out accuracy on the domain (digits 5-9) and on the general digits 0-4.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,9 @@ def _digits():
 
 
 def _net() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
 
 
 @functools.cache
@@ -84,7 +87,9 @@ def pruned(seed: int, plugin: DPruner | None) -> tuple[float, float]:
     else:
         x, y, _, _ = _digits()
         domain = (y >= 5) & ~_seen()
-        plugin.attach({"input": x[y < 5], "target": y[y < 5]}, {"input": x[domain], "target": y[domain]})
+        plugin.attach(
+            {"input": x[y < 5], "target": y[y < 5]}, {"input": x[domain], "target": y[domain]}
+        )
         scores = plugin.pruning_scores(params=params, module=module, ctx=ctx)
     pruning.set_masks(model, masks, pruning.uniform_allocation(scores, SPARSITY))
     assert abs(pruning.sparsity_of(masks) - SPARSITY) < 1e-3
@@ -95,11 +100,21 @@ def test_dual_importance_does_not_beat_magnitude_on_the_toy():
     rows = []
     for seed in SEEDS:
         dual, domain_only = DPruner(DPrunerConfig()), DPruner(DPrunerConfig(lam=0.0))
-        rows.append((_accs(_model_dense(seed)), pruned(seed, None), pruned(seed, dual), pruned(seed, domain_only)))
+        rows.append(
+            (
+                _accs(_model_dense(seed)),
+                pruned(seed, None),
+                pruned(seed, dual),
+                pruned(seed, domain_only),
+            )
+        )
         # at the code's λ = 0.1, η = 0.03 the general term 2λη²·G·g²/1000 barely moves S: the
         # 70% masks are those of the domain importance alone
         for k, s in dual.last_scores.items():
-            a, b = (pruning.uniform_allocation({k: t}, SPARSITY)[k] for t in (s, domain_only.last_scores[k]))
+            a, b = (
+                pruning.uniform_allocation({k: t}, SPARSITY)[k]
+                for t in (s, domain_only.last_scores[k])
+            )
             assert torch.equal(a, b), k
     print("seed: dense | magnitude | d-pruner | lambda=0   (domain acc, general acc)")
     for seed, r in zip(SEEDS, rows, strict=True):

@@ -41,7 +41,11 @@ def test_dpo_shows_the_3d_properties_and_the_regularizers_damp_them(tmp_path):
     for seed in SEEDS:
         r = {k: _measure(tmp_path / k, seed, v) for k, v in VARIANTS.items()}
         print(seed, {k: tuple(round(x, 3) for x in v) for k, v in r.items()})
-        (dpo_w, dpo_l, dpo_acc), (flex_w, flex_l, flex_acc), (sft_w, _, _) = r["dpo"], r["flex"], r["sft"]
+        (dpo_w, dpo_l, dpo_acc), (flex_w, flex_l, flex_acc), (sft_w, _, _) = (
+            r["dpo"],
+            r["flex"],
+            r["sft"],
+        )
         # DPO: the chosen likelihood falls (degradation) and the rejected falls further (drastic drop)
         assert dpo_w < -5 and dpo_l < dpo_w - 3, r
         # Flex-DPO (β⁻ = 0.8 β⁺): both fall less, at no loss of reward accuracy

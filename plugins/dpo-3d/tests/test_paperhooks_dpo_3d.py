@@ -56,7 +56,9 @@ def test_flex_dpo_by_hand():
     #   Flex (β⁺ 0.1, β⁻ 0.2):  −0.1 + 0.4 = 0.3            → log(1 + e^−0.3)              = 0.554355
     o = _outputs()
     args = (o["chosen_logps"], o["rejected_logps"], o["ref_chosen_logps"], o["ref_rejected_logps"])
-    assert flex_dpo_loss(*args, 0.1, 0.1).item() == pytest.approx(math.log1p(math.exp(-0.1)), abs=1e-7)
+    assert flex_dpo_loss(*args, 0.1, 0.1).item() == pytest.approx(
+        math.log1p(math.exp(-0.1)), abs=1e-7
+    )
     assert flex_dpo_loss(*args, 0.1, 0.05).item() == pytest.approx(math.log(2), abs=1e-7)
     assert flex_dpo_loss(*args, 0.1, 0.2).item() == pytest.approx(0.554355, abs=1e-6)
     assert_close(flex_dpo_loss(*args, 0.1, 0.1), dpo_loss(*args, 0.1))  # β⁻ = β⁺ is DPO
@@ -89,11 +91,15 @@ def test_plugin_terms_by_hand_and_padding_never_counts():
     # β⁺ = objective.beta = 0.1, β⁻ = 0.5·0.1 = 0.05 → loss log 2 (above).
     # NLL(y⁺): sum 3 (the −50 pads excluded); mean 3/3 = 1; λ = 0.5 → 1.5 and 0.5.
     out = _outputs()
-    terms = Dpo3d(Dpo3dConfig(**SFT_CONFIG)).objective_terms(module=_Module(), batch={}, outputs=out, ctx=None)
+    terms = Dpo3d(Dpo3dConfig(**SFT_CONFIG)).objective_terms(
+        module=_Module(), batch={}, outputs=out, ctx=None
+    )
     assert set(terms) == {"loss", "sft"}
     assert terms["loss"].item() == pytest.approx(math.log(2), abs=1e-7)
     assert terms["sft"].item() == pytest.approx(0.5, abs=1e-7)
-    summed = Dpo3d(Dpo3dConfig(**SFT_CONFIG, sft_reduction="sum")).objective_terms(_Module(), {}, out, None)
+    summed = Dpo3d(Dpo3dConfig(**SFT_CONFIG, sft_reduction="sum")).objective_terms(
+        _Module(), {}, out, None
+    )
     assert summed["sft"].item() == pytest.approx(1.5, abs=1e-7)
     # no SFT term at λ = 0; β⁺ from the config: 0.2, β⁻ = 0.8·0.2 = 0.16 → z = −0.2 + 0.32 = 0.12
     plain = Dpo3d(Dpo3dConfig(beta_chosen=0.2)).objective_terms(_Module(), {}, out, None)
@@ -116,9 +122,16 @@ def test_equals_trl_sigmoid_plus_sft(reference):
         for p in module.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     out = module.outputs(batch)
-    terms = Dpo3d(Dpo3dConfig(rejected_ratio=1.0, sft_coefficient=0.7)).objective_terms(module, batch, out, None)
+    terms = Dpo3d(Dpo3dConfig(rejected_ratio=1.0, sft_coefficient=0.7)).objective_terms(
+        module, batch, out, None
+    )
     assert_close(terms["loss"].mean(), trl_dpo_loss(out, beta=0.3), atol=1e-6, rtol=1e-6)
-    assert_close(terms["sft"].mean(), 0.7 * trl_dpo_loss(out, beta=0.3, loss_type="sft"), atol=1e-6, rtol=1e-6)
+    assert_close(
+        terms["sft"].mean(),
+        0.7 * trl_dpo_loss(out, beta=0.3, loss_type="sft"),
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 def test_flex_on_a_real_batch_is_not_dpo_and_precomputed_reference_works():
@@ -175,12 +188,16 @@ class TestConformance(PluginConformance):
         # the kit's objective check feeds digits logits; here the same properties on preference outputs
         dm, batch = preference_batch(rows=8, n_train=16, n_val=8)
         module = preference_module(dm)
-        terms = Dpo3d(Dpo3dConfig(**SFT_CONFIG)).objective_terms(module, batch, module.outputs(batch), None)
+        terms = Dpo3d(Dpo3dConfig(**SFT_CONFIG)).objective_terms(
+            module, batch, module.outputs(batch), None
+        )
         assert set(terms) == {"loss", "sft"}
         for v in terms.values():
             assert v.shape == (8,) and bool(torch.isfinite(v).all())
         sum(v.sum() for v in terms.values()).backward()
-        assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in module.model.parameters())
+        assert all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in module.model.parameters()
+        )
 
     def test_few_steps_stay_finite(self, tmp_path: Path) -> None:
         check_few_steps(self.name, self.plugin_config, tmp_path, task=PREFERENCE_TASK)
@@ -193,8 +210,12 @@ class TestConformance(PluginConformance):
     # summation-order difference in a near-zero gradient grows); the terms are per pair.
     @pytest.mark.slow
     def test_two_processes_equal_one(self, tmp_path: Path) -> None:
-        check_ddp_equals_single(self.name, self.plugin_config, tmp_path, task=PREFERENCE_TASK, atol=1e-5)
+        check_ddp_equals_single(
+            self.name, self.plugin_config, tmp_path, task=PREFERENCE_TASK, atol=1e-5
+        )
 
     @pytest.mark.slow
     def test_two_fsdp2_processes_equal_one(self, tmp_path: Path) -> None:
-        check_ddp_equals_single(self.name, self.plugin_config, tmp_path, "fsdp2", task=PREFERENCE_TASK, atol=1e-5)
+        check_ddp_equals_single(
+            self.name, self.plugin_config, tmp_path, "fsdp2", task=PREFERENCE_TASK, atol=1e-5
+        )

@@ -31,11 +31,23 @@ class TestConformance(PluginConformance):
 def test_recipe_file_validates():
     recipe = load_recipe(RECIPE)
     assert [name for name, _ in recipe.stages] == ["pretrain", "adapt", "prune-tune"]
-    assert [p.name for p in recipe.stages[2][1].plugins] == ["dsee", "one-shot-pruning", "uniform-allocation"]
+    assert [p.name for p in recipe.stages[2][1].plugins] == [
+        "dsee",
+        "one-shot-pruning",
+        "uniform-allocation",
+    ]
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [({"r": 0}, "r"), ({"num_sparse": -1}, "num_sparse"), ({"alpha": -1.0}, "alpha"),
-                                              ({"prune_mode": "x"}, "prune_mode"), ({"iters": 0}, "iters")])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"r": 0}, "r"),
+        ({"num_sparse": -1}, "num_sparse"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"prune_mode": "x"}, "prune_mode"),
+        ({"iters": 0}, "iters"),
+    ],
+)
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"DseeConfig.{field}"):
         DseeConfig(**kwargs)
@@ -64,7 +76,10 @@ def test_grebsmo_finds_the_spike_of_a_rank_one_matrix():
     S = grebsmo_sparse(W, iters=1, generator=torch.Generator().manual_seed(1))
     assert support(S, 1).nonzero().tolist() == [[7, 11]]
     # the official 100 outer iterations reach full rank on so small a matrix: S̃ = 0 (card)
-    assert int((grebsmo_sparse(W, iters=100, generator=torch.Generator().manual_seed(1)) != 0).sum()) == 0
+    assert (
+        int((grebsmo_sparse(W, iters=100, generator=torch.Generator().manual_seed(1)) != 0).sum())
+        == 0
+    )
 
 
 def test_setup_keeps_the_function_freezes_w_and_trains_s_on_omega_only():
@@ -75,11 +90,15 @@ def test_setup_keeps_the_function_freezes_w_and_trains_s_on_omega_only():
     plugin.reparam_setup(module=module, ctx=StepContext(seed=3))
     assert_close(module.model(x), before)  # B = 0, S = 0
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
-    assert trainable == {f"0.parametrizations.weight.0.{k}" for k in "ABS"}  # head skipped, W frozen
+    assert trainable == {
+        f"0.parametrizations.weight.0.{k}" for k in "ABS"
+    }  # head skipped, W frozen
     delta = module.model[0].parametrizations.weight[0]
     assert isinstance(delta, DseeDelta) and int(delta.omega.sum()) == 8
     module.model(x).square().sum().backward()
-    assert bool((delta.S.grad[~delta.omega] == 0).all()) and delta.S.grad[delta.omega].abs().sum() > 0
+    assert (
+        bool((delta.S.grad[~delta.omega] == 0).all()) and delta.S.grad[delta.omega].abs().sum() > 0
+    )
     # identical Ω and A for the same seed (every rank), different for another seed
     other = tiny_module()
     Dsee(DseeConfig(**SMALL)).reparam_setup(module=other, ctx=StepContext(seed=3))
@@ -119,8 +138,11 @@ def test_importance_abs_is_the_update_and_wabs_the_merged_weight(mode):
 
 
 # -- in runs --------------------------------------------------------------------------------------------
-PLUGINS = [{"name": "dsee", **SMALL}, {"name": "one-shot-pruning", "sparsity": 0.5, "step": 8},
-           {"name": "uniform-allocation"}]
+PLUGINS = [
+    {"name": "dsee", **SMALL},
+    {"name": "one-shot-pruning", "sparsity": 0.5, "step": 8},
+    {"name": "uniform-allocation"},
+]
 
 
 def _masks(state):
@@ -128,26 +150,45 @@ def _masks(state):
 
 
 def test_prune_the_merged_weight_then_tune_exact_sparsity_and_zeros(tmp_path):
-    raw = tiny_recipe(PLUGINS, run_dir=tmp_path / "runs", name="run", trainer={"max_steps": 14, "limit_val_batches": 0})
+    raw = tiny_recipe(
+        PLUGINS,
+        run_dir=tmp_path / "runs",
+        name="run",
+        trainer={"max_steps": 14, "limit_val_batches": 0},
+    )
     built, _ = _fit(raw)
     model = built.module.model
     masks = {k: m for k, m in _masks(load_checkpoint(built.run_dir)["state_dict"]).items()}
     for k, m in masks.items():  # every layer at exactly 50%
         assert int((~m).sum()) == round(0.5 * m.numel()), k
-    for name, layer in pruning.prunable(model).items():  # the effective (merged) weight is zero there
+    for name, layer in pruning.prunable(
+        model
+    ).items():  # the effective (merged) weight is zero there
         mask = layer.parametrizations.weight[-1].mask
         assert bool((layer.weight.detach()[~mask] == 0).all()), name
 
 
 def test_resume_after_the_pruning_step_is_bit_identical(tmp_path):
-    raw = tiny_recipe(PLUGINS, run_dir=tmp_path / "runs", name="full",
-                      trainer={"max_steps": 14, "checkpoint_every_n_steps": 10, "limit_val_batches": 0})
+    raw = tiny_recipe(
+        PLUGINS,
+        run_dir=tmp_path / "runs",
+        name="full",
+        trainer={"max_steps": 14, "checkpoint_every_n_steps": 10, "limit_val_batches": 0},
+    )
     full, _ = _fit(raw)
     end = load_checkpoint(full.run_dir)
-    again = load_checkpoint(_fit({**raw, "name": "resumed"}, resume=full.run_dir / "checkpoints" / "step10.ckpt")[0].run_dir)
+    again = load_checkpoint(
+        _fit({**raw, "name": "resumed"}, resume=full.run_dir / "checkpoints" / "step10.ckpt")[
+            0
+        ].run_dir
+    )
     assert_states_close(end["state_dict"], again["state_dict"], atol=0)
     assert_nested_equal(end["optimizer_states"], again["optimizer_states"], "optimizer_states")
-    assert end["paperhooks"]["sparsity"] == again["paperhooks"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert (
+        end["paperhooks"]["sparsity"]
+        == again["paperhooks"]["sparsity"]
+        == pytest.approx(0.5, abs=0.01)
+    )
 
 
 def test_abs_importance_refuses_fresh_adapters():
@@ -156,14 +197,26 @@ def test_abs_importance_refuses_fresh_adapters():
     plugin.reparam_setup(module=module, ctx=StepContext())
     masks = pruning.add_masks(module.model)
     with pytest.raises(ValueError, match="prune_mode: wabs"):
-        plugin.pruning_scores(params=pruning.local_weights(module.model, masks), module=module, ctx=StepContext())
+        plugin.pruning_scores(
+            params=pruning.local_weights(module.model, masks), module=module, ctx=StepContext()
+        )
 
 
 STAGES = [
-    {"name": "adapt", "trainer": {"max_steps": 6}, "plugins": [{"name": "dsee", **SMALL, "prune_mode": "wabs"}]},
-    {"name": "prune-tune", "trainer": {"max_steps": 8, "checkpoint_every_n_steps": 4},
-     "plugins": [{"name": "dsee", **SMALL, "prune_mode": "wabs"}, {"name": "one-shot-pruning", "sparsity": 0.5, "step": 0},
-                 {"name": "uniform-allocation"}]},
+    {
+        "name": "adapt",
+        "trainer": {"max_steps": 6},
+        "plugins": [{"name": "dsee", **SMALL, "prune_mode": "wabs"}],
+    },
+    {
+        "name": "prune-tune",
+        "trainer": {"max_steps": 8, "checkpoint_every_n_steps": 4},
+        "plugins": [
+            {"name": "dsee", **SMALL, "prune_mode": "wabs"},
+            {"name": "one-shot-pruning", "sparsity": 0.5, "step": 0},
+            {"name": "uniform-allocation"},
+        ],
+    },
 ]
 
 
@@ -174,12 +227,17 @@ def _staged(tmp_path, name):
 
 
 def _stage_ckpt(run, i, name, ckpt="last.ckpt"):
-    return torch.load(run / "stages" / f"{i}-{name}" / "checkpoints" / ckpt, map_location="cpu", weights_only=True)
+    return torch.load(
+        run / "stages" / f"{i}-{name}" / "checkpoints" / ckpt, map_location="cpu", weights_only=True
+    )
 
 
 def test_stages_prune_the_merged_weight_and_tune_again_resume_between_and_inside(tmp_path):
     full, _ = _fit(_staged(tmp_path, "full"))
-    first, second = _stage_ckpt(full.run_dir, 0, "adapt"), _stage_ckpt(full.run_dir, 1, "prune-tune")
+    first, second = (
+        _stage_ckpt(full.run_dir, 0, "adapt"),
+        _stage_ckpt(full.run_dir, 1, "prune-tune"),
+    )
     masks = _masks(second["state_dict"])
     assert masks and all(int((~m).sum()) == round(0.5 * m.numel()) for m in masks.values())
     # stage 2 starts from stage 1's merged weight: its frozen W is W + ΔW of stage 1, masked
@@ -189,11 +247,15 @@ def test_stages_prune_the_merged_weight_and_tune_again_resume_between_and_inside
     for d in adapted:
         p = {k[len(d) + 3 :]: v for k, v in sd1.items() if k.startswith(d + ".0.")}
         merged = sd1[f"{d}.original"] + (32.0 / 2) * (p["B"] @ p["A"] + p["S"] * p["omega"])
-        assert_close(sd2[f"{d}.original"], merged)  # stage 2's frozen W is stage 1's merged W' (masked on top)
+        assert_close(
+            sd2[f"{d}.original"], merged
+        )  # stage 2's frozen W is stage 1's merged W' (masked on top)
         assert int(sd2[f"{d}.1.mask"].sum()) == round(0.5 * merged.numel())
     for stage, ckpt in (("0-adapt", "last.ckpt"), ("1-prune-tune", "step4.ckpt")):
-        resumed, _ = _fit(_staged(tmp_path, f"resumed-{stage}"),
-                          resume=full.run_dir / "stages" / stage / "checkpoints" / ckpt)
+        resumed, _ = _fit(
+            _staged(tmp_path, f"resumed-{stage}"),
+            resume=full.run_dir / "stages" / stage / "checkpoints" / ckpt,
+        )
         again = _stage_ckpt(resumed.run_dir, 1, "prune-tune")
         assert_states_close(second["state_dict"], again["state_dict"], atol=0)
 
@@ -204,12 +266,19 @@ def test_two_processes_with_pruning_hold_identical_masks_and_equal_one_process(t
 
     from paperhooks.testing import fit_cli
 
-    raw = tiny_recipe(PLUGINS, run_dir=tmp_path / "runs", trainer={"max_steps": 12, "limit_val_batches": 0},
-                      batch_size=64, dropout=0.0)
+    raw = tiny_recipe(
+        PLUGINS,
+        run_dir=tmp_path / "runs",
+        trainer={"max_steps": 12, "limit_val_batches": 0},
+        batch_size=64,
+        dropout=0.0,
+    )
     path = tmp_path / "ddp.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
     one = load_checkpoint(fit_cli(path, ["name=one"], cwd=tmp_path))
-    many = load_checkpoint(fit_cli(path, ["name=ddp", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path))
+    many = load_checkpoint(
+        fit_cli(path, ["name=ddp", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+    )
     masks = _masks(one["state_dict"])
     assert masks
     for k, m in masks.items():

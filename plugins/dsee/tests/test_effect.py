@@ -15,7 +15,13 @@ from paperhooks.tasks.data import DigitsConfig, build_digits
 from paperhooks_dsee import Dsee, DseeConfig
 
 SEEDS = (0, 1, 2)
-CONFIG = {"r": 8, "num_sparse": 16, "iters": 2, "prune_mode": "wabs", "trainable": ("5.*",)}  # head: model[5]
+CONFIG = {
+    "r": 8,
+    "num_sparse": 16,
+    "iters": 2,
+    "prune_mode": "wabs",
+    "trainable": ("5.*",),
+}  # head: model[5]
 
 
 def _classes(t, lo):
@@ -46,9 +52,20 @@ def run(seed: int, sparsity: float = 0.5, t1: int = 200, t2: int = 200) -> dict[
     """dense: DSEE adapters, no pruning; dsee: adapt t1 steps, prune the merged weight to
     ``sparsity`` per layer, tune t2 steps; prune-first: prune the pretrained W, then adapt t1 + t2."""
     dm = build_digits(DigitsConfig(), seed)
-    old, new, new_val = _classes(dm.train_set.tensors, 0), _classes(dm.train_set.tensors, 5), _classes(dm.val_set.tensors, 5)
+    old, new, new_val = (
+        _classes(dm.train_set.tensors, 0),
+        _classes(dm.train_set.tensors, 5),
+        _classes(dm.val_set.tensors, 5),
+    )
     torch.manual_seed(seed)
-    base = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    base = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
     _train(base, old, 300, 1e-2, torch.Generator().manual_seed(seed))
     state = {k: v.clone() for k, v in base.state_dict().items()}
     out = {}
@@ -59,11 +76,19 @@ def run(seed: int, sparsity: float = 0.5, t1: int = 200, t2: int = 200) -> dict[
         plugin.reparam_setup(module=module, ctx=StepContext(seed=seed))
         masks = pruning.add_masks(base)  # after the adapters, as the core orders them
         if how == "prune-first":  # W' = W here: the pretrained weight's magnitude
-            pruning.set_masks(base, masks, pruning.uniform_allocation(pruning.magnitude_scores(pruning.local_weights(base, masks)), sparsity))
+            pruning.set_masks(
+                base,
+                masks,
+                pruning.uniform_allocation(
+                    pruning.magnitude_scores(pruning.local_weights(base, masks)), sparsity
+                ),
+            )
         g = torch.Generator().manual_seed(seed + 100)
         _train(base, new, t1, 3e-3, g)
         if how == "dsee":
-            scores = plugin.pruning_scores(params=pruning.local_weights(base, masks), module=module, ctx=StepContext())
+            scores = plugin.pruning_scores(
+                params=pruning.local_weights(base, masks), module=module, ctx=StepContext()
+            )
             pruning.set_masks(base, masks, pruning.uniform_allocation(scores, sparsity))
         _train(base, new, t2, 3e-3, g)
         if how != "dense":

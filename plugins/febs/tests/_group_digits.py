@@ -30,7 +30,9 @@ def rotated_group_digits(seed: int, fraction: float = 0.05) -> dict[str, torch.T
     return out
 
 
-def train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 15, batch_size: int = 64) -> dict[str, float]:
+def train_and_eval(
+    seed: int, plugins: list[Plugin], epochs: int = 15, batch_size: int = 64
+) -> dict[str, float]:
     """One run (see :func:`_train_and_eval`) on one CPU thread: faster for this small network and
     steady on a busy machine; the caller's thread count is restored."""
     threads = torch.get_num_threads()
@@ -41,7 +43,9 @@ def train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 15, batch_siz
         torch.set_num_threads(threads)
 
 
-def _train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 15, batch_size: int = 64) -> dict[str, float]:
+def _train_and_eval(
+    seed: int, plugins: list[Plugin], epochs: int = 15, batch_size: int = 64
+) -> dict[str, float]:
     """SGD (lr 0.05, momentum 0.9) of an MLP 64-32-10 on cross-entropy plus the plugins' terms.
 
     Returns validation accuracy overall, of the worst group, ES-Acc, and the mean FEBS weight
@@ -58,7 +62,11 @@ def _train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 15, batch_si
         perm = torch.randperm(n, generator=g)
         for b in range(n // batch_size):
             idx = perm[b * batch_size : (b + 1) * batch_size]
-            batch = {"input": d["train_x"][idx], "target": d["train_y"][idx], "group": d["train_group"][idx]}
+            batch = {
+                "input": d["train_x"][idx],
+                "target": d["train_y"][idx],
+                "group": d["train_group"][idx],
+            }
             hooks.begin_step(step, epoch, b)
             logits = net(batch["input"])
             ce = F.cross_entropy(logits, batch["target"], reduction="none")
@@ -78,5 +86,10 @@ def _train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 15, batch_si
     es.update(outputs, val)
     worst.update(outputs, val)
     overall = float((outputs["logits"].argmax(1) == d["val_y"]).float().mean())
-    return {"overall": overall, "worst": float(worst.compute()), "es": float(es.compute()),
-            "w0": float(w_sum[0] / step), "w1": float(w_sum[1] / step)}
+    return {
+        "overall": overall,
+        "worst": float(worst.compute()),
+        "es": float(es.compute()),
+        "w0": float(w_sum[0] / step),
+        "w1": float(w_sum[1] / step),
+    }

@@ -65,14 +65,20 @@ def test_metric_over_two_processes_equals_one_process(tmp_path):
     # torchmetrics sums the states over ranks: the validation ES-Acc and worst-group accuracy of
     # 2 processes (each holding half of every validation batch) equal those of 1 process
     raw = tiny_recipe(
-        [{"name": "febs"}, {"name": "febs-metric"}], run_dir=tmp_path / "runs", batch_size=64, dropout=0.0
+        [{"name": "febs"}, {"name": "febs-metric"}],
+        run_dir=tmp_path / "runs",
+        batch_size=64,
+        dropout=0.0,
     )
     raw["data"]["groups"] = 2
     path = tmp_path / "r.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
     one = json.loads((fit_cli(path, ["name=one"], cwd=tmp_path) / "metrics.json").read_text())
     two = json.loads(
-        (fit_cli(path, ["name=two", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path) / "metrics.json").read_text()
+        (
+            fit_cli(path, ["name=two", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+            / "metrics.json"
+        ).read_text()
     )
     for key in ("val/es_acc", "val/worst_group_acc", "val/acc"):
         assert key in one, sorted(one)

@@ -27,9 +27,13 @@ T1 = math.tanh(1.0)  # 0.761594: the weight of the best group
 def test_weights_of_losses_02_and_04():
     # the notes' unit check: min L / L = [1, 0.5] → [tanh 1, tanh 0.5] = [0.761594, 0.462117]
     L, present = torch.tensor([0.2, 0.4]), torch.tensor([True, True])
-    assert_close(febs_weights(L, present, 1.0), torch.tensor([0.761594, 0.462117]), atol=1e-6, rtol=0)
+    assert_close(
+        febs_weights(L, present, 1.0), torch.tensor([0.761594, 0.462117]), atol=1e-6, rtol=0
+    )
     # γ = 2: [1, 0.25] → [0.761594, tanh 0.25 = 0.244919]; γ = 0: both tanh 1 (no fairness term)
-    assert_close(febs_weights(L, present, 2.0), torch.tensor([0.761594, 0.244919]), atol=1e-6, rtol=0)
+    assert_close(
+        febs_weights(L, present, 2.0), torch.tensor([0.761594, 0.244919]), atol=1e-6, rtol=0
+    )
     assert_close(febs_weights(L, present, 0.0), torch.tensor([T1, T1]))
 
 
@@ -38,9 +42,15 @@ def test_absent_groups_stay_out_of_the_min_and_a_perfect_group_gets_ratio_one():
     w = febs_weights(torch.tensor([0.3, 0.0, 0.6]), torch.tensor([True, False, True]), 1.0)
     assert_close(w, torch.tensor([T1, T1, math.tanh(0.5)]))
     # L = [0, 0.5]: the perfect group is the min (0/0 taken as 1); the other gets tanh(0) = 0
-    assert_close(febs_weights(torch.tensor([0.0, 0.5]), torch.tensor([True, True]), 1.0), torch.tensor([T1, 0.0]))
+    assert_close(
+        febs_weights(torch.tensor([0.0, 0.5]), torch.tensor([True, True]), 1.0),
+        torch.tensor([T1, 0.0]),
+    )
     # equal losses: every group gets tanh 1
-    assert_close(febs_weights(torch.full((3,), 0.7), torch.ones(3, dtype=torch.bool), 1.0), torch.full((3,), T1))
+    assert_close(
+        febs_weights(torch.full((3,), 0.7), torch.ones(3, dtype=torch.bool), 1.0),
+        torch.full((3,), T1),
+    )
 
 
 # -- Dice sums and group losses --------------------------------------------------------------------
@@ -53,7 +63,10 @@ G2 = torch.tensor([0, 1])
 
 def test_per_sample_sums_and_group_losses_by_hand():
     s = per_sample_sums(P2, Y2)  # (Σ p t, Σ p², Σ t²) per class
-    assert_close(s, torch.tensor([[[0.8, 0.64, 1.0], [0.0, 0.04, 0.0]], [[0.0, 0.16, 0.0], [0.6, 0.36, 1.0]]]))
+    assert_close(
+        s,
+        torch.tensor([[[0.8, 0.64, 1.0], [0.0, 0.04, 0.0]], [[0.0, 0.16, 0.0], [0.6, 0.36, 1.0]]]),
+    )
     S = group_sums(s, G2, 2)
     # group 0: dice_0 = 1 − (1.6 + s)/(1.64 + s) = 0.024390; dice_1 = 1 − s/(0.04 + s) = 0.999750
     # group 1: dice_0 = 1 − s/(0.16 + s) = 0.999938; dice_1 = 1 − (1.2 + s)/(1.36 + s) = 0.117646
@@ -110,18 +123,36 @@ def test_sums_of_two_shards_give_the_whole_batch_gradient():
     shards = [slice(0, 4), slice(4, 10)]
     S = sum(group_sums(s[k].detach(), group[k], 2) for k in shards)
     whole, dS, w, _ = febs_value_and_grad(S, 1.0)
-    (expected,) = torch.autograd.grad(febs_dice(group_sums(s, group, 2), w), logits, retain_graph=True)
-    got = sum(torch.autograd.grad((dS[group[k]] * s[k]).sum(), logits, retain_graph=True)[0] for k in shards)
+    (expected,) = torch.autograd.grad(
+        febs_dice(group_sums(s, group, 2), w), logits, retain_graph=True
+    )
+    got = sum(
+        torch.autograd.grad((dS[group[k]] * s[k]).sum(), logits, retain_graph=True)[0]
+        for k in shards
+    )
     assert_close(got, expected)
 
 
 # -- the equity-scaled metric -----------------------------------------------------------------------
 def test_equity_scaled_by_hand():
     # the notes' check: overall 0.8, groups [0.85, 0.75]: 0.8/(1 + 0.05 + 0.05) = 0.727273
-    overall, groups = torch.tensor(0.8, dtype=torch.float64), torch.tensor([0.85, 0.75], dtype=torch.float64)
-    assert_close(equity_scaled(overall, groups), torch.tensor(0.727273, dtype=torch.float64), atol=1e-6, rtol=0)
+    overall, groups = (
+        torch.tensor(0.8, dtype=torch.float64),
+        torch.tensor([0.85, 0.75], dtype=torch.float64),
+    )
+    assert_close(
+        equity_scaled(overall, groups),
+        torch.tensor(0.727273, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     # std variant: sample std of [0.85, 0.75] = 0.070711 → 0.8/1.070711 = 0.747167
-    assert_close(equity_scaled(overall, groups, spread="std"), torch.tensor(0.747167, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert_close(
+        equity_scaled(overall, groups, spread="std"),
+        torch.tensor(0.747167, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     # α = 0 ignores the groups; equal groups leave the overall untouched
     assert_close(equity_scaled(overall, groups, alpha=0.0), overall)
     assert_close(equity_scaled(overall, torch.full((3,), 0.8, dtype=torch.float64)), overall)
@@ -134,7 +165,9 @@ def test_hard_dice_per_image_by_hand():
     # class 2 in the target, never predicted → 0 → 0.5.
     pred = torch.tensor([[[1, 1], [2, 0]], [[1, 0], [0, 0]]])
     true = torch.tensor([[[1, 0], [2, 2]], [[0, 0], [2, 0]]])
-    assert_close(hard_dice_per_sample(pred, true, 3), torch.tensor([2 / 3, 0.5], dtype=torch.float64))
+    assert_close(
+        hard_dice_per_sample(pred, true, 3), torch.tensor([2 / 3, 0.5], dtype=torch.float64)
+    )
 
 
 def test_mismatched_shapes_raise_naming_the_plugin():

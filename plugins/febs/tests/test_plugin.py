@@ -39,9 +39,21 @@ def batch(n: int = 8, classes: int = 3, seed: int = 0) -> dict[str, torch.Tensor
 # -- config and metadata ---------------------------------------------------------------------------
 def test_config_defaults_are_the_official_ones():
     c = FEBSConfig()
-    assert (c.gamma, c.num_groups, c.dice_weight, c.smooth, c.absent_classes) == (1.0, 2, 1.0, 1e-5, "skip")
+    assert (c.gamma, c.num_groups, c.dice_weight, c.smooth, c.absent_classes) == (
+        1.0,
+        2,
+        1.0,
+        1e-5,
+        "skip",
+    )
     m = EquityScaledConfig()
-    assert (m.num_groups, m.perf, m.alpha, m.spread, m.worst_group) == (2, "accuracy", 1.0, "abs", True)
+    assert (m.num_groups, m.perf, m.alpha, m.spread, m.worst_group) == (
+        2,
+        "accuracy",
+        1.0,
+        "abs",
+        True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,21 +89,30 @@ def test_both_entry_points_load_from_one_distribution():
 def test_term_through_the_core_is_the_official_loss_with_its_gradient(official_febs_loss):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(8, 3, generator=g, requires_grad=True)
-    b = {"target": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), "group": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])}
+    b = {
+        "target": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
+        "group": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
+    }
     hooks = Hooks([febs(absent_classes="count")])
     hooks.begin_step(step=0)
     ce = F.cross_entropy(logits, b["target"], reduction="none")
     reduced = hooks.reduce(hooks.objectives(None, b, {"logits": logits}, ce), None)
     # a classifier is a one-pixel segmenter: [B, C] → [B, C, 1, 1] for the official code
-    expected = official_febs_loss(logits[:, :, None, None], b["target"][:, None, None], b["group"].numpy(), 2, 1.0)
+    expected = official_febs_loss(
+        logits[:, :, None, None], b["target"][:, None, None], b["group"].numpy(), 2, 1.0
+    )
     assert_close(reduced[TERM], expected, atol=1e-6, rtol=0)
     (got,) = torch.autograd.grad(reduced[TERM], logits, retain_graph=True)
     (want,) = torch.autograd.grad(expected, logits)
     assert_close(got, want, atol=1e-7, rtol=1e-5)
     assert_close(reduced["loss"], ce.mean())  # the task's cross-entropy is left alone
     logged = hooks.log_items()
-    assert {"febs/w0", "febs/w1", "febs/group_loss0", "febs/group_loss1", "febs/dice"} <= set(logged)
-    assert math.isclose(float(max(logged["febs/w0"], logged["febs/w1"])), math.tanh(1.0), rel_tol=1e-6)
+    assert {"febs/w0", "febs/w1", "febs/group_loss0", "febs/group_loss1", "febs/dice"} <= set(
+        logged
+    )
+    assert math.isclose(
+        float(max(logged["febs/w0"], logged["febs/w1"])), math.tanh(1.0), rel_tol=1e-6
+    )
 
 
 def test_dice_weight_scales_the_term_and_segmentation_logits_work():
@@ -99,7 +120,9 @@ def test_dice_weight_scales_the_term_and_segmentation_logits_work():
     logits = torch.randn(4, 3, 5, 5, generator=g)
     b = {"target": torch.randint(3, (4, 5, 5), generator=g), "group": torch.tensor([0, 1, 1, 0])}
     one = febs().objective_terms(batch=b, outputs={"logits": logits}, ctx=StepContext())[TERM]
-    two = febs(dice_weight=2.0).objective_terms(batch=b, outputs={"logits": logits}, ctx=StepContext())[TERM]
+    two = febs(dice_weight=2.0).objective_terms(
+        batch=b, outputs={"logits": logits}, ctx=StepContext()
+    )[TERM]
     assert one.shape == (4,)
     assert_close(two, 2 * one)
     S = group_sums(per_sample_sums(logits.softmax(1), b["target"]), b["group"], 2)
@@ -112,7 +135,10 @@ def test_equal_group_losses_give_tanh_one_to_both():
     b = {"target": torch.tensor([0, 1, 0, 1]), "group": torch.tensor([0, 0, 1, 1])}
     ctx = StepContext()
     febs().objective_terms(batch=b, outputs={"logits": logits}, ctx=ctx)
-    assert_close(torch.stack([ctx.logged["febs/w0"], ctx.logged["febs/w1"]]), torch.full((2,), math.tanh(1.0)))
+    assert_close(
+        torch.stack([ctx.logged["febs/w0"], ctx.logged["febs/w1"]]),
+        torch.full((2,), math.tanh(1.0)),
+    )
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -126,9 +152,15 @@ def test_non_finite_logits_raise_naming_the_plugin(bad):
 def test_missing_or_out_of_range_groups_raise_naming_the_plugin():
     logits = torch.randn(8, 3)
     with pytest.raises(ValueError, match="febs: needs batch\\['group'\\]"):
-        febs().objective_terms(batch={"target": batch()["target"]}, outputs={"logits": logits}, ctx=StepContext())
+        febs().objective_terms(
+            batch={"target": batch()["target"]}, outputs={"logits": logits}, ctx=StepContext()
+        )
     with pytest.raises(ValueError, match="febs: group ids must lie in 0…1"):
-        febs().objective_terms(batch={**batch(), "group": torch.arange(8) % 3}, outputs={"logits": logits}, ctx=StepContext())
+        febs().objective_terms(
+            batch={**batch(), "group": torch.arange(8) % 3},
+            outputs={"logits": logits},
+            ctx=StepContext(),
+        )
     with pytest.raises(ValueError, match="febs: needs outputs\\['logits'\\]"):
         febs().objective_terms(batch=batch(), outputs={}, ctx=StepContext())
 
@@ -144,7 +176,9 @@ def test_a_batch_with_one_group_only_is_plain_scaled_dice():
 
 
 # -- what FEBS does to the gradient ---------------------------------------------------------------
-def _hard_group_gradient_share(p_hard: float, gamma: float, p_easy: float = 0.95, n: int = 8) -> float:
+def _hard_group_gradient_share(
+    p_hard: float, gamma: float, p_easy: float = 0.95, n: int = 8
+) -> float:
     """Mean |∂L_FEBS/∂logit| of a hard-group sample over that of an easy-group sample."""
     pt = torch.tensor([p_easy] * n + [p_hard] * n)  # probability of the target class 0
     logits = torch.stack([pt.log(), (1 - pt).log()], dim=1).requires_grad_(True)
@@ -163,7 +197,10 @@ def test_official_scaling_gives_the_higher_error_group_a_smaller_gradient_share(
     # gradient of an easy one; with FEBS 1.0×, 0.39× and 0.07×: w_hard = tanh(L_easy/L_hard)
     # is small (0.23, 0.054, 0.0066) because near convergence the group Dice losses differ by
     # large factors, and scaling a group's predictions by w scales its gradient by about w.
-    uniform, scaled = _hard_group_gradient_share(p_hard, 0.0), _hard_group_gradient_share(p_hard, 1.0)
+    uniform, scaled = (
+        _hard_group_gradient_share(p_hard, 0.0),
+        _hard_group_gradient_share(p_hard, 1.0),
+    )
     assert uniform > 2.0
     assert scaled < 0.6 * uniform
 
@@ -172,14 +209,21 @@ def test_official_scaling_gives_the_higher_error_group_a_smaller_gradient_share(
 def _metric_batch():
     # 5 samples; predictions right, right, right, wrong, wrong; groups 0, 0, 1, 1, unknown (−1)
     logits = torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
-    return {"logits": logits}, {"target": torch.tensor([0, 1, 0, 1, 0]), "group": torch.tensor([0, 0, 1, 1, -1])}
+    return {"logits": logits}, {
+        "target": torch.tensor([0, 1, 0, 1, 0]),
+        "group": torch.tensor([0, 0, 1, 1, -1]),
+    }
 
 
 def test_group_performance_by_hand():
     outputs, b = _metric_batch()
     # group 0: 2/2 = 1.0; group 1: 1/2 = 0.5; overall 3/5 = 0.6 (the unknown group counts here)
     # ES = 0.6/(1 + |1 − 0.6| + |0.5 − 0.6|) = 0.6/1.5 = 0.4; std: 0.6/(1 + 0.353553) = 0.443278
-    cases = {("equity_scaled", "abs"): 0.4, ("equity_scaled", "std"): 0.443278, ("worst", "abs"): 0.5}
+    cases = {
+        ("equity_scaled", "abs"): 0.4,
+        ("equity_scaled", "std"): 0.443278,
+        ("worst", "abs"): 0.5,
+    }
     for (statistic, spread), expected in cases.items():
         m = GroupPerformance(2, "accuracy", statistic, 1.0, spread)
         m.update(outputs, b)
@@ -203,14 +247,18 @@ def test_metric_errors_name_the_plugin():
     outputs, b = _metric_batch()
     with pytest.raises(ValueError, match="febs-metric: needs batch\\['group'\\]"):
         GroupPerformance(2).update(outputs, {"target": b["target"]})
-    with pytest.raises(ValueError, match="febs-metric: perf 'dice' needs logits of shape \\[B, C, \\*spatial\\]"):
+    with pytest.raises(
+        ValueError, match="febs-metric: perf 'dice' needs logits of shape \\[B, C, \\*spatial\\]"
+    ):
         GroupPerformance(2, "dice").update(outputs, b)
 
 
 def test_metric_build_names_the_metrics_by_performance():
     build = EquityScaledMetric(EquityScaledConfig(perf="dice")).metric_build
     assert sorted(build(module=None, ctx=StepContext())) == ["es_dice", "worst_group_dice"]
-    only_es = EquityScaledMetric(EquityScaledConfig(worst_group=False)).metric_build(module=None, ctx=StepContext())
+    only_es = EquityScaledMetric(EquityScaledConfig(worst_group=False)).metric_build(
+        module=None, ctx=StepContext()
+    )
     assert list(only_es) == ["es_acc"]
 
 
@@ -218,7 +266,9 @@ def test_dice_metric_on_label_maps():
     # image 0 (group 0) predicted perfectly: Dice 1; image 1 (group 1): class 1 missed → 0,
     # class 2 perfect → 1: 0.5. Overall 0.75, ES = 0.75/(1 + 0.25 + 0.25) = 0.5
     true = torch.tensor([[[1, 2], [0, 0]], [[1, 2], [0, 0]]])
-    logits = F.one_hot(torch.tensor([[[1, 2], [0, 0]], [[0, 2], [0, 0]]]), 3).permute(0, 3, 1, 2).float()
+    logits = (
+        F.one_hot(torch.tensor([[[1, 2], [0, 0]], [[0, 2], [0, 0]]]), 3).permute(0, 3, 1, 2).float()
+    )
     m = GroupPerformance(2, "dice")
     m.update({"logits": logits}, {"target": true, "group": torch.tensor([0, 1])})
     assert math.isclose(float(m.compute()), 0.5, abs_tol=1e-12)

@@ -28,7 +28,10 @@ def _one_thread(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _quiet():
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)

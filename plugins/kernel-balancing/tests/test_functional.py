@@ -36,9 +36,19 @@ def test_gaussian_and_exponential_kernels_match_hand_values():
     a = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
     b = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     # ‖a − b‖² = 0, 1, 2 → exp(−0.1·[0, 1, 2]) = [1, 0.9048374, 0.8187308]
-    assert_close(gaussian_kernel(a, b, 0.1), torch.tensor([[1.0, 0.9048374, 0.8187308]], dtype=torch.float64), atol=1e-7, rtol=0)
+    assert_close(
+        gaussian_kernel(a, b, 0.1),
+        torch.tensor([[1.0, 0.9048374, 0.8187308]], dtype=torch.float64),
+        atol=1e-7,
+        rtol=0,
+    )
     # ‖a − b‖ = 0, 1, √2 → exp(−0.1·[0, 1, 1.4142136]) = [1, 0.9048374, 0.8681234]
-    assert_close(exponential_kernel(a, b, 0.1), torch.tensor([[1.0, 0.9048374, 0.8681234]], dtype=torch.float64), atol=1e-7, rtol=0)
+    assert_close(
+        exponential_kernel(a, b, 0.1),
+        torch.tensor([[1.0, 0.9048374, 0.8681234]], dtype=torch.float64),
+        atol=1e-7,
+        rtol=0,
+    )
 
 
 def test_kernel_means_entropy_and_penalty_of_two_observed_and_four_total_points():
@@ -52,7 +62,9 @@ def test_kernel_means_entropy_and_penalty_of_two_observed_and_four_total_points(
     h_obs = kernel_means(center, x_obs, w, "gaussian", LN2)
     assert_close(h_obs, torch.tensor([0.625], dtype=torch.float64))
     # penalty = |0.625 − 0.39111328125| − C = 0.23388671875 − 0.01 = 0.22388671875
-    assert_close(balance_penalty(h_obs, h_all, 0.01), torch.tensor(0.22388671875, dtype=torch.float64))
+    assert_close(
+        balance_penalty(h_obs, h_all, 0.01), torch.tensor(0.22388671875, dtype=torch.float64)
+    )
     # entropy = (0.5 ln 0.5 + 1.5 ln 1.5)/2 = (−0.3465736 + 0.6081977)/2 = 0.1308120
     assert_close(entropy_term(w), torch.tensor(0.1308120, dtype=torch.float64), atol=1e-7, rtol=0)
     # objective with γ = 2: 0.1308120 + 2·0.2238867 = 0.5785855
@@ -71,10 +83,14 @@ def test_penalty_is_zero_for_exactly_balancing_weights():
     h_obs = kernel_means(center, x_obs, w, "gaussian", LN2)
     assert_close(h_obs, h_all)
     assert balance_penalty(h_obs, h_all, 1e-12).item() == 0.0
-    assert_close(imbalance(w, x_obs, x_all, center, "gaussian", LN2), torch.zeros(1, dtype=torch.float64))
+    assert_close(
+        imbalance(w, x_obs, x_all, center, "gaussian", LN2), torch.zeros(1, dtype=torch.float64)
+    )
     # uniform weights are not balanced: h_obs = (1 + 1/16)/2 = 0.53125, 0.015625 above h_all
-    assert_close(imbalance(torch.ones(2, dtype=torch.float64), x_obs, x_all, center, "gaussian", LN2),
-                 torch.tensor([0.015625], dtype=torch.float64))
+    assert_close(
+        imbalance(torch.ones(2, dtype=torch.float64), x_obs, x_all, center, "gaussian", LN2),
+        torch.tensor([0.015625], dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,9 +105,16 @@ def test_penalty_is_zero_for_exactly_balancing_weights():
     ],
 )
 def test_each_and_sum_hinges_match_hand_values(h_obs, each, summed):
-    h_obs, h_all = torch.tensor(h_obs, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
-    assert_close(balance_penalty(h_obs, h_all, 0.01, "each"), torch.tensor(each, dtype=torch.float64))
-    assert_close(balance_penalty(h_obs, h_all, 0.01, "sum"), torch.tensor(summed, dtype=torch.float64))
+    h_obs, h_all = (
+        torch.tensor(h_obs, dtype=torch.float64),
+        torch.full((2,), 0.5, dtype=torch.float64),
+    )
+    assert_close(
+        balance_penalty(h_obs, h_all, 0.01, "each"), torch.tensor(each, dtype=torch.float64)
+    )
+    assert_close(
+        balance_penalty(h_obs, h_all, 0.01, "sum"), torch.tensor(summed, dtype=torch.float64)
+    )
 
 
 def test_unknown_hinge_raises_naming_the_plugin():
@@ -120,6 +143,7 @@ def _official_weight_loss(w, f_j, f_o, f_d, gamma, C, kernel):
     h_obs = 1/n · wᵀ k(f_j, f_o); loss_ker_bal = max(0, Σ(h_all − h_obs) − C) + max(0, Σ(h_obs −
     h_all) − C); loss = 1/n · w·log w + γ · loss_ker_bal.
     """
+
     def k(X, Y):
         if kernel == "gaussian":
             sq = (Y**2).sum(1, keepdim=True) + (X**2).sum(1, keepdim=True).T - 2 * Y @ X.T
@@ -129,7 +153,10 @@ def _official_weight_loss(w, f_j, f_o, f_d, gamma, C, kernel):
     h_all = k(f_j, f_d).mean(0)
     h_obs = 1 / len(w) * (w.unsqueeze(1).T @ k(f_j, f_o)).squeeze()
     zero = torch.zeros(1, dtype=w.dtype)
-    bal = torch.max(zero, (h_all - h_obs).sum() - C).sum() + torch.max(zero, (h_obs - h_all).sum() - C).sum()
+    bal = (
+        torch.max(zero, (h_all - h_obs).sum() - C).sum()
+        + torch.max(zero, (h_obs - h_all).sum() - C).sum()
+    )
     return 1 / len(w) * torch.dot(w, torch.log(w)) + gamma * bal
 
 
@@ -142,11 +169,19 @@ def test_objective_with_sum_hinge_equals_the_official_weight_loss(kernel, C):
     f_j = f_d[:3]  # J = 3 centers from the sample, as the code draws them
     w = torch.rand(7, generator=g, dtype=torch.float64) + 0.2
     ours = balancing_objective(
-        w, exponential_kernel(f_j, f_o, 0.1) if kernel == "exponential" else gaussian_kernel(f_j, f_o, 0.1),
-        kernel_means(f_j, f_d, None, kernel, 0.1), gamma=1.0, tolerance=C, hinge="sum",
+        w,
+        exponential_kernel(f_j, f_o, 0.1)
+        if kernel == "exponential"
+        else gaussian_kernel(f_j, f_o, 0.1),
+        kernel_means(f_j, f_d, None, kernel, 0.1),
+        gamma=1.0,
+        tolerance=C,
+        hinge="sum",
     )
     official = _official_weight_loss(w, f_j, f_o, f_d, gamma=1.0, C=C, kernel=kernel)
-    assert official.item() > _official_weight_loss(w, f_j, f_o, f_d, 0.0, C, kernel).item()  # the hinge is active
+    assert (
+        official.item() > _official_weight_loss(w, f_j, f_o, f_d, 0.0, C, kernel).item()
+    )  # the hinge is active
     assert_close(ours, official, atol=1e-12, rtol=1e-10)
 
 
@@ -155,14 +190,18 @@ def _biased_line(seed: int = 0):
     """201 points on [−2, 2], each observed with probability σ(2x): high x over-represented."""
     x_all = torch.linspace(-2, 2, 201, dtype=torch.float64).unsqueeze(1)
     p = torch.sigmoid(2 * x_all[:, 0])
-    observed = torch.rand(201, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < p
+    observed = (
+        torch.rand(201, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < p
+    )
     return x_all, x_all[observed], p[observed]
 
 
 def _fit(x_obs, x_all, seed=1, **kw):
     args = dict(gamma=10.0, tolerance=1e-4, num_centers=16, steps=300, lr=0.05, bandwidth=0.1)
     args.update(kw)
-    return fit_balancing_weights(x_obs, x_all, generator=torch.Generator().manual_seed(seed), **args)
+    return fit_balancing_weights(
+        x_obs, x_all, generator=torch.Generator().manual_seed(seed), **args
+    )
 
 
 def test_fit_balances_a_biased_sample_and_recovers_inverse_propensities():
@@ -186,14 +225,19 @@ def test_fit_is_deterministic_in_the_generator_seed():
 
 def test_gamma_zero_gives_exactly_uniform_weights():
     x_all, x_obs, _ = _biased_line()
-    assert torch.equal(_fit(x_obs, x_all, gamma=0.0), torch.ones(x_obs.shape[0], dtype=torch.float64))
+    assert torch.equal(
+        _fit(x_obs, x_all, gamma=0.0), torch.ones(x_obs.shape[0], dtype=torch.float64)
+    )
 
 
 def test_a_small_center_pool_still_balances():
     x_all, x_obs, _ = _biased_line()
     w = _fit(x_obs, x_all, center_pool=20)  # 20 of the 201 pairs can be centers
     centers = x_all[::4]
-    assert imbalance(w, x_obs, x_all, centers).abs().mean() < imbalance(torch.ones_like(w), x_obs, x_all, centers).abs().mean() / 10
+    assert (
+        imbalance(w, x_obs, x_all, centers).abs().mean()
+        < imbalance(torch.ones_like(w), x_obs, x_all, centers).abs().mean() / 10
+    )
 
 
 def test_an_unbiased_sample_keeps_nearly_uniform_weights():
@@ -207,7 +251,10 @@ def test_all_pairs_and_pair_features_by_hand():
     assert all_pairs(2, 3).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     users = torch.tensor([[1.0], [2.0]])
     items = torch.tensor([[10.0, 11.0], [20.0, 21.0], [30.0, 31.0]])
-    assert pair_features(users, items, torch.tensor([[1, 2], [0, 0]])).tolist() == [[2.0, 30.0, 31.0], [1.0, 10.0, 11.0]]
+    assert pair_features(users, items, torch.tensor([[1, 2], [0, 0]])).tolist() == [
+        [2.0, 30.0, 31.0],
+        [1.0, 10.0, 11.0],
+    ]
 
 
 def test_fitted_embeddings_are_standardized_and_carry_the_user_effect():
@@ -216,12 +263,16 @@ def test_fitted_embeddings_are_standardized_and_carry_the_user_effect():
     a, c = torch.randn(12, generator=g), torch.randn(9, generator=g)
     pairs = all_pairs(12, 9)
     ratings = a[pairs[:, 0]] + c[pairs[:, 1]]
-    users, items = fit_embeddings(pairs, ratings, 12, 9, dim=2, steps=300, generator=torch.Generator().manual_seed(1))
+    users, items = fit_embeddings(
+        pairs, ratings, 12, 9, dim=2, steps=300, generator=torch.Generator().manual_seed(1)
+    )
     assert users.shape == (12, 3) and items.shape == (9, 3)
     assert_close(users.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-10, rtol=0)
     assert_close(users.std(0, unbiased=False), torch.ones(3, dtype=torch.float64))
     # the bias column (last) follows the user effect (measured correlation 0.987; the
     # embedding columns take up the rest)
     assert torch.corrcoef(torch.stack([users[:, -1], a.double()]))[0, 1] > 0.95
-    again = fit_embeddings(pairs, ratings, 12, 9, dim=2, steps=300, generator=torch.Generator().manual_seed(1))
+    again = fit_embeddings(
+        pairs, ratings, 12, 9, dim=2, steps=300, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(users, again[0]) and torch.equal(items, again[1])

@@ -43,18 +43,38 @@ def observed_set(seed=0, **data):
 def test_config_defaults():
     cfg = KernelBalancingConfig()
     assert (cfg.gamma, cfg.tolerance, cfg.num_centers, cfg.kernel, cfg.bandwidth, cfg.hinge) == (
-        10.0, 1e-3, 64, "gaussian", 0.1, "each")
-    assert (cfg.fit_steps, cfg.fit_lr, cfg.center_pool, cfg.feature_dim, cfg.feature_steps) == (300, 0.05, 2048, 4, 300)
+        10.0,
+        1e-3,
+        64,
+        "gaussian",
+        0.1,
+        "each",
+    )
+    assert (cfg.fit_steps, cfg.fit_lr, cfg.center_pool, cfg.feature_dim, cfg.feature_steps) == (
+        300,
+        0.05,
+        2048,
+        4,
+        300,
+    )
     assert cfg.inverse_propensity is False
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"gamma": -1.0}, "gamma"), ({"gamma": math.nan}, "gamma"), ({"tolerance": -1e-3}, "tolerance"),
-        ({"bandwidth": 0.0}, "bandwidth"), ({"fit_lr": 0}, "fit_lr"), ({"num_centers": 0}, "num_centers"),
-        ({"fit_steps": 1.5}, "fit_steps"), ({"center_pool": 0}, "center_pool"), ({"feature_dim": True}, "feature_dim"),
-        ({"feature_steps": -1}, "feature_steps"), ({"kernel": "laplace"}, "kernel"), ({"hinge": "max"}, "hinge"),
+        ({"gamma": -1.0}, "gamma"),
+        ({"gamma": math.nan}, "gamma"),
+        ({"tolerance": -1e-3}, "tolerance"),
+        ({"bandwidth": 0.0}, "bandwidth"),
+        ({"fit_lr": 0}, "fit_lr"),
+        ({"num_centers": 0}, "num_centers"),
+        ({"fit_steps": 1.5}, "fit_steps"),
+        ({"center_pool": 0}, "center_pool"),
+        ({"feature_dim": True}, "feature_dim"),
+        ({"feature_steps": -1}, "feature_steps"),
+        ({"kernel": "laplace"}, "kernel"),
+        ({"hinge": "max"}, "hinge"),
         ({"inverse_propensity": 1}, "inverse_propensity"),
     ],
 )
@@ -67,7 +87,9 @@ def test_metadata_entry_point_and_recipe_round_trip_pass_the_conformance_kit(fas
     cls = check_entry_point("kernel-balancing")
     assert cls is KernelBalancing
     check_metadata(cls, "kernel-balancing")
-    config = check_recipe_roundtrip("kernel-balancing", {**fast, "kernel": "exponential", "hinge": "sum"})
+    config = check_recipe_roundtrip(
+        "kernel-balancing", {**fast, "kernel": "exponential", "hinge": "sum"}
+    )
     assert config == KernelBalancingConfig(**fast, kernel="exponential", hinge="sum")
     assert KernelBalancing.paper.verified is False  # the paper's own text was not available
     assert "matrix_factorization_coat.py" in KernelBalancing.paper.checked_against
@@ -85,7 +107,10 @@ def test_the_example_recipe_and_the_method_card_snippet_validate():
 # -- the fit ------------------------------------------------------------------------------------
 def test_fit_balances_the_observed_set_and_is_deterministic(fast):
     _, pairs, ratings, u, i = observed_set()
-    a, b = KernelBalancing(KernelBalancingConfig(**fast)), KernelBalancing(KernelBalancingConfig(**fast))
+    a, b = (
+        KernelBalancing(KernelBalancingConfig(**fast)),
+        KernelBalancing(KernelBalancingConfig(**fast)),
+    )
     w = a.fit(pairs, ratings, u, i, seed=7)
     assert w.shape == (pairs.shape[0],) and w.dtype == torch.float32
     assert bool(torch.isfinite(w).all()) and bool((w > 0).all())
@@ -128,12 +153,20 @@ def test_hook_returns_the_weights_of_the_batch_rows_and_logs_the_global_ess():
 
 def test_inverse_propensity_divides_by_the_batch_propensity():
     plugin = fitted([1.0, 2.0], inverse_propensity=True)
-    w, _ = call(plugin, torch.rand(2), {"index": torch.tensor([0, 1]), "propensity": torch.tensor([0.5, 0.25])})
+    w, _ = call(
+        plugin,
+        torch.rand(2),
+        {"index": torch.tensor([0, 1]), "propensity": torch.tensor([0.5, 0.25])},
+    )
     assert_close(w, torch.tensor([2.0, 8.0]))  # [1/0.5, 2/0.25]
     with pytest.raises(ValueError, match="kernel-balancing.*propensity"):
         call(plugin, torch.rand(2), {"index": torch.tensor([0, 1])})
     with pytest.raises(ValueError, match="kernel-balancing.*propensit"):
-        call(plugin, torch.rand(2), {"index": torch.tensor([0, 1]), "propensity": torch.tensor([0.0, 0.5])})
+        call(
+            plugin,
+            torch.rand(2),
+            {"index": torch.tensor([0, 1]), "propensity": torch.tensor([0.0, 0.5])},
+        )
 
 
 @pytest.mark.parametrize(
@@ -182,11 +215,17 @@ def test_setup_reads_the_trainers_data_and_the_first_step_fits_from_it(fast):
     plugin.lifecycle_setup(module=module, ctx=StepContext(seed=11))
     assert plugin.weights is None  # the fit waits for the first weighted step
     ctx = StepContext(seed=11, step=0)
-    w = plugin.weighting_sample_weights(losses=torch.ones(3), batch={"index": torch.tensor([5, 0, 2])}, module=module, ctx=ctx)
+    w = plugin.weighting_sample_weights(
+        losses=torch.ones(3), batch={"index": torch.tensor([5, 0, 2])}, module=module, ctx=ctx
+    )
     expected = KernelBalancing(KernelBalancingConfig(**fast)).fit(pairs, ratings, u, i, seed=11)
     assert torch.equal(plugin.weights, expected)
     assert torch.equal(w, expected[[5, 0, 2]])
-    assert {"kernel-balancing/imbalance_before", "kernel-balancing/imbalance_after", "kernel-balancing/ess_fraction"} <= set(ctx.logged)
+    assert {
+        "kernel-balancing/imbalance_before",
+        "kernel-balancing/imbalance_after",
+        "kernel-balancing/ess_fraction",
+    } <= set(ctx.logged)
 
 
 def test_setup_refuses_data_that_is_not_user_item_pairs():
@@ -206,7 +245,9 @@ def test_state_round_trip_restores_the_weights_without_refitting(fast):
     assert set(state) == {"weights", "imbalance_before", "imbalance_after", "ess_fraction"}
     b = KernelBalancing(KernelBalancingConfig(**fast))
     b.load_state_dict(state)
-    w, _ = call(b, torch.ones(3), {"index": torch.tensor([0, 4, 9])})  # no module: no refit possible
+    w, _ = call(
+        b, torch.ones(3), {"index": torch.tensor([0, 4, 9])}
+    )  # no module: no refit possible
     assert torch.equal(w, a.weights[[0, 4, 9]])
     assert b.diagnostics == a.diagnostics
     b.load_state_dict({})  # a checkpoint saved before the first step

@@ -27,7 +27,10 @@ def test_observed_ratings_are_biased_upwards_only_when_exposure_depends_on_the_r
     # measured: observed mean rating ≈ 0.86 (standardized), against 0 over all pairs
     assert biased["rating"][biased["observed"]].mean() > 0.5
     fair = simulate(SyntheticRecsysConfig(exposure_rating=0.0, exposure_popularity=0.0), seed=0)
-    assert_close(fair["propensity"], torch.full_like(fair["propensity"], torch.sigmoid(torch.tensor(-1.5)).item()))
+    assert_close(
+        fair["propensity"],
+        torch.full_like(fair["propensity"], torch.sigmoid(torch.tensor(-1.5)).item()),
+    )
     assert abs(fair["rating"][fair["observed"]].mean().item()) < 0.15
 
 
@@ -36,7 +39,12 @@ def test_dataset_trains_on_the_observed_pairs_and_validates_on_all_pairs():
     dm = build_datamodule("synthetic-recsys", cfg, seed=3)
     sim = simulate(cfg, seed=3)
     assert isinstance(dm.info, RecsysInfo)
-    assert (dm.info.task, dm.info.input_shape, dm.info.num_users, dm.info.num_items) == ("regression", (2,), 30, 20)
+    assert (dm.info.task, dm.info.input_shape, dm.info.num_users, dm.info.num_items) == (
+        "regression",
+        (2,),
+        30,
+        20,
+    )
     train, val = dm.train_set.tensors, dm.val_set.tensors
     pairs = train["input"]
     assert pairs.dtype == torch.int64 and pairs.shape == (int(sim["observed"].sum()), 2)
@@ -57,8 +65,13 @@ def test_dataset_is_a_function_of_the_seed():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"num_users": 0}, "num_users"), ({"rank": 0}, "rank"), ({"noise": -0.1}, "noise"),
-     ({"exposure_rating": float("nan")}, "exposure_rating"), ({"batch_size": 0}, "batch_size")],
+    [
+        ({"num_users": 0}, "num_users"),
+        ({"rank": 0}, "rank"),
+        ({"noise": -0.1}, "noise"),
+        ({"exposure_rating": float("nan")}, "exposure_rating"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
 )
 def test_dataset_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -67,7 +80,9 @@ def test_dataset_config_rejects_bad_values_naming_the_field(kwargs, field):
 
 def test_no_observed_pair_is_an_error():
     with pytest.raises(ValueError, match="no pair was observed"):
-        build_datamodule("synthetic-recsys", {"num_users": 2, "num_items": 2, "exposure_base": -60.0}, seed=0)
+        build_datamodule(
+            "synthetic-recsys", {"num_users": 2, "num_items": 2, "exposure_base": -60.0}, seed=0
+        )
 
 
 def test_mf_prediction_matches_hand_computation():

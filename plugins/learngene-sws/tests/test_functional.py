@@ -44,12 +44,16 @@ def _mlp(depth: int, seed: int = 0, dim: int = 8) -> LearngeneMLP:
 
 def test_sharing_keeps_one_block_per_stage_and_counts_its_parameters_once():
     model = _mlp(6)
-    block = sum(p.numel() for p in model.blocks[0].parameters())  # LN 2·8 + fc1 8·16+16 + fc2 16·8+8 = 296
+    block = sum(
+        p.numel() for p in model.blocks[0].parameters()
+    )  # LN 2·8 + fc1 8·16+16 + fc2 16·8+8 = 296
     assert block == 296
     others = 5 * 8 + 8 + 2 * 8 + 8 * 3 + 3  # stem, final norm, head
     assert trainable_parameters(model) == 6 * block + others
     tie_stages(model.blocks, [2, 1, 3])
-    assert model.blocks[0] is model.blocks[1] and model.blocks[3] is model.blocks[4] is model.blocks[5]
+    assert (
+        model.blocks[0] is model.blocks[1] and model.blocks[3] is model.blocks[4] is model.blocks[5]
+    )
     assert model.blocks[1] is not model.blocks[2] is not model.blocks[3]
     assert trainable_parameters(model) == 3 * block + others  # S × block size (+ the rest)
     with pytest.raises(ValueError, match=r"stages \[2, 2\] need 4 blocks, the model has 6"):
@@ -122,7 +126,14 @@ def test_the_batch_mean_equals_the_codes_distillation_loss():
     zs, zt = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
     y = torch.randint(4, (6,), generator=g)
     a, t = 0.3, 1.7
-    code = F.kl_div(F.log_softmax(zs / t, 1), F.log_softmax(zt / t, 1), reduction="sum", log_target=True) * t * t / zs.numel()
+    code = (
+        F.kl_div(
+            F.log_softmax(zs / t, 1), F.log_softmax(zt / t, 1), reduction="sum", log_target=True
+        )
+        * t
+        * t
+        / zs.numel()
+    )
     code = (1 - a) * F.cross_entropy(zs, y) + a * code
     assert_close(distillation_loss(zs, zt, y, alpha=a, tau=t).mean(), code)
 
@@ -132,7 +143,9 @@ def test_the_distillation_gradient_matches_finite_differences():
     zs = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     zt = torch.randn(3, 4, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 2, 3])
-    assert torch.autograd.gradcheck(lambda z: distillation_loss(z, zt, y, alpha=0.4, tau=2.0), (zs,))
+    assert torch.autograd.gradcheck(
+        lambda z: distillation_loss(z, zt, y, alpha=0.4, tau=2.0), (zs,)
+    )
     # the teacher gets no gradient
     zt.requires_grad_(True)
     distillation_loss(zs, zt, y).sum().backward()

@@ -22,8 +22,14 @@ def _lengths(tmp_path: Path, seed: int, plugins: str) -> tuple[float, float, flo
     built, _ = fit(
         R.load(
             RECIPE,
-            [f"seed={seed}", f"name=s{seed}", f"run_dir={tmp_path}", "trainer.limit_val_batches=0",
-             "objective.eval_samples=0", f"plugins={plugins}"],
+            [
+                f"seed={seed}",
+                f"name=s{seed}",
+                f"run_dir={tmp_path}",
+                "trainer.limit_val_batches=0",
+                "objective.eval_samples=0",
+                f"plugins={plugins}",
+            ],
         )  # fmt: skip
     )
     m = built.module
@@ -37,7 +43,9 @@ def test_ln_dpo_samples_shorter_responses_than_dpo(tmp_path):
     for seed in SEEDS:
         ref, dpo, dpo_reward = _lengths(tmp_path / "dpo", seed, "[]")
         _, ln, ln_reward = _lengths(tmp_path / "ln", seed, "[{name: ln-dpo}]")
-        print(f"seed {seed}: reference {ref:.2f}  DPO {dpo:.2f} (reward {dpo_reward:.3f})  LN-DPO {ln:.2f} (reward {ln_reward:.3f})")
+        print(
+            f"seed {seed}: reference {ref:.2f}  DPO {dpo:.2f} (reward {dpo_reward:.3f})  LN-DPO {ln:.2f} (reward {ln_reward:.3f})"
+        )
         assert ln < dpo - 0.5, (seed, dpo, ln)
         gaps.append(dpo - ln)
     assert sum(gaps) / len(gaps) > 1.0, gaps

@@ -55,7 +55,9 @@ def test_loss_by_hand():
     ln = ln_dpo_loss(3 * one, -2 * one, 0 * one, 0 * one, 3 * one, 4 * one, 0.1)
     assert ln.item() == pytest.approx(math.log1p(math.exp(-0.15)), abs=1e-7)
     assert ln.item() == pytest.approx(0.620957, abs=1e-6)
-    assert dpo_loss(3 * one, -2 * one, 0 * one, 0 * one, 0.1).item() == pytest.approx(0.474077, abs=1e-6)
+    assert dpo_loss(3 * one, -2 * one, 0 * one, 0 * one, 0.1).item() == pytest.approx(
+        0.474077, abs=1e-6
+    )
     # the reference enters through the log-ratio only: shift both policy and reference
     shifted = ln_dpo_loss(-4 * one, -9 * one, -7 * one, -7 * one, 3 * one, 4 * one, 0.1)
     assert_close(shifted, ln)
@@ -66,7 +68,9 @@ def test_gradient_by_hand():
     #   σ(−0.15) = 0.4625702;  −0.1·0.4625702/3 = −0.0154190;  0.1·0.4625702/4 = 0.0115643
     w = torch.tensor([3.0], requires_grad=True)
     lo = torch.tensor([-2.0], requires_grad=True)
-    ln_dpo_loss(w, lo, torch.zeros(1), torch.zeros(1), torch.tensor([3.0]), torch.tensor([4.0]), 0.1).sum().backward()
+    ln_dpo_loss(
+        w, lo, torch.zeros(1), torch.zeros(1), torch.tensor([3.0]), torch.tensor([4.0]), 0.1
+    ).sum().backward()
     s = 1 / (1 + math.exp(0.15))
     assert w.grad.item() == pytest.approx(-0.1 * s / 3, abs=1e-8)
     assert lo.grad.item() == pytest.approx(0.1 * s / 4, abs=1e-8)
@@ -93,7 +97,9 @@ def test_plugin_counts_only_response_tokens():
     assert list(terms) == ["loss"]
     assert terms["loss"].item() == pytest.approx(0.620957, abs=1e-6)
     # β from the config wins over objective.beta: β = 0.2 → log(1 + e^−0.3) = 0.554355
-    terms = LnDpo(LnDpoConfig(beta=0.2)).objective_terms(module=_Module(), batch={}, outputs=out, ctx=None)
+    terms = LnDpo(LnDpoConfig(beta=0.2)).objective_terms(
+        module=_Module(), batch={}, outputs=out, ctx=None
+    )
     assert terms["loss"].item() == pytest.approx(math.log1p(math.exp(-0.3)), abs=1e-6)
 
 
@@ -133,14 +139,20 @@ def test_padding_ids_change_nothing_and_precomputed_reference_works():
     free.model.load_state_dict(module.model.state_dict())
     o = free.outputs(batch)
     manual = -torch.nn.functional.logsigmoid(
-        0.1 * (o["chosen_logps"] / o["chosen_mask"].sum(1) - o["rejected_logps"] / o["rejected_mask"].sum(1))
+        0.1
+        * (
+            o["chosen_logps"] / o["chosen_mask"].sum(1)
+            - o["rejected_logps"] / o["rejected_mask"].sum(1)
+        )
     )
     assert_close(plugin.objective_terms(free, batch, o, None)["loss"], manual)
 
 
 def test_refuses_a_task_without_preference_outputs():
     with pytest.raises(ValueError, match="ln-dpo needs a preference task"):
-        LnDpo(LnDpoConfig()).objective_terms(module=_Module(), batch={}, outputs={"logits": torch.zeros(2, 3)}, ctx=None)
+        LnDpo(LnDpoConfig()).objective_terms(
+            module=_Module(), batch={}, outputs={"logits": torch.zeros(2, 3)}, ctx=None
+        )
 
 
 @pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), "1", True])
@@ -173,7 +185,9 @@ class TestConformance(PluginConformance):
         assert set(terms) == {"loss"} and terms["loss"].shape == (8,)
         assert bool(torch.isfinite(terms["loss"]).all())
         terms["loss"].sum().backward()
-        assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in module.model.parameters())
+        assert all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in module.model.parameters()
+        )
 
     def test_few_steps_stay_finite(self, tmp_path: Path) -> None:
         check_few_steps(self.name, self.plugin_config, tmp_path, task=PREFERENCE_TASK)
@@ -187,4 +201,6 @@ class TestConformance(PluginConformance):
 
     @pytest.mark.slow
     def test_two_fsdp2_processes_equal_one(self, tmp_path: Path) -> None:
-        check_ddp_equals_single(self.name, self.plugin_config, tmp_path, "fsdp2", task=PREFERENCE_TASK)
+        check_ddp_equals_single(
+            self.name, self.plugin_config, tmp_path, "fsdp2", task=PREFERENCE_TASK
+        )

@@ -26,7 +26,9 @@ def test_statsq_of_the_notes_unit_check_by_hand():
     assert_close(statsq_scale(w), torch.tensor([[0.5]]))
     assert_close(pre_round(w, 2)[0], torch.tensor([[-0.1, -1.7, 0.3, -2.1]]))
     assert torch.equal(statsq_codes(w, 2), torch.tensor([[0.0, -2.0, 0.0, -2.0]]))
-    assert torch.equal(statsq(w, 2), torch.tensor([[0.125, -0.375, 0.125, -0.375]]))  # exactly on the grid
+    assert torch.equal(
+        statsq(w, 2), torch.tensor([[0.125, -0.375, 0.125, -0.375]])
+    )  # exactly on the grid
 
 
 def test_statsq_is_per_row_clamps_outliers_and_has_no_zero_level():
@@ -37,7 +39,9 @@ def test_statsq_is_per_row_clamps_outliers_and_has_no_zero_level():
     #   → q = [−2, 2, −2, 2] (half to even) → W_q = 0.4·(q + 0.5)/4 = [−0.15, 0.25, −0.15, 0.25]
     w = torch.tensor([[1.0, 0.0, 0.0, 0.0], [-0.2, 0.2, -0.2, 0.2]])
     assert_close(statsq_scale(w), torch.tensor([[0.5], [0.4]]))
-    assert_close(statsq(w, 3), torch.tensor([[0.4375, 0.0625, 0.0625, 0.0625], [-0.15, 0.25, -0.15, 0.25]]))
+    assert_close(
+        statsq(w, 3), torch.tensor([[0.4375, 0.0625, 0.0625, 0.0625], [-0.15, 0.25, -0.15, 0.25]])
+    )
 
 
 def test_a_zero_row_quantizes_to_zero_instead_of_nan():

@@ -59,9 +59,15 @@ def test_recipe_file_validates():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"bits": 1}, "bits"), ({"bits": 9}, "bits"), ({"boundary_range": 0.5}, "boundary_range"),
-     ({"boundary_range": -0.1}, "boundary_range"), ({"cga_epochs": -1}, "cga_epochs"),
-     ({"cga_steps": -2}, "cga_steps"), ({"momentum": 0.0}, "momentum")],
+    [
+        ({"bits": 1}, "bits"),
+        ({"bits": 9}, "bits"),
+        ({"boundary_range": 0.5}, "boundary_range"),
+        ({"boundary_range": -0.1}, "boundary_range"),
+        ({"cga_epochs": -1}, "cga_epochs"),
+        ({"cga_steps": -2}, "cga_steps"),
+        ({"momentum": 0.0}, "momentum"),
+    ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"OfqConfig.{field}"):
@@ -70,10 +76,16 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, field):
 
 def test_the_annealing_phase_is_the_last_epochs_or_steps():
     p = _plugin(cga_epochs=2)
-    assert [p.annealing(StepContext(epoch=e, max_epochs=5, max_steps=50)) for e in range(5)] == [False] * 3 + [True] * 2
+    assert [p.annealing(StepContext(epoch=e, max_epochs=5, max_steps=50)) for e in range(5)] == [
+        False
+    ] * 3 + [True] * 2
     assert not p.annealing(StepContext(epoch=4, max_epochs=5, max_steps=None))  # outside a fit
     s = _plugin(cga_steps=3)
-    assert [s.annealing(StepContext(step=t, max_steps=10)) for t in (6, 7, 9)] == [False, True, True]
+    assert [s.annealing(StepContext(step=t, max_steps=10)) for t in (6, 7, 9)] == [
+        False,
+        True,
+        True,
+    ]
     assert not _plugin(cga_epochs=0).annealing(StepContext(epoch=4, max_epochs=5, max_steps=50))
     with pytest.raises(ValueError, match="cga_epochs = 2 needs trainer.max_epochs.*set cga_steps"):
         p.annealing(StepContext(epoch=0, max_epochs=-1, max_steps=50))
@@ -81,7 +93,9 @@ def test_the_annealing_phase_is_the_last_epochs_or_steps():
 
 def _tiny(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
 
 
 def test_cga_zeroes_the_gradient_of_frozen_weights_and_restores_them_after_the_step():
@@ -120,7 +134,9 @@ def test_cga_zeroes_the_gradient_of_frozen_weights_and_restores_them_after_the_s
 def test_ofq_refuses_to_act_on_another_reparameterization_output():
     model = _tiny()
     parametrize.register_parametrization(model[2], "weight", nn.Identity())
-    with pytest.raises(ValueError, match="layer '2' already has a reparameterization; put ofq first"):
+    with pytest.raises(
+        ValueError, match="layer '2' already has a reparameterization; put ofq first"
+    ):
         _plugin().reparam_setup(module=Holder(model), ctx=StepContext())
 
 
@@ -147,25 +163,42 @@ def test_merge_bakes_the_quantized_weights_and_keeps_the_function():
 
 
 def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
-    raw = tiny_recipe([{"name": "ofq", **KIT}], run_dir=tmp_path, trainer={"max_steps": 3, "limit_val_batches": 0})
+    raw = tiny_recipe(
+        [{"name": "ofq", **KIT}], run_dir=tmp_path, trainer={"max_steps": 3, "limit_val_batches": 0}
+    )
     built, metrics = fit(R.validate(raw))
     ckpt = load_checkpoint(built.run_dir)  # weights_only=True
     assert sorted(ckpt["state_dict"]) == [
-        "model.1.bias", "model.1.parametrizations.weight.original", "model.4.bias", "model.4.weight",
+        "model.1.bias",
+        "model.1.parametrizations.weight.original",
+        "model.4.bias",
+        "model.4.weight",
     ]
     (entry,) = ckpt["paperhooks"]["plugins"]
     state = entry["state"]
     assert entry["name"] == "ofq" and sorted(state) == ["flips", "oscillations", "tracks"]
-    assert sorted(state["tracks"]) == ["1"] and sorted(state["tracks"]["1"]) == ["codes", "direction", "ema"]
+    assert sorted(state["tracks"]) == ["1"] and sorted(state["tracks"]["1"]) == [
+        "codes",
+        "direction",
+        "ema",
+    ]
     track = state["tracks"]["1"]
-    assert (track["codes"].dtype, track["direction"].dtype, track["ema"].dtype) == (torch.int8, torch.int8, torch.float32)
+    assert (track["codes"].dtype, track["direction"].dtype, track["ema"].dtype) == (
+        torch.int8,
+        torch.int8,
+        torch.float32,
+    )
     assert track["codes"].shape == (16, 64)
     assert metrics["model/trainable_parameters"] == 64 * 16 + 16 + 16 * 10 + 10  # StatsQ adds none
-    assert {"ofq/oscillations", "ofq/flips", "ofq/oscillation_ema", "ofq/frozen_fraction"} <= set(metrics)
+    assert {"ofq/oscillations", "ofq/flips", "ofq/oscillation_ema", "ofq/frozen_fraction"} <= set(
+        metrics
+    )
 
 
 # -- the paper's effect --------------------------------------------------------------------------------
-def _train(seed: int, cga_epochs: int, *, epochs: int = 15, batch: int = 128, lr: float = 0.05) -> tuple[float, list[int]]:
+def _train(
+    seed: int, cga_epochs: int, *, epochs: int = 15, batch: int = 128, lr: float = 0.05
+) -> tuple[float, list[int]]:
     """2-bit QAT of a digits MLP (64-64 hidden, both hidden layers quantized, head in full
     precision), SGD lr 0.05 momentum 0.9 at a constant rate; the hooks called in the core's
     order. Returns the validation accuracy and the oscillations counted in each epoch."""

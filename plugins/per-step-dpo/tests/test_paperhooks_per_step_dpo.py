@@ -297,7 +297,9 @@ def test_chain_task_first_pit_success_and_where_the_gain_comes_from(tmp_path: Pa
         # 1. the first pit against the generator's pit (1-based step of the first invalid token)
         batch = dm.train_set.__getitems__(list(range(256)))
         with torch.no_grad():
-            est = _plugin(dm, **CHAIN_CFG).advantages(runs["psd"].module.eval(), batch, StepContext(seed=seed))
+            est = _plugin(dm, **CHAIN_CFG).advantages(
+                runs["psd"].module.eval(), batch, StepContext(seed=seed)
+            )
         true_pit = batch["rejected_steps"][torch.arange(256), 2 + batch["rejected_pit"]] + 1
         assert bool((est["c"] <= true_pit).all()), seed
         agree = float((est["c"] == true_pit).float().mean())
@@ -309,11 +311,16 @@ def test_chain_task_first_pit_success_and_where_the_gain_comes_from(tmp_path: Pa
             module = built.module.eval()
             m[label] = module.sample_eval(256)[0]
             with torch.no_grad():
-                p = module.model.lm(input_ids=rows["chosen_ids"], attention_mask=rows["chosen_attention"]).logits.softmax(-1)
+                p = module.model.lm(
+                    input_ids=rows["chosen_ids"], attention_mask=rows["chosen_attention"]
+                ).logits.softmax(-1)
             step = p[:, 1:5, 2:]  # next-token probabilities at the 4 steps, content tokens only
             m[label + "_pit"] = float(((step * (1 - valid)).sum(-1) / step.sum(-1)).mean())
             m[label + "_eos"] = float(p[:, 5, 1].mean())  # after the 4th valid step
-        print(f"seed {seed}: pit agreement {agree:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        print(
+            f"seed {seed}: pit agreement {agree:.3f}; "
+            + ", ".join(f"{k} {v:.3f}" for k, v in m.items())
+        )
         assert agree >= 0.75, (seed, agree)
         assert m["psd"] > m["dpo"] + 0.1, (seed, m)
         assert m["psd_eos"] > m["dpo_eos"] + 0.3, (seed, m)

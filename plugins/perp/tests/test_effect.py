@@ -40,12 +40,21 @@ X, Y, TRAIN, VAL = _data()
 
 
 def _net() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, 128), nn.LayerNorm(128), nn.ReLU(),
-                         nn.Linear(128, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Linear(64, 128),
+        nn.LayerNorm(128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.LayerNorm(64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
 
 
 def _train(net, steps, lr, seed, masks=None):
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     g = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(steps):
@@ -70,7 +79,9 @@ def _prune(net, keep=None):
     masks = pruning.add_masks(net)
     with torch.no_grad():
         if keep is None:
-            keep = pruning.global_allocation(pruning.magnitude_scores(pruning.local_weights(net, masks)), SPARSITY)
+            keep = pruning.global_allocation(
+                pruning.magnitude_scores(pruning.local_weights(net, masks)), SPARSITY
+            )
         pruning.set_masks(net, masks, keep)
         pruning.zero_pruned(net, masks)
     return masks, keep
@@ -86,14 +97,18 @@ def run(seed: int) -> dict[str, tuple[float, int]]:
     _train(dense, 400, 1e-2, seed)
     dense_acc = _acc(dense)
     masks, keep = _prune(dense)
-    pruned = {k: v.clone() for k, v in merge(dense).state_dict().items()}  # plain weights, zeros pruned
+    pruned = {
+        k: v.clone() for k, v in merge(dense).state_dict().items()
+    }  # plain weights, zeros pruned
     out = {"dense": (dense_acc, _trainable(dense)), "dense+prune (no retraining)": (_acc(dense), 0)}
     for arm in (*ARMS, "full"):
         torch.manual_seed(seed + 100)
         net = _net()
         net.load_state_dict(pruned)
         if arm != "full":
-            Perp(PerpConfig(method=arm, r=4, alpha=8)).reparam_setup(module=SimpleNamespace(model=net), ctx=None)
+            Perp(PerpConfig(method=arm, r=4, alpha=8)).reparam_setup(
+                module=SimpleNamespace(model=net), ctx=None
+            )
         masks, _ = _prune(net, keep)
         n = _trainable(net)
         _train(net, STEPS, 5e-3, seed + 1, masks)

@@ -38,7 +38,13 @@ def test_recipe_file_validates():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"method": "lora"}, "method"), ({"r": 0}, "r"), ({"r": True}, "r"), ({"alpha": 0}, "alpha"), ({"biases": "yes"}, "biases")],
+    [
+        ({"method": "lora"}, "method"),
+        ({"r": 0}, "r"),
+        ({"r": True}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"biases": "yes"}, "biases"),
+    ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"PerpConfig.{field}"):
@@ -55,7 +61,9 @@ def test_mask_lora_by_hand():
     assert torch.equal(mask_lora(w, a, b, 2.0), torch.tensor([[7.0, 0.0], [0.0, 18.0]]))
     # at init (B = 0) the layer is the pruned one, exactly
     m = MaskLoRA(w.shape, r=4, alpha=8)
-    assert m.scaling == 2.0 and torch.equal(m.lora_B, torch.zeros(2, 4)) and m.lora_A.shape == (4, 2)
+    assert (
+        m.scaling == 2.0 and torch.equal(m.lora_B, torch.zeros(2, 4)) and m.lora_A.shape == (4, 2)
+    )
     assert torch.equal(m(w), w)
 
 
@@ -89,9 +97,16 @@ def test_trainable_set_and_count_by_hand():
     net = nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3))
     plugin = _setup(net, r=2, alpha=4)
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == {"0.bias", "1.weight", "1.bias", "3.bias", "0.parametrizations.weight.0.lora_A",
-                         "0.parametrizations.weight.0.lora_B", "3.parametrizations.weight.0.lora_A",
-                         "3.parametrizations.weight.0.lora_B"}
+    assert trainable == {
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.bias",
+        "0.parametrizations.weight.0.lora_A",
+        "0.parametrizations.weight.0.lora_B",
+        "3.parametrizations.weight.0.lora_A",
+        "3.parametrizations.weight.0.lora_B",
+    }
     assert plugin.trainable == 67
     # selective only: 9 + 12 = 21
     net2 = nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3))
@@ -109,7 +124,9 @@ def test_masked_entries_stay_zero_in_training_and_after_merge():
     for method in ("mask_lora", "scale_lora"):
         net = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 4))
         masks = pruning.add_masks(net)
-        keep = pruning.global_allocation(pruning.magnitude_scores(pruning.local_weights(net, masks)), 0.75)
+        keep = pruning.global_allocation(
+            pruning.magnitude_scores(pruning.local_weights(net, masks)), 0.75
+        )
         pruning.set_masks(net, masks, keep)
         pruning.zero_pruned(net, masks)
         plain = merge(net).state_dict()
@@ -129,7 +146,9 @@ def test_masked_entries_stay_zero_in_training_and_after_merge():
             assert bool((adapter(layer.parametrizations.weight.original)[~keep[k]] == 0).all())
             assert bool((layer.weight[~keep[k]] == 0).all())
             init = 0.0 if method == "mask_lora" else 3**-0.5  # B at init: 0, or 1/√r with r = 3
-            assert not torch.equal(adapter.lora_B.detach(), torch.full_like(adapter.lora_B, init))  # trained
+            assert not torch.equal(
+                adapter.lora_B.detach(), torch.full_like(adapter.lora_B, init)
+            )  # trained
         x = torch.randn(5, 10)
         before = net(x)
         merged = merge(net)
@@ -170,7 +189,11 @@ def staged(tmp_path):
 
 
 def _masks(state):
-    return {k.removeprefix("model.").split(".parametrizations")[0]: v for k, v in state.items() if k.endswith(".mask")}
+    return {
+        k.removeprefix("model.").split(".parametrizations")[0]: v
+        for k, v in state.items()
+        if k.endswith(".mask")
+    }
 
 
 @pytest.mark.parametrize("method", ["mask_lora", "scale_lora"])
@@ -180,26 +203,37 @@ def test_staged_prune_then_perp_keeps_the_sparsity_exactly(staged, method):
     pruned = load_checkpoint(run / "1-prune")["state_dict"]
     end = load_checkpoint(run / "2-retrain")["state_dict"]
     m0, m1 = _masks(pruned), _masks(end)
-    assert set(m1) == set(N_LAYERS) and all(torch.equal(m0[k], m1[k]) for k in m0)  # carried unchanged
+    assert set(m1) == set(N_LAYERS) and all(
+        torch.equal(m0[k], m1[k]) for k in m0
+    )  # carried unchanged
     for k, n in N_LAYERS.items():  # uniform allocation: round(0.8·n) per layer, exactly
         assert int((~m1[k]).sum()) == round(0.8 * n)
-    assert metrics["pruning/sparsity"] == pytest.approx(round(0.8 * 1536) / 1776 + round(0.8 * 240) / 1776)
+    assert metrics["pruning/sparsity"] == pytest.approx(
+        round(0.8 * 1536) / 1776 + round(0.8 * 240) / 1776
+    )
     # the stored weights are frozen (equal to the carried ones), the adapters trained; the
     # merged effective weight is zero where pruned
     for k in N_LAYERS:
         stored = end[f"model.{k}.parametrizations.weight.original"]
         assert torch.equal(stored, pruned[f"model.{k}.parametrizations.weight.original"] * m0[k])
-        a, b = end[f"model.{k}.parametrizations.weight.0.lora_A"], end[f"model.{k}.parametrizations.weight.0.lora_B"]
+        a, b = (
+            end[f"model.{k}.parametrizations.weight.0.lora_A"],
+            end[f"model.{k}.parametrizations.weight.0.lora_B"],
+        )
         eff = mask_lora(stored, a, b, 2.0) if method == "mask_lora" else scale_lora(stored, a, b)
         assert bool((eff[~m1[k]] == 0).all()) and not torch.equal(eff, stored)
     # 24 + 10 biases; A [2, 64] + B [24, 2] + A [2, 24] + B [10, 2] = 128 + 48 + 48 + 20 = 244
     assert metrics["perp/trainable"] == 278 and metrics["model/trainable_parameters"] == 278
 
 
-@pytest.mark.parametrize("ckpt", ["2-retrain/checkpoints/step5.ckpt", "1-prune/checkpoints/last.ckpt"])
+@pytest.mark.parametrize(
+    "ckpt", ["2-retrain/checkpoints/step5.ckpt", "1-prune/checkpoints/last.ckpt"]
+)
 def test_resume_inside_perp_and_between_stages_is_bit_identical(staged, ckpt):
     full, _ = fit(load_recipe(staged, ["name=full"]))
-    resumed, _ = fit(load_recipe(staged, ["name=resumed"]), resume=str(full.run_dir / "stages" / ckpt))
+    resumed, _ = fit(
+        load_recipe(staged, ["name=resumed"]), resume=str(full.run_dir / "stages" / ckpt)
+    )
     a = load_checkpoint(full.run_dir / "stages" / "2-retrain")["state_dict"]
     b = load_checkpoint(resumed.run_dir / "stages" / "2-retrain")["state_dict"]
     assert_states_close(a, b, atol=0)

@@ -59,7 +59,9 @@ def _digits():
 
 
 def _net() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 5))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
 
 
 def _acc(model, x, y) -> float:
@@ -94,7 +96,9 @@ def run_pst(seed: int, **config) -> tuple[float, int]:
     """Held-out accuracy after PST fine-tuning, and the number of trained scalars."""
     x, y, xv, yv = _digits()
     model = _model(seed)
-    plugin = Pst(PstConfig(final_sparsity=0.9, weight_rank=4, mask_rank=4, trainable=("4.bias",), **config))
+    plugin = Pst(
+        PstConfig(final_sparsity=0.9, weight_rank=4, mask_rank=4, trainable=("4.bias",), **config)
+    )
     module = _Module(model)
     plugin.reparam_setup(module=module, ctx=StepContext(seed=seed))
     masks = pruning.add_masks(model)
@@ -111,9 +115,13 @@ def run_pst(seed: int, **config) -> tuple[float, int]:
         if s is None or s == current:
             continue
         with torch.no_grad():  # the core's _prune
-            scores = plugin.pruning_scores(params=pruning.local_weights(model, masks), module=module, ctx=ctx)
+            scores = plugin.pruning_scores(
+                params=pruning.local_weights(model, masks), module=module, ctx=ctx
+            )
             scores = {k: torch.where(m.mask, scores[k], -torch.inf) for k, m in masks.items()}
-            pruning.set_masks(model, masks, plugin.pruning_allocate(scores=scores, sparsity=s, ctx=ctx))
+            pruning.set_masks(
+                model, masks, plugin.pruning_allocate(scores=scores, sparsity=s, ctx=ctx)
+            )
         current = s
     assert pruning.sparsity_of(masks) == pytest.approx(plugin.config.final_sparsity, abs=1e-3)
     return _acc(model, xv, yv), sum(p.numel() for p in params)
@@ -126,7 +134,11 @@ def test_learned_scores_beat_magnitude_at_90_percent_sparsity():
         mag, n_mag = run_pst(seed, mask_alpha1=0.0, mask_alpha2=0.0)
         assert n_pst == n_mag == 4082
         rows.append((pst, mag))
-    print("seed pst magnitude", *[f"{s}: {p:.3f} {m:.3f}" for s, (p, m) in zip(SEEDS, rows, strict=True)], sep="\n")
+    print(
+        "seed pst magnitude",
+        *[f"{s}: {p:.3f} {m:.3f}" for s, (p, m) in zip(SEEDS, rows, strict=True)],
+        sep="\n",
+    )
     mean_pst, mean_mag = (sum(r[i] for r in rows) / len(rows) for i in (0, 1))
     assert mean_pst > mean_mag + 0.005
     assert all(p >= m for p, m in rows)

@@ -23,7 +23,13 @@ RECIPE = Path(__file__).parents[3] / "recipes" / "pst.yaml"
 
 #: the ramp spans the whole fit (t_w = t_f = 0), so the kit's resume (step 13 of 16) and
 #: DDP (6 steps) checks stop in the middle of the schedule; small ranks for the kit's 64-16-10 MLP
-KIT = {"final_sparsity": 0.5, "initial_warmup": 0.0, "final_warmup": 0.0, "weight_rank": 2, "mask_rank": 2}
+KIT = {
+    "final_sparsity": 0.5,
+    "initial_warmup": 0.0,
+    "final_warmup": 0.0,
+    "weight_rank": 2,
+    "mask_rank": 2,
+}
 
 
 class TestConformance(PluginConformance):
@@ -107,11 +113,15 @@ def test_schedule_by_hand_and_equal_to_the_official_formula():
     assert at(10) == 0.0 and at(90) == pytest.approx(0.9)
     assert at(9) is None and at(91) is None  # the masks stay: s_i before, s_f after
     official = Pst(PstConfig())
-    assert official.pruning_schedule(ctx=StepContext(step=40, max_steps=100)) == pytest.approx(0.7875)
+    assert official.pruning_schedule(ctx=StepContext(step=40, max_steps=100)) == pytest.approx(
+        0.7875
+    )
     # every step of the ramp equals the official function; outside it the mask is kept at the
     # value the official function returns there (s_i before, s_f after)
     for T, tw, tf in ((100, 0.1, 0.3), (200, 0.1, 0.1), (50, 0.2, 0.4)):
-        p = Pst(PstConfig(final_sparsity=0.8, initial_sparsity=0.1, initial_warmup=tw, final_warmup=tf))
+        p = Pst(
+            PstConfig(final_sparsity=0.8, initial_sparsity=0.1, initial_warmup=tw, final_warmup=tf)
+        )
         last = None
         for t in range(T + 1):
             s = p.pruning_schedule(ctx=StepContext(step=t, max_steps=T))
@@ -152,8 +162,13 @@ def test_only_the_pst_tensors_train_and_their_count():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"final_sparsity": 1.0}, "final_sparsity"), ({"initial_warmup": 0.6, "final_warmup": 0.5}, "initial_warmup"),
-     ({"mask_rank": 0}, "mask_rank"), ({"weight_beta": -1.0}, "weight_beta"), ({"initial_sparsity": 0.95}, "initial_sparsity")],
+    [
+        ({"final_sparsity": 1.0}, "final_sparsity"),
+        ({"initial_warmup": 0.6, "final_warmup": 0.5}, "initial_warmup"),
+        ({"mask_rank": 0}, "mask_rank"),
+        ({"weight_beta": -1.0}, "weight_beta"),
+        ({"initial_sparsity": 0.95}, "initial_sparsity"),
+    ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"PstConfig.{field}"):
@@ -163,13 +178,18 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, field):
 def test_recipe_file_validates():
     recipe = load_recipe(RECIPE)
     assert [name for name, _ in recipe.stages] == ["dense", "pst"]
-    assert [p.name for p in recipe.stages[1][1].plugins] == ["pst"] and not recipe.stages[0][1].plugins
+    assert [p.name for p in recipe.stages[1][1].plugins] == ["pst"] and not recipe.stages[0][
+        1
+    ].plugins
 
 
 # -- in a fit ----------------------------------------------------------------------------------------
 def test_fit_reaches_the_sparsity_exactly_keeps_w_frozen_and_reports_trainable_count(tmp_path):
-    raw = tiny_recipe([{"name": "pst", **KIT, "final_sparsity": 0.8, "final_warmup": 0.25}], run_dir=tmp_path / "runs",
-                      trainer={"max_steps": 12, "limit_val_batches": 0, "checkpoint_every_n_steps": 6})
+    raw = tiny_recipe(
+        [{"name": "pst", **KIT, "final_sparsity": 0.8, "final_warmup": 0.25}],
+        run_dir=tmp_path / "runs",
+        trainer={"max_steps": 12, "limit_val_batches": 0, "checkpoint_every_n_steps": 6},
+    )
     built, _ = _fit(raw)
     ckpt = torch.load(built.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     mid = torch.load(built.run_dir / "checkpoints" / "step6.ckpt", weights_only=True)["state_dict"]
@@ -180,15 +200,23 @@ def test_fit_reaches_the_sparsity_exactly_keeps_w_frozen_and_reports_trainable_c
         # W and its bias frozen; U..C moved
         for t in ("parametrizations.weight.original", "bias"):
             assert torch.equal(mid[f"{layer}.{t}"], sd[f"{layer}.{t}"])
-        assert not torch.equal(mid[f"{layer}.parametrizations.weight.0.B"], sd[f"{layer}.parametrizations.weight.0.B"])
+        assert not torch.equal(
+            mid[f"{layer}.parametrizations.weight.0.B"], sd[f"{layer}.parametrizations.weight.0.B"]
+        )
         m = sd[f"{layer}.parametrizations.weight.1.mask"]
         assert int((~m).sum()) == round(0.8 * m.numel())  # every layer at s_f exactly
         total, kept = total + m.numel(), kept + int(m.sum())
     assert ckpt["paperhooks"]["sparsity"] == pytest.approx(1 - kept / total)
     metrics = json.loads((built.run_dir / "metrics.json").read_text())
-    pst_params = sum(v.numel() for k, v in sd.items() if ".parametrizations.weight.0." in k and k[-1] in "UVABRC")
+    pst_params = sum(
+        v.numel() for k, v in sd.items() if ".parametrizations.weight.0." in k and k[-1] in "UVABRC"
+    )
     assert metrics["model/trainable_parameters"] == pst_params
 
 
 def _masked(sd):
-    return sorted(k[: -len(".parametrizations.weight.1.mask")] for k in sd if k.endswith(".parametrizations.weight.1.mask"))
+    return sorted(
+        k[: -len(".parametrizations.weight.1.mask")]
+        for k in sd
+        if k.endswith(".parametrizations.weight.1.mask")
+    )

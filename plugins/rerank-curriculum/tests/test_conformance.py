@@ -93,19 +93,27 @@ class TestConformance(PluginConformance):
         full, _ = fit_here(raw)
         end = load_checkpoint(full.run_dir)
         mid = load_checkpoint(full.run_dir, "step13.ckpt")
-        assert not all(torch.equal(mid["state_dict"][k], end["state_dict"][k]) for k in end["state_dict"])
-        resumed, _ = fit_here({**raw, "name": "resumed"}, resume=full.run_dir / "checkpoints" / "step13.ckpt")
+        assert not all(
+            torch.equal(mid["state_dict"][k], end["state_dict"][k]) for k in end["state_dict"]
+        )
+        resumed, _ = fit_here(
+            {**raw, "name": "resumed"}, resume=full.run_dir / "checkpoints" / "step13.ckpt"
+        )
         again = load_checkpoint(resumed.run_dir)
         assert again["global_step"] == 16
         assert_states_close(end["state_dict"], again["state_dict"], atol=0)
         assert_nested_equal(end["optimizer_states"], again["optimizer_states"], "optimizer_states")
         assert_nested_equal(end["lr_schedulers"], again["lr_schedulers"], "lr_schedulers")
-        assert_nested_equal(end["paperhooks"]["plugins"], again["paperhooks"]["plugins"], "plugin states")
+        assert_nested_equal(
+            end["paperhooks"]["plugins"], again["paperhooks"]["plugins"], "plugin states"
+        )
 
     @pytest.mark.slow
     def test_two_processes_equal_one(self, tmp_path: Path) -> None:
         # one single-process run, compared with 2 processes under ddp and under fsdp2
-        raw = difficulty_recipe(tmp_path, "ddp", trainer={"limit_val_batches": 0}, batch_size=64, dropout=0.0)
+        raw = difficulty_recipe(
+            tmp_path, "ddp", trainer={"limit_val_batches": 0}, batch_size=64, dropout=0.0
+        )
         path = tmp_path / "recipe.yaml"
         path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
         one = load_checkpoint(fit_cli(path, ["name=one"], cwd=tmp_path))
@@ -114,4 +122,10 @@ class TestConformance(PluginConformance):
             many = load_checkpoint(fit_cli(path, overrides, cwd=tmp_path))
             assert one["global_step"] == many["global_step"] == 6, strategy
             assert_states_close(one["state_dict"], many["state_dict"], atol=1e-6, rtol=1e-5)
-            assert_nested_close(one["paperhooks"]["plugins"], many["paperhooks"]["plugins"], strategy, atol=1e-6, rtol=1e-5)
+            assert_nested_close(
+                one["paperhooks"]["plugins"],
+                many["paperhooks"]["plugins"],
+                strategy,
+                atol=1e-6,
+                rtol=1e-5,
+            )

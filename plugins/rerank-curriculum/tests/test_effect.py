@@ -26,12 +26,16 @@ EPOCHS, END, NOISE, BATCH = 20, 15.0, 0.4, 64
 
 def selected_accuracy(seed: int, curriculum: bool) -> float:
     """Odd-half validation accuracy at the epoch that is best on the even half."""
-    dm = build_datamodule("digits-difficulty", {"label_noise": {"kind": "symmetric", "rate": NOISE}}, seed)
+    dm = build_datamodule(
+        "digits-difficulty", {"label_noise": {"kind": "symmetric", "rate": NOISE}}, seed
+    )
     train = dm.train_set.tensors
     xv, yv = dm.val_set.tensors["input"], dm.val_set.tensors["target"]
     select = torch.arange(len(yv)) % 2 == 0
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     plugins = []
     if curriculum:

@@ -52,7 +52,9 @@ def test_pointwise_difficulty_is_h_for_relevant_and_one_minus_h_for_the_rest():
     rel = torch.tensor([True, True, False, False])
     assert_close(pointwise_difficulty(h, rel), torch.tensor([1.0, 0.25, 0.75, 0.9]) + SMOOTH)
     # anti flips h first: D = [0, 0.75, 0.25, 0.1] + ε = 1 − D (+ 2ε − ε)
-    assert_close(pointwise_difficulty(h, rel, anti=True), torch.tensor([0.0, 0.75, 0.25, 0.1]) + SMOOTH)
+    assert_close(
+        pointwise_difficulty(h, rel, anti=True), torch.tensor([0.0, 0.75, 0.25, 0.1]) + SMOOTH
+    )
 
 
 def test_pairwise_difficulty_takes_the_hardest_negative():
@@ -133,13 +135,28 @@ def test_notes_unit_example_rank_four_at_epoch_ten_of_twenty():
 def test_units_epoch_step_and_fraction():
     batch = {"rank": torch.tensor([2]), "relevance": torch.tensor([1.0])}  # D = 0.5
     # step unit, m = 100 steps: step 25 → p = 0.25 → W = 0.5·0.75 + 0.25 = 0.625
-    assert_close(weights(plugin(unit="step", end_of_curriculum=100), batch, StepContext(step=25)), torch.tensor([0.625]))
+    assert_close(
+        weights(plugin(unit="step", end_of_curriculum=100), batch, StepContext(step=25)),
+        torch.tensor([0.625]),
+    )
     # the epoch unit ignores the step
-    assert_close(weights(plugin(end_of_curriculum=4), batch, StepContext(step=999, epoch=1)), torch.tensor([0.625]))
+    assert_close(
+        weights(plugin(end_of_curriculum=4), batch, StepContext(step=999, epoch=1)),
+        torch.tensor([0.625]),
+    )
     # fraction unit, m = 0.5 of training: step 100 of 800 → progress 0.125 → p = 0.25
     ctx = StepContext(step=100, max_steps=800)
-    assert_close(weights(plugin(unit="fraction", end_of_curriculum=0.5), batch, ctx), torch.tensor([0.625]))
-    assert weights(plugin(unit="fraction", end_of_curriculum=0.5), batch, StepContext(step=400, max_steps=800)) is None
+    assert_close(
+        weights(plugin(unit="fraction", end_of_curriculum=0.5), batch, ctx), torch.tensor([0.625])
+    )
+    assert (
+        weights(
+            plugin(unit="fraction", end_of_curriculum=0.5),
+            batch,
+            StepContext(step=400, max_steps=800),
+        )
+        is None
+    )
     with pytest.raises(ValueError, match="rerank-curriculum.*max_steps"):
         weights(plugin(unit="fraction", end_of_curriculum=0.5), batch, StepContext(step=1))
 
@@ -150,7 +167,10 @@ def test_normscore_kdescore_and_pairwise_read_their_batch_keys():
     batch = {"normscore": torch.tensor([0.9, 0.2]), "relevance": torch.tensor([1.0, 0.0])}
     assert_close(weights(plugin(heuristic="normscore"), batch, ctx), torch.tensor([0.9, 0.8]))
     batch = {"kdescore": torch.tensor([0.3]), "label": torch.tensor([2])}
-    assert_close(weights(plugin(heuristic="kdescore", relevance_key="label"), batch, ctx), torch.tensor([0.3]))
+    assert_close(
+        weights(plugin(heuristic="kdescore", relevance_key="label"), batch, ctx),
+        torch.tensor([0.3]),
+    )
     # pairwise needs no relevance key: column 0 is the relevant document (values from above)
     batch = {"rank": torch.tensor([[1, 2, 5], [10, 1, 2]])}
     assert_close(weights(plugin(mode="pairwise"), batch, ctx), torch.tensor([0.75, 0.05]))
@@ -163,7 +183,11 @@ def test_missing_or_invalid_batch_keys_raise_naming_the_plugin():
     with pytest.raises(ValueError, match=r"rerank-curriculum.*lacks \['relevance'\]"):
         weights(plugin(), {"rank": torch.tensor([1, 2])}, ctx)
     with pytest.raises(ValueError, match="rerank-curriculum.*normscore.*\\[0, 1\\]"):
-        weights(plugin(heuristic="normscore"), {"normscore": torch.tensor([1.5]), "relevance": torch.ones(1)}, ctx)
+        weights(
+            plugin(heuristic="normscore"),
+            {"normscore": torch.tensor([1.5]), "relevance": torch.ones(1)},
+            ctx,
+        )
     with pytest.raises(ValueError, match="rerank-curriculum.*shape"):
         weights(plugin(), {"rank": torch.tensor([[1, 2]]), "relevance": torch.ones(1)}, ctx)
 
@@ -172,10 +196,14 @@ def test_missing_or_invalid_batch_keys_raise_naming_the_plugin():
 def test_non_finite_losses_raise_naming_the_plugin(bad):
     batch = {"rank": torch.tensor([1, 2, 3]), "relevance": torch.ones(3)}
     with pytest.raises(ValueError, match="rerank-curriculum"):
-        plugin().weighting_sample_weights(losses=torch.tensor([1.0, bad, 0.5]), batch=batch, ctx=StepContext())
+        plugin().weighting_sample_weights(
+            losses=torch.tensor([1.0, bad, 0.5]), batch=batch, ctx=StepContext()
+        )
 
 
-@pytest.mark.parametrize("losses", [torch.zeros(4), torch.full((4,), 2.3), torch.tensor([0.1, 5.0, 0.0, 9.0])])
+@pytest.mark.parametrize(
+    "losses", [torch.zeros(4), torch.full((4,), 2.3), torch.tensor([0.1, 5.0, 0.0, 9.0])]
+)
 def test_weights_do_not_depend_on_the_losses(losses):
     # zero-loss and equal-loss batches are ordinary: W comes from the heuristic only
     batch = {"rank": torch.tensor([1, 2, 4, 8]), "relevance": torch.ones(4)}
@@ -190,11 +218,26 @@ def test_family_properties_on_batches_with_the_heuristic_keys():
     for mode in ("pointwise", "pairwise"):
         for n in (1, 16):
             shape = (n,) if mode == "pointwise" else (n, 3)
-            for rank in (torch.ones(shape, dtype=torch.long), torch.randint(1, 1000, shape, generator=g)):
-                for relevance in (torch.zeros(n), torch.ones(n)):  # all-negative: D = 1 − 1/rank can be 0
+            for rank in (
+                torch.ones(shape, dtype=torch.long),
+                torch.randint(1, 1000, shape, generator=g),
+            ):
+                for relevance in (
+                    torch.zeros(n),
+                    torch.ones(n),
+                ):  # all-negative: D = 1 − 1/rank can be 0
                     for epoch in (0, 5, 19):
-                        w = weights(plugin(mode=mode), {"rank": rank, "relevance": relevance}, StepContext(epoch=epoch), n)
-                        assert w.shape == (n,) and bool(torch.isfinite(w).all()) and bool((w >= 0).all())
+                        w = weights(
+                            plugin(mode=mode),
+                            {"rank": rank, "relevance": relevance},
+                            StepContext(epoch=epoch),
+                            n,
+                        )
+                        assert (
+                            w.shape == (n,)
+                            and bool(torch.isfinite(w).all())
+                            and bool((w >= 0).all())
+                        )
                         assert bool(w.sum() > 0), (mode, n, epoch)
 
 
@@ -214,7 +257,11 @@ def test_plugin_has_no_state_and_complete_metadata():
 def test_config_defaults_are_the_official_ones():
     cfg = RerankCurriculumConfig()
     assert (cfg.heuristic, cfg.mode, cfg.end_of_curriculum, cfg.unit, cfg.anti) == (
-        "reciprank", "pointwise", 20.0, "epoch", False,
+        "reciprank",
+        "pointwise",
+        20.0,
+        "epoch",
+        False,
     )
 
 
@@ -262,7 +309,9 @@ def test_centroid_ranker_by_hand():
 
 def test_digits_difficulty_carries_the_keys_and_ranks_noisy_labels_low():
     assert "digits-difficulty" in DATASETS
-    dm = build_datamodule("digits-difficulty", {"label_noise": {"kind": "symmetric", "rate": 0.4}}, 0)
+    dm = build_datamodule(
+        "digits-difficulty", {"label_noise": {"kind": "symmetric", "rate": 0.4}}, 0
+    )
     t = dm.train_set.tensors
     assert {"rank", "normscore", "relevance", "input", "target", "index"} <= set(t)
     assert int(t["rank"].min()) >= 1 and int(t["rank"].max()) <= 10

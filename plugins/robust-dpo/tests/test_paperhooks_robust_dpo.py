@@ -59,7 +59,9 @@ def test_two_ddp_processes_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_two_fsdp2_processes_equal_one_process(tmp_path):
-    check_ddp_equals_single("robust-dpo", KIT, tmp_path, strategy="fsdp2", task=PREFERENCE_TASK, atol=1e-5)
+    check_ddp_equals_single(
+        "robust-dpo", KIT, tmp_path, strategy="fsdp2", task=PREFERENCE_TASK, atol=1e-5
+    )
 
 
 def test_recipe_file_validates():
@@ -115,8 +117,16 @@ def test_epsilon_zero_is_dpo():
     dpo = module.losses(batch, out)
     terms = _plugin(0.0).objective_terms(module=module, batch=batch, outputs=out, ctx=None)
     assert_close(terms["loss"], dpo, atol=0, rtol=0)
-    assert_close(terms["loss"], dpo_loss(out["chosen_logps"], out["rejected_logps"], out["ref_chosen_logps"],
-                                         out["ref_rejected_logps"], module.objective.beta))
+    assert_close(
+        terms["loss"],
+        dpo_loss(
+            out["chosen_logps"],
+            out["rejected_logps"],
+            out["ref_chosen_logps"],
+            out["ref_rejected_logps"],
+            module.objective.beta,
+        ),
+    )
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3, 0.45])
@@ -131,8 +141,17 @@ def test_equals_trl_robust_loss_on_the_same_log_probs(eps):
     assert log_ratio_margin(out).abs().min() > 1e-3
     for beta in (0.1, 1.0):
         module.objective = type(module.objective)(beta=beta)
-        ours = _plugin(eps).objective_terms(module=module, batch=batch, outputs=out, ctx=None)["loss"].mean()
-        assert_close(ours.detach(), trl_dpo_loss(out, beta, "robust", label_smoothing=eps), atol=1e-6, rtol=1e-6)
+        ours = (
+            _plugin(eps)
+            .objective_terms(module=module, batch=batch, outputs=out, ctx=None)["loss"]
+            .mean()
+        )
+        assert_close(
+            ours.detach(),
+            trl_dpo_loss(out, beta, "robust", label_smoothing=eps),
+            atol=1e-6,
+            rtol=1e-6,
+        )
 
 
 def test_padding_and_prompt_never_count():
@@ -141,19 +160,25 @@ def test_padding_and_prompt_never_count():
     dm, batch = preference_batch(rows=8)
     module = preference_module(dm)
     plugin = _plugin(0.3)
-    before = plugin.objective_terms(module=module, batch=batch, outputs=module.outputs(batch), ctx=None)["loss"]
+    before = plugin.objective_terms(
+        module=module, batch=batch, outputs=module.outputs(batch), ctx=None
+    )["loss"]
     changed = {k: v.clone() for k, v in batch.items()}
     for side in ("chosen", "rejected"):
         pad = changed[f"{side}_attention"] == 0
         assert pad.any()
         changed[f"{side}_ids"][pad] = 7  # a content token where the padding was
-    after = plugin.objective_terms(module=module, batch=changed, outputs=module.outputs(changed), ctx=None)["loss"]
+    after = plugin.objective_terms(
+        module=module, batch=changed, outputs=module.outputs(changed), ctx=None
+    )["loss"]
     assert_close(after, before, atol=1e-6, rtol=0)
 
 
 def test_refuses_non_preference_outputs():
     with pytest.raises(ValueError, match="robust-dpo: needs a preference task"):
-        _plugin(0.1).objective_terms(module=None, batch={}, outputs={"logits": torch.zeros(2, 3)}, ctx=None)
+        _plugin(0.1).objective_terms(
+            module=None, batch={}, outputs={"logits": torch.zeros(2, 3)}, ctx=None
+        )
 
 
 # -- the paper's effect -------------------------------------------------------------------------------
@@ -164,8 +189,14 @@ def test_beats_dpo_on_ranking_under_30_percent_flips(tmp_path):
     acc: dict[str, list[float]] = {"dpo": [], "rdpo": []}
     for seed in (0, 1, 2):
         for method, plugins in (("dpo", "plugins=[]"), ("rdpo", "plugins.0.epsilon=0.3")):
-            over = [f"name={method}{seed}", f"seed={seed}", f"run_dir={tmp_path}/runs", "trainer.enable_progress_bar=false",
-                    "trainer.check_val_every_n_epoch=8", plugins]
+            over = [
+                f"name={method}{seed}",
+                f"seed={seed}",
+                f"run_dir={tmp_path}/runs",
+                "trainer.enable_progress_bar=false",
+                "trainer.check_val_every_n_epoch=8",
+                plugins,
+            ]
             _, metrics = fit(R.load(RECIPE, over))
             acc[method].append(metrics["val/reward_acc"])
     assert all(r >= d for r, d in zip(acc["rdpo"], acc["dpo"], strict=True)), acc

@@ -83,7 +83,9 @@ def test_rpo_loss_by_hand():
     # h = (−5 + 6) − (−7 + 6) = 2;  DPO = −log σ(0.2) = log(1 + e^−0.2) = 0.598139
     # SFT = η β (−log π(y_w)) = 0.5 · 0.1 · 5 = 0.25;  total 0.848139
     # Token log-probs of y_w: [−1, −4] over 2 response tokens, a prompt token and padding (masked).
-    tok_w = torch.tensor([[9.0, -1.0, -4.0, 7.0]])  # the 9 and 7 sit outside the mask: they never count
+    tok_w = torch.tensor(
+        [[9.0, -1.0, -4.0, 7.0]]
+    )  # the 9 and 7 sit outside the mask: they never count
     mask_w = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
     tok_l = torch.tensor([[0.0, -3.0, -4.0, 0.0]])
     mask_l = mask_w.clone()
@@ -138,7 +140,11 @@ def test_equals_trl_dpo_plus_sft_on_equal_length_responses(beta):
     for normalize, scale in (("mean", 1.0), ("sum", beta * n_tokens[0].item())):
         ours = module.losses(batch, out) + _plugin(eta=eta, normalize=normalize).objective_terms(
             module=module, batch=batch, outputs=out, ctx=None)["sft"]  # fmt: skip
-        expected = trl_dpo_loss(out, beta, "sigmoid") + eta * scale * trl_sft if normalize == "sum" else trl
+        expected = (
+            trl_dpo_loss(out, beta, "sigmoid") + eta * scale * trl_sft
+            if normalize == "sum"
+            else trl
+        )
         assert_close(ours.mean().detach(), expected, atol=1e-5, rtol=1e-6)
 
 
@@ -146,18 +152,24 @@ def test_padding_never_counts():
     dm, batch = preference_batch(rows=8)
     module = preference_module(dm)
     plugin = _plugin(eta=1.0, normalize="mean")
-    before = plugin.objective_terms(module=module, batch=batch, outputs=module.outputs(batch), ctx=None)["sft"]
+    before = plugin.objective_terms(
+        module=module, batch=batch, outputs=module.outputs(batch), ctx=None
+    )["sft"]
     changed = {k: v.clone() for k, v in batch.items()}
     pad = changed["chosen_attention"] == 0
     assert pad.any()
     changed["chosen_ids"][pad] = 7
-    after = plugin.objective_terms(module=module, batch=changed, outputs=module.outputs(changed), ctx=None)["sft"]
+    after = plugin.objective_terms(
+        module=module, batch=changed, outputs=module.outputs(changed), ctx=None
+    )["sft"]
     assert_close(after, before, atol=1e-6, rtol=0)
 
 
 def test_refuses_non_preference_outputs():
     with pytest.raises(ValueError, match="rpo: needs a preference task"):
-        _plugin().objective_terms(module=None, batch={}, outputs={"logits": torch.zeros(2, 3)}, ctx=None)
+        _plugin().objective_terms(
+            module=None, batch={}, outputs={"logits": torch.zeros(2, 3)}, ctx=None
+        )
 
 
 # -- the paper's effect -------------------------------------------------------------------------------
@@ -175,8 +187,15 @@ def test_keeps_the_likelihood_of_chosen_responses_that_dpo_lowers(tmp_path):
     for seed in (0, 1):
         ratio = {}
         for method, plugins in (("dpo", "plugins=[]"), ("rpo", "plugins.0.eta=1.0")):
-            over = [f"name={method}{seed}", f"seed={seed}", f"run_dir={tmp_path}/runs", "trainer.enable_progress_bar=false",
-                    "objective.eval_samples=0", "trainer.check_val_every_n_epoch=6", plugins]
+            over = [
+                f"name={method}{seed}",
+                f"seed={seed}",
+                f"run_dir={tmp_path}/runs",
+                "trainer.enable_progress_bar=false",
+                "objective.eval_samples=0",
+                "trainer.check_val_every_n_epoch=6",
+                plugins,
+            ]
             built, _ = fit(R.load(RECIPE, over))
             ratio[method] = _chosen_log_ratio(built)
         assert ratio["dpo"] < -5.0 < 0.0 < ratio["rpo"], (seed, ratio)

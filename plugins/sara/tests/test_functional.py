@@ -30,7 +30,9 @@ def test_quantile_threshold_selects_the_fraction_by_hand():
     eps = quantile_threshold([a, b], 0.4)  # k = 4: ε = the 5th smallest = 0.5
     assert eps == 0.5
     assert int(ineffective(a, eps).sum() + ineffective(b, eps).sum()) == 4
-    assert quantile_threshold([a], 0.0) == float(torch.tensor(0.1))  # k = 0: nothing lies strictly below the smallest
+    assert quantile_threshold([a], 0.0) == float(
+        torch.tensor(0.1)
+    )  # k = 0: nothing lies strictly below the smallest
 
 
 def test_nuclear_norm_of_a_diagonal_matrix_is_the_sum_of_absolute_diagonal_entries():

@@ -28,7 +28,9 @@ class Holder:
 
 def mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)
+    )
 
 
 def sara(model: nn.Module, **config) -> Sara:
@@ -43,15 +45,21 @@ def data(n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 6, generator=g), torch.randint(3, (n,), generator=g)
 
 
-def train(model: nn.Module, plugin: Sara, steps: int, lr: float = 0.05, weight_decay: float = 0.1) -> None:
+def train(
+    model: nn.Module, plugin: Sara, steps: int, lr: float = 0.05, weight_decay: float = 0.1
+) -> None:
     """The core's step order: loss (+ the plugin's terms), AdamW step, then reparam_after_step."""
     x, y = data()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
     ctx = StepContext(seed=0)
     for step in range(steps):
         ctx.step = step
         loss = nn.functional.cross_entropy(model(x), y)
-        terms = plugin.objective_terms(module=Holder(model), batch={"target": y}, outputs={}, ctx=ctx)
+        terms = plugin.objective_terms(
+            module=Holder(model), batch={"target": y}, outputs={}, ctx=ctx
+        )
         if terms:
             loss = loss + terms["sara_rank"].mean()
         opt.zero_grad()
@@ -114,7 +122,11 @@ def test_adamw_with_weight_decay_moves_only_the_trainable_entries():
     model = mlp()
     before = effective(model)
     plugin = sara(model, trainable_fraction=0.2, progressive_iter=-1, lambda_rank=0.0)
-    masks = [m.parametrizations[t][0].mask.clone() for m in (model[0], model[2], model[4]) for t in ("weight", "bias")]
+    masks = [
+        m.parametrizations[t][0].mask.clone()
+        for m in (model[0], model[2], model[4])
+        for t in ("weight", "bias")
+    ]
     # large lr and decoupled weight decay 0.1: a plain AdamW would move every entry
     train(model, plugin, steps=5)
     after = effective(model)
@@ -129,17 +141,23 @@ def test_other_parameters_are_frozen_unless_asked_otherwise():
     assert not any(p.requires_grad for p in model[4].parameters())
     model = mlp()
     sara(model, layers=Layers(types=("Linear",), skip_head=True), freeze_others=False)
-    assert all(p.requires_grad for p in model[4].parameters()) and not parametrize.is_parametrized(model[4])
+    assert all(p.requires_grad for p in model[4].parameters()) and not parametrize.is_parametrized(
+        model[4]
+    )
 
 
 def test_the_nuclear_norm_term_is_lambda_times_the_masked_weights_nuclear_norm():
     model = mlp()
     # 2-D weights with both sides above 8: 12 × 6 no (6), 10 × 12 yes, 3 × 10 no
-    plugin = sara(model, trainable_fraction=0.3, rank_min_dim=8, rank_min_entries=0, lambda_rank=0.5)
+    plugin = sara(
+        model, trainable_fraction=0.3, rank_min_dim=8, rank_min_entries=0, lambda_rank=0.5
+    )
     ((layer, part),) = plugin.candidates()
     assert layer is model[2]
     _, y = data()
-    terms = plugin.objective_terms(module=Holder(model), batch={"target": y}, outputs={}, ctx=StepContext(seed=0, step=3))
+    terms = plugin.objective_terms(
+        module=Holder(model), batch={"target": y}, outputs={}, ctx=StepContext(seed=0, step=3)
+    )
     want = 0.5 * nuclear_norm(model[2].weight * part.mask)
     assert terms["sara_rank"].shape == (20,)
     assert_close(terms["sara_rank"], want.expand(20))
@@ -154,7 +172,12 @@ def test_the_penalized_layer_is_drawn_per_step_identically_on_every_rank():
     def picks(plugin, model):
         out = []
         for step in range(12):
-            t = plugin.objective_terms(module=Holder(model), batch={"target": torch.zeros(2)}, outputs={}, ctx=StepContext(seed=4, step=step))
+            t = plugin.objective_terms(
+                module=Holder(model),
+                batch={"target": torch.zeros(2)},
+                outputs={},
+                ctx=StepContext(seed=4, step=step),
+            )
             out.append(round(float(t["sara_rank"][0].detach()), 6))
         return out
 
@@ -168,10 +191,20 @@ def test_the_penalized_layer_is_drawn_per_step_identically_on_every_rank():
 
 def test_no_penalty_below_the_minimum_trainable_entries_or_without_candidates():
     model = mlp()
-    assert sara(model, rank_min_dim=64).objective_terms(module=None, batch={"target": torch.zeros(2)}, outputs={}, ctx=StepContext()) is None
+    assert (
+        sara(model, rank_min_dim=64).objective_terms(
+            module=None, batch={"target": torch.zeros(2)}, outputs={}, ctx=StepContext()
+        )
+        is None
+    )
     model = mlp()
     plugin = sara(model, trainable_fraction=0.05, rank_min_dim=8, rank_min_entries=1000)
-    assert plugin.objective_terms(module=None, batch={"target": torch.zeros(2)}, outputs={}, ctx=StepContext()) is None
+    assert (
+        plugin.objective_terms(
+            module=None, batch={"target": torch.zeros(2)}, outputs={}, ctx=StepContext()
+        )
+        is None
+    )
 
 
 def test_reselection_happens_exactly_after_step_t_and_freezes_entries_that_grew():

@@ -37,7 +37,10 @@ def _one_thread(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _quiet():
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
@@ -61,19 +64,27 @@ def test_resume_before_the_reselection_is_bit_identical(tmp_path):
 
 
 def test_fsdp2_is_refused_before_training(tmp_path):
-    raw = tiny_recipe([{"name": "sara", **KIT}], run_dir=tmp_path, trainer={"strategy": "fsdp2", "devices": 2})
+    raw = tiny_recipe(
+        [{"name": "sara", **KIT}], run_dir=tmp_path, trainer={"strategy": "fsdp2", "devices": 2}
+    )
     with pytest.raises(PaperhooksError, match="plugin 'sara' does not support strategy 'fsdp2'"):
         R.validate(raw)
 
 
 def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
-    raw = tiny_recipe([{"name": "sara", **KIT}], run_dir=tmp_path / "runs", trainer={"max_steps": 5, "limit_val_batches": 0})
+    raw = tiny_recipe(
+        [{"name": "sara", **KIT}],
+        run_dir=tmp_path / "runs",
+        trainer={"max_steps": 5, "limit_val_batches": 0},
+    )
     built, metrics = fit(R.validate(raw))
     ckpt = load_checkpoint(built.run_dir)  # weights_only=True
     # the kit's MLP: Flatten, Linear(64, 16), ReLU, Dropout, Linear(16, 10)
     keys = [
         f"model.{i}.parametrizations.{t}.{k}"
-        for i in (1, 4) for t in ("bias", "weight") for k in ("original", "0.mask", "0.frozen")
+        for i in (1, 4)
+        for t in ("bias", "weight")
+        for k in ("original", "0.mask", "0.frozen")
     ]
     assert sorted(ckpt["state_dict"]) == sorted(keys)
     state = ckpt["state_dict"]
@@ -87,12 +98,16 @@ def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
 
 # -- the paper's effect -------------------------------------------------------------------------
 def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
 
 
 def _train(model, x, y, steps, lr, seed, plugin=None):
     """AdamW (weight decay 0.01), batch 64; the plugin's hooks in the core's order."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01
+    )
     g = torch.Generator().manual_seed(seed)
     ctx = StepContext(seed=seed)
     for step in range(steps):
@@ -100,7 +115,9 @@ def _train(model, x, y, steps, lr, seed, plugin=None):
         rows = torch.randint(len(y), (64,), generator=g)
         loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
         if plugin is not None:
-            terms = plugin.objective_terms(module=None, batch={"target": y[rows]}, outputs={}, ctx=ctx)
+            terms = plugin.objective_terms(
+                module=None, batch={"target": y[rows]}, outputs={}, ctx=ctx
+            )
             if terms:
                 loss = loss + terms["sara_rank"].mean()
         opt.zero_grad()
@@ -148,14 +165,25 @@ def test_sara_learns_the_new_classes_and_forgets_less_than_full_fine_tuning():
         _train(model, xt[yt >= 5], yt[yt >= 5], 200, 1e-3, seed + 100)
         full.append(scores(model))
         model = copy.deepcopy(base)
-        plugin = Sara(SaraConfig(trainable_fraction=0.1, progressive_iter=100, lambda_rank=5e-3, freeze_others=False, layers=Layers(types=("Linear",), skip_head=True)))
+        plugin = Sara(
+            SaraConfig(
+                trainable_fraction=0.1,
+                progressive_iter=100,
+                lambda_rank=5e-3,
+                freeze_others=False,
+                layers=Layers(types=("Linear",), skip_head=True),
+            )
+        )
         plugin.name = "sara"
         plugin.reparam_setup(module=_Holder(model), ctx=StepContext(seed=seed))
         assert len(plugin.candidates()) == 1
         _train(model, xt[yt >= 5], yt[yt >= 5], 200, 1e-2, seed + 100, plugin)
         assert plugin.reselected
         sparse.append(scores(model))
-    mean = [sum(v) / 3 for v in zip(*full, strict=True)], [sum(v) / 3 for v in zip(*sparse, strict=True)]
+    mean = (
+        [sum(v) / 3 for v in zip(*full, strict=True)],
+        [sum(v) / 3 for v in zip(*sparse, strict=True)],
+    )
     (full_target, full_kept), (sara_target, sara_kept) = mean
     # measured (card): full 0.966/0.917, 0.944/0.794, 0.944/0.833; SaRA 0.933/0.967,
     # 0.927/0.967, 0.950/0.961 (target/retention per seed)

@@ -106,8 +106,11 @@ def test_phases_equal_torch_prune_global_unstructured_as_sms_calls_it():
     s, phases = 0.93, 3
     ours = {str(i): torch.ones_like(m.weight, dtype=torch.bool) for i, m in enumerate(layers)}
     for _ in range(phases):
-        prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured,
-                                  amount=per_phase_fraction(s, phases))
+        prune.global_unstructured(
+            [(m, "weight") for m in layers],
+            pruning_method=prune.L1Unstructured,
+            amount=per_phase_fraction(s, phases),
+        )
         pruned = sum(int((~k).sum()) for k in ours.values())
         target = pruned_after_phase(n, pruned, s, phases) / n
         w = {str(i): m.weight_orig for i, m in enumerate(layers)}
@@ -161,19 +164,27 @@ def test_phases_of_soups_reach_the_schedule_exactly_and_keep_pruned_weights_zero
         stage = run / "stages" / f"{i}-{name}"
         ends = [load_checkpoint(stage / f"ingredient-{j}")["state_dict"] for j in range(2)]
         m0, m1 = _masks(ends[0]), _masks(ends[1])
-        assert sorted(m0) == sorted(m1) and all(torch.equal(m0[k], m1[k]) for k in m0)  # one mask per phase
+        assert sorted(m0) == sorted(m1) and all(
+            torch.equal(m0[k], m1[k]) for k in m0
+        )  # one mask per phase
         assert sum(int((~v).sum()) for v in m0.values()) == counts[i]  # exactly, globally
         soup_w = torch.load(stage / "soup_weights.pt", weights_only=True)
         soup_m = torch.load(stage / "soup_masks.pt", weights_only=True)
         for layer, mask in soup_m.items():
             assert torch.equal(mask, m0[f"model.{layer}.parametrizations.weight.0.mask"])
-            assert bool((soup_w[f"{layer}.weight"][~mask] == 0).all())  # sparsity preserved by the soup
+            assert bool(
+                (soup_w[f"{layer}.weight"][~mask] == 0).all()
+            )  # sparsity preserved by the soup
             for e in ends:  # and in every ingredient, stored weight included
-                assert bool((e[f"model.{layer}.parametrizations.weight.original"][~mask] == 0).all())
+                assert bool(
+                    (e[f"model.{layer}.parametrizations.weight.original"][~mask] == 0).all()
+                )
         if i == 1:  # uniform soup: the mean of the ingredients' effective weights
             for layer, mask in soup_m.items():
                 eff = [e[f"model.{layer}.parametrizations.weight.original"] * mask for e in ends]
-                torch.testing.assert_close(soup_w[f"{layer}.weight"], (eff[0] + eff[1]) / 2, atol=1e-7, rtol=0)
+                torch.testing.assert_close(
+                    soup_w[f"{layer}.weight"], (eff[0] + eff[1]) / 2, atol=1e-7, rtol=0
+                )
     # phase 2 pruned only weights phase 1 kept
     p1 = torch.load(run / "stages" / "1-phase1" / "soup_masks.pt", weights_only=True)
     p2 = torch.load(run / "stages" / "2-phase2" / "soup_masks.pt", weights_only=True)
@@ -182,7 +193,9 @@ def test_phases_of_soups_reach_the_schedule_exactly_and_keep_pruned_weights_zero
     record = json.loads((run / "stages.json").read_text())
     for k in (1, 2):
         logged = record[k]["ingredients"][0]["metrics"]["pruning/sparsity"]
-        assert logged == pytest.approx(counts[k] / n, abs=1e-6) and logged == pytest.approx(phase_sparsity(0.8, 2, k), abs=1e-3)
+        assert logged == pytest.approx(counts[k] / n, abs=1e-6) and logged == pytest.approx(
+            phase_sparsity(0.8, 2, k), abs=1e-3
+        )
     assert "val/acc" in metrics
 
 
@@ -208,10 +221,15 @@ def test_llr_refuses_a_second_scheduler(staged):
         fit(load_recipe(staged, ["optimizer.scheduler=cosine"]))
 
 
-@pytest.mark.parametrize("ckpt", ["2-phase2/ingredient-0/checkpoints/step5.ckpt", "1-phase1/ingredient-1/checkpoints/last.ckpt"])
+@pytest.mark.parametrize(
+    "ckpt",
+    ["2-phase2/ingredient-0/checkpoints/step5.ckpt", "1-phase1/ingredient-1/checkpoints/last.ckpt"],
+)
 def test_resume_inside_a_phase_and_between_phases_is_bit_identical(staged, ckpt):
     full, _ = fit(load_recipe(staged, ["name=full"]))
-    resumed, _ = fit(load_recipe(staged, ["name=resumed"]), resume=str(full.run_dir / "stages" / ckpt))
+    resumed, _ = fit(
+        load_recipe(staged, ["name=resumed"]), resume=str(full.run_dir / "stages" / ckpt)
+    )
     for name in ("soup_weights.pt", "soup_masks.pt"):
         a = torch.load(full.run_dir / "stages" / "2-phase2" / name, weights_only=True)
         b = torch.load(resumed.run_dir / "stages" / "2-phase2" / name, weights_only=True)

@@ -58,7 +58,9 @@ def _setup(beta: float = 0.1, rows: int = 8, perturb: float = 0.0, **kw):
 
 
 def _loss(module, batch, plugin):
-    return plugin.objective_terms(module=module, batch=batch, outputs=module.outputs(batch), ctx=CTX)["loss"]
+    return plugin.objective_terms(
+        module=module, batch=batch, outputs=module.outputs(batch), ctx=CTX
+    )["loss"]
 
 
 # -- the kit, on the causal-LM preference task --------------------------------------------------------
@@ -82,12 +84,16 @@ def test_two_ddp_processes_equal_one_process(tmp_path):
     # dropout 0: the mask's dropout draws per rank. atol 1e-5 (as robust-dpo and rpo): with Adam,
     # GPT-2's key biases have an exactly-zero true gradient, and Adam's per-coordinate √v turns
     # 1e-9 all-reduce-order differences there into ~1e-6 on the weights
-    check_ddp_equals_single("sparse-po", {"dropout": 0.0}, tmp_path, task=PREFERENCE_TASK, atol=1e-5)
+    check_ddp_equals_single(
+        "sparse-po", {"dropout": 0.0}, tmp_path, task=PREFERENCE_TASK, atol=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_process_derived_mask(tmp_path):
-    check_ddp_equals_single("sparse-po", {"mask": "derived"}, tmp_path, task=PREFERENCE_TASK, atol=1e-5)
+    check_ddp_equals_single(
+        "sparse-po", {"mask": "derived"}, tmp_path, task=PREFERENCE_TASK, atol=1e-5
+    )
 
 
 def test_fsdp2_is_refused_before_training(tmp_path):
@@ -116,7 +122,9 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, field):
 def test_refuses_other_reference_modes_at_setup(reference):
     dm, _ = preference_batch(rows=2)
     module = preference_module(dm, objective=PreferenceObjective(reference=reference))
-    with pytest.raises(ValueError, match=f"objective.reference 'model'.*got objective.reference '{reference}'"):
+    with pytest.raises(
+        ValueError, match=f"objective.reference 'model'.*got objective.reference '{reference}'"
+    ):
         _plugin().lifecycle_setup(module=module, ctx=CTX)
 
 
@@ -157,7 +165,9 @@ def test_loss_by_hand():
     md_w, md_l = torch.tensor([[9.0, 0.0, 1.0, 9.0]]), torch.tensor([[9.0, 1.0, 1.0, 9.0]])
     args = (r_w, r_l, k_w, k_l, resp, resp, mu_w, mu_l, md_w, md_l, 2.0)
     assert sparse_po_loss(*args).item() == pytest.approx(math.log1p(math.e), abs=1e-6)  # 1.313262
-    assert sparse_po_loss(*args, l1_reward=0.1, l1_kl=0.01).item() == pytest.approx(1.693262, abs=1e-6)
+    assert sparse_po_loss(*args, l1_reward=0.1, l1_kl=0.01).item() == pytest.approx(
+        1.693262, abs=1e-6
+    )
 
 
 def test_token_kl_by_hand():
@@ -166,7 +176,9 @@ def test_token_kl_by_hand():
     ref = torch.log(torch.tensor([[[0.5, 0.5], [0.3, 0.7]]]))
     pol = torch.log(torch.tensor([[[0.8, 0.2], [0.3, 0.7]]]))
     k = token_kl_terms(pol, ref)
-    assert_close(k, torch.tensor([[0.0, 0.5 * math.log(0.64)]]))  # position 0 holds 0; the last logits are unused
+    assert_close(
+        k, torch.tensor([[0.0, 0.5 * math.log(0.64)]])
+    )  # position 0 holds 0; the last logits are unused
     assert_close(token_kl_terms(ref, ref), torch.zeros(1, 2))
 
 
@@ -180,7 +192,10 @@ def test_derived_mask_by_hand():
     resp = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
     assert_close(derived_mask([h1], resp), torch.tensor([[0.0, 0.0, 1 / 3, 1.0]]))
     assert_close(derived_mask([h1, h2], resp), torch.tensor([[0.0, 0.5, 1 / 3, 0.5]]))
-    assert_close(derived_mask([h1], torch.tensor([[0.0, 1.0, 0.0, 0.0]])), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    assert_close(
+        derived_mask([h1], torch.tensor([[0.0, 1.0, 0.0, 0.0]])),
+        torch.tensor([[0.0, 1.0, 0.0, 0.0]]),
+    )
 
 
 def test_mask_net_by_hand():
@@ -212,7 +227,9 @@ def test_reward_mask_one_and_kl_mask_zero_is_dpo_equal_to_trl(beta):
     r_l = out["rejected_token_logps"] - out["ref_rejected_token_logps"]
     one_w, one_l = out["chosen_mask"], out["rejected_mask"]
     k = torch.randn(2, *r_w.shape)  # any KL terms: their mask is 0
-    ours = sparse_po_loss(r_w, r_l, k[0], k[1], one_w, one_l, one_w, one_l, 0 * one_w, 0 * one_l, beta)
+    ours = sparse_po_loss(
+        r_w, r_l, k[0], k[1], one_w, one_l, one_w, one_l, 0 * one_w, 0 * one_l, beta
+    )
     assert_close(ours.mean(), trl_dpo_loss(out, beta, "sigmoid"), atol=1e-5, rtol=1e-6)
     assert_close(ours, module.losses(batch, out), atol=1e-6, rtol=1e-6)
 
@@ -223,12 +240,20 @@ def test_kl_term_of_the_plugin_matches_its_definition():
     out = module.outputs(batch)
     ids, attention, resp = pair_inputs(batch)
     with torch.no_grad():
-        pol = torch.softmax(module.model.lm(input_ids=ids, attention_mask=attention).logits[:, :-1], -1)
-        ref = torch.softmax(module.reference_model.lm(input_ids=ids, attention_mask=attention).logits[:, :-1], -1)
-    kl = (ref * (ref.log() - pol.log())).sum(-1)  # KL(π_ref ‖ π_θ) at positions predicting tokens 1..T−1
+        pol = torch.softmax(
+            module.model.lm(input_ids=ids, attention_mask=attention).logits[:, :-1], -1
+        )
+        ref = torch.softmax(
+            module.reference_model.lm(input_ids=ids, attention_mask=attention).logits[:, :-1], -1
+        )
+    kl = (ref * (ref.log() - pol.log())).sum(
+        -1
+    )  # KL(π_ref ‖ π_θ) at positions predicting tokens 1..T−1
     seq_kl = (kl * resp[:, 1:]).sum(1)
     b = batch["chosen_ids"].shape[0]
-    h = (out["chosen_logps"] - out["ref_chosen_logps"]) - (out["rejected_logps"] - out["ref_rejected_logps"])
+    h = (out["chosen_logps"] - out["ref_chosen_logps"]) - (
+        out["rejected_logps"] - out["ref_rejected_logps"]
+    )
     expected = -torch.nn.functional.logsigmoid(0.5 * (h + seq_kl[:b] - seq_kl[b:]))
     assert_close(_loss(module, batch, plugin), expected, atol=1e-5, rtol=1e-5)
 
@@ -253,7 +278,9 @@ def test_padding_never_counts(kw):
 def test_learned_masks_train_with_the_policy_and_l1_pulls_them_down():
     module, batch, plugin = _setup(perturb=0.05, dropout=0.0, l1_reward=0.5, l1_kl=0.5)
     net = module.sparse_po_mask
-    assert any(p is q for p in module.parameters() for q in net.parameters())  # the optimizer sees them
+    assert any(
+        p is q for p in module.parameters() for q in net.parameters()
+    )  # the optimizer sees them
     _loss(module, batch, plugin).mean().backward()
     assert net.mixer.weight.grad is not None and net.mixer.weight.grad.abs().item() > 0
     # the common mask: λ_u/2 + λ_d/2 = 0.5 per unit of ‖m‖₁; without the L1 the gradient differs by that
@@ -261,7 +288,9 @@ def test_learned_masks_train_with_the_policy_and_l1_pulls_them_down():
     net.zero_grad()
     plain = _plugin(dropout=0.0)
     _loss(module, batch, plain).mean().backward()
-    assert (g_l1 - net.mixer.weight.grad).item() > 0  # the L1 term's gradient on the mixer is positive
+    assert (
+        g_l1 - net.mixer.weight.grad
+    ).item() > 0  # the L1 term's gradient on the mixer is positive
 
 
 # -- the paper's effect ---------------------------------------------------------------------------------
@@ -273,8 +302,16 @@ def test_learned_masks_raise_the_sample_reward_over_dpo_at_equal_beta(tmp_path):
     reward = {"dpo": [], "sparse-po": []}
     for seed in (0, 1):
         for method, plugins in (("dpo", "plugins=[]"), ("sparse-po", "plugins.0.mask=learned")):
-            over = [f"name={method}{seed}", f"seed={seed}", f"run_dir={tmp_path}/runs", "trainer.enable_progress_bar=false",
-                    "objective.eval_samples=0", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=3", plugins]
+            over = [
+                f"name={method}{seed}",
+                f"seed={seed}",
+                f"run_dir={tmp_path}/runs",
+                "trainer.enable_progress_bar=false",
+                "objective.eval_samples=0",
+                "trainer.max_epochs=3",
+                "trainer.check_val_every_n_epoch=3",
+                plugins,
+            ]
             built, _ = fit(R.load(RECIPE, over))
             built.module.eval()
             reward[method].append(built.module.sample_eval(256)[0])

@@ -20,7 +20,9 @@ class Net(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU()
+        )
         self.head = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +41,9 @@ def pgd(net: Net, x: torch.Tensor, y: torch.Tensor, steps: int, g: torch.Generat
     return (x + delta).clamp(0, 1).detach()
 
 
-def train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 24, batch_size: int = 64) -> dict[str, float]:
+def train_and_eval(
+    seed: int, plugins: list[Plugin], epochs: int = 24, batch_size: int = 64
+) -> dict[str, float]:
     """One run (see :func:`_train_and_eval`) on one CPU thread: faster for this small network and
     steady on a busy machine; the caller's thread count is restored."""
     threads = torch.get_num_threads()
@@ -50,7 +54,9 @@ def train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 24, batch_siz
         torch.set_num_threads(threads)
 
 
-def _train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 24, batch_size: int = 64) -> dict[str, float]:
+def _train_and_eval(
+    seed: int, plugins: list[Plugin], epochs: int = 24, batch_size: int = 64
+) -> dict[str, float]:
     """PGD-5 adversarial training with SGD; per-class clean and PGD-10 accuracy on balanced val.
 
     Returns the mean over the tail classes (5-9) and the head classes (0-4) of the clean and
@@ -74,7 +80,9 @@ def _train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 24, batch_si
             logits, z = net(batch["input"])
             outputs = {"logits": logits, "features": z}
             # what HookedModule.training_step does: objectives, weights, global reduction
-            objectives = hooks.objectives(net, batch, outputs, F.cross_entropy(logits, batch["target"], reduction="none"))
+            objectives = hooks.objectives(
+                net, batch, outputs, F.cross_entropy(logits, batch["target"], reduction="none")
+            )
             weights = hooks.sample_weights(sum(objectives.values()), batch, outputs, net)
             loss = hooks.total(hooks.reduce(objectives, weights))
             opt.zero_grad()
@@ -91,5 +99,9 @@ def _train_and_eval(seed: int, plugins: list[Plugin], epochs: int = 24, batch_si
         return float(torch.stack([(pred[yv == c] == c).float().mean() for c in classes]).mean())
 
     head = range(0, 5)
-    return {"tail_clean": acc(clean, TAIL), "tail_robust": acc(robust, TAIL),
-            "head_clean": acc(clean, head), "head_robust": acc(robust, head)}
+    return {
+        "tail_clean": acc(clean, TAIL),
+        "tail_robust": acc(robust, TAIL),
+        "head_clean": acc(clean, head),
+        "head_robust": acc(robust, head),
+    }

@@ -34,14 +34,23 @@ def test_two_fsdp2_processes_equal_one(tmp_path):
 
 
 # -- with adversarial training: pgd first, then srat -----------------------------------------------
-PGD = {"name": "pgd", "epsilon": 0.1, "step_size": 0.025, "steps": 3, "random_start": True, "bounds": [0.0, 1.0]}
+PGD = {
+    "name": "pgd",
+    "epsilon": 0.1,
+    "step_size": 0.025,
+    "steps": 3,
+    "random_start": True,
+    "bounds": [0.0, 1.0],
+}
 
 
 def _with_pgd(tmp_path, **trainer):
     from paperhooks.testing.conformance import tiny_recipe
 
     pytest.importorskip("paperhooks_pgd", reason="the pgd plugin is not installed")
-    return tiny_recipe([PGD, {"name": "srat", **CONFIG}], run_dir=tmp_path / "runs", trainer=trainer)
+    return tiny_recipe(
+        [PGD, {"name": "srat", **CONFIG}], run_dir=tmp_path / "runs", trainer=trainer
+    )
 
 
 def test_after_pgd_srat_weights_and_separates_the_adversarial_batch(tmp_path):
@@ -68,6 +77,10 @@ def test_pgd_then_srat_on_two_processes_equals_one(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
     one = load_checkpoint(fit_cli(path, ["name=one"], cwd=tmp_path))
-    two = load_checkpoint(fit_cli(path, ["name=two", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path))
+    two = load_checkpoint(
+        fit_cli(path, ["name=two", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+    )
     assert_states_close(one["state_dict"], two["state_dict"], atol=1e-6, rtol=1e-5)
-    assert_states_close(one["paperhooks"]["plugins"][1]["state"], two["paperhooks"]["plugins"][1]["state"], atol=0)
+    assert_states_close(
+        one["paperhooks"]["plugins"][1]["state"], two["paperhooks"]["plugins"][1]["state"], atol=0
+    )

@@ -20,7 +20,12 @@ from paperhooks_srat import (
 # -- class weights -------------------------------------------------------------------------------
 def test_inverse_weights_of_counts_100_and_10():
     # 1/n = [0.01, 0.1], Σ = 0.11; scaled to Σ_c w_c = C = 2: [0.02/0.11, 0.2/0.11] = [0.1818, 1.8182]
-    assert_close(class_weights(torch.tensor([100.0, 10.0])), torch.tensor([0.181818, 1.818182], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert_close(
+        class_weights(torch.tensor([100.0, 10.0])),
+        torch.tensor([0.181818, 1.818182], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_effective_number_weights_of_counts_100_and_10():
@@ -38,12 +43,19 @@ def test_effective_weights_span_uniform_to_inverse():
     counts = torch.tensor([50.0, 5.0, 1.0])
     # β = 0: E_n = 1 for every n → uniform; β → 1: E_n → n → inverse frequency
     assert_close(class_weights(counts, "effective", beta=0.0), torch.ones(3, dtype=torch.float64))
-    assert_close(class_weights(counts, "effective", beta=1 - 1e-12), class_weights(counts, "inverse"), rtol=1e-6, atol=0)
+    assert_close(
+        class_weights(counts, "effective", beta=1 - 1e-12),
+        class_weights(counts, "inverse"),
+        rtol=1e-6,
+        atol=0,
+    )
 
 
 def test_uncounted_classes_count_as_one():
     # [0, 4] → n = [1, 4] → 1/n = [1, 0.25], Σ = 1.25 → ×2/1.25 = [1.6, 0.4]
-    assert_close(class_weights(torch.tensor([0.0, 4.0])), torch.tensor([1.6, 0.4], dtype=torch.float64))
+    assert_close(
+        class_weights(torch.tensor([0.0, 4.0])), torch.tensor([1.6, 0.4], dtype=torch.float64)
+    )
 
 
 def test_equal_counts_give_weight_one_each():
@@ -63,7 +75,9 @@ Y4 = torch.tensor([0, 0, 1, 1])
 
 
 def test_pairwise_distances_of_four_points():
-    expected = torch.tensor([[0, 1, 4, 9], [1, 0, 5, 4], [4, 5, 0, 13], [9, 4, 13, 0]], dtype=torch.float32)
+    expected = torch.tensor(
+        [[0, 1, 4, 9], [1, 0, 5, 4], [4, 5, 0, 13], [9, 4, 13, 0]], dtype=torch.float32
+    )
     assert_close(pairwise_distances(Z4, normalize=False), expected)
 
 
@@ -72,9 +86,14 @@ def test_batch_hard_triplet_of_four_points():
     # anchor 1: d10 = 1, min(d12, d13) = 4 → 0
     # anchor 2: d23 = 13, min(d20, d21) = 4 → 0.2 + 13 − 4 = 9.2
     # anchor 3: d32 = 13, min(d30, d31) = min(9, 4) = 4 → 9.2
-    assert_close(batch_hard_triplet(Z4, Y4, margin=0.2, normalize=False), torch.tensor([0.0, 0.0, 9.2, 9.2]))
+    assert_close(
+        batch_hard_triplet(Z4, Y4, margin=0.2, normalize=False), torch.tensor([0.0, 0.0, 9.2, 9.2])
+    )
     # margin 4: anchors 0 and 1 become active: 4 + 1 − 4 = 1
-    assert_close(batch_hard_triplet(Z4, Y4, margin=4.0, normalize=False), torch.tensor([1.0, 1.0, 13.0, 13.0]))
+    assert_close(
+        batch_hard_triplet(Z4, Y4, margin=4.0, normalize=False),
+        torch.tensor([1.0, 1.0, 13.0, 13.0]),
+    )
 
 
 def test_batch_hard_triplet_on_normalized_features():
@@ -87,12 +106,19 @@ def test_batch_hard_triplet_on_normalized_features():
     # anchor 60°: pos 1, neg min(0.26795, 3) → 0.2 + 1 − 0.26795 = 0.93205
     # anchor 90°: pos 2, neg min(2, 0.26795) → 0.2 + 2 − 0.26795 = 1.93205
     # anchor 180°: pos 2, neg min(4, 3) = 3 → [0.2 + 2 − 3]_+ = 0
-    assert_close(batch_hard_triplet(z, Y4, margin=0.2), torch.tensor([0.0, 0.93205, 1.93205, 0.0]), atol=1e-5, rtol=0)
+    assert_close(
+        batch_hard_triplet(z, Y4, margin=0.2),
+        torch.tensor([0.0, 0.93205, 1.93205, 0.0]),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_anchors_without_a_triplet_give_zero():
     z = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    assert_close(batch_hard_triplet(z, torch.zeros(5, dtype=torch.long)), torch.zeros(5))  # one class
+    assert_close(
+        batch_hard_triplet(z, torch.zeros(5, dtype=torch.long)), torch.zeros(5)
+    )  # one class
     # class 2 has a single sample: no positive for it, but it is still a negative for the others
     y = torch.tensor([0, 0, 1, 1, 2])
     ell = batch_hard_triplet(z, y, margin=10.0)

@@ -26,7 +26,9 @@ def plugin(**kw) -> SRAT:
 def weights(p: SRAT, y: list[int], step: int, epoch: int = 0, losses: torch.Tensor | None = None):
     y_t = torch.tensor(y)
     losses = torch.ones(len(y)) if losses is None else losses
-    return p.weighting_sample_weights(losses=losses, batch={"target": y_t}, ctx=StepContext(step=step, epoch=epoch))
+    return p.weighting_sample_weights(
+        losses=losses, batch={"target": y_t}, ctx=StepContext(step=step, epoch=epoch)
+    )
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -101,7 +103,9 @@ def test_weights_do_not_read_the_losses_and_zero_or_equal_losses_are_fine():
     wa = weights(a, [0, 1, 1], step=1, losses=torch.zeros(3))
     wb = weights(b, [0, 1, 1], step=1, losses=torch.full((3,), 2.5))
     assert_close(wa, wb)
-    assert_close(wa, torch.tensor([0.5, 1.5, 1.5]))  # counts [3, 1]: [1/3, 1] → ×2/(4/3) = [0.5, 1.5]
+    assert_close(
+        wa, torch.tensor([0.5, 1.5, 1.5])
+    )  # counts [3, 1]: [1/3, 1] → ×2/(4/3) = [0.5, 1.5]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -113,7 +117,9 @@ def test_non_finite_losses_raise_naming_the_plugin(bad):
 def test_bad_labels_raise_naming_the_plugin():
     p = plugin()
     with pytest.raises(ValueError, match="srat: needs batch"):
-        p.weighting_sample_weights(losses=torch.ones(2), batch={"target": torch.ones(2)}, ctx=StepContext())
+        p.weighting_sample_weights(
+            losses=torch.ones(2), batch={"target": torch.ones(2)}, ctx=StepContext()
+        )
     with pytest.raises(ValueError, match="srat: class labels must be >= 0"):
         weights(p, [0, -1], step=0)
 
@@ -158,7 +164,9 @@ def test_unwatched_module_gets_its_features_from_one_extra_forward_pass():
     model, batch = _mlp(), _batch()
     module = HookedModule(model)
     p = plugin()  # no lifecycle_setup: the plugin watches the model on first use
-    terms = p.objective_terms(module=module, batch=batch, outputs=module.outputs(batch), ctx=StepContext())
+    terms = p.objective_terms(
+        module=module, batch=batch, outputs=module.outputs(batch), ctx=StepContext()
+    )
     z = model[1](model[0](batch["input"]))
     assert_close(terms[TERM].detach(), batch_hard_triplet(z, batch["target"], 0.2).detach())
     terms[TERM].sum().backward()
@@ -178,7 +186,12 @@ def test_outputs_features_take_precedence_and_row_counts_are_checked():
 
 
 def test_sep_weight_zero_adds_no_term():
-    assert plugin(sep_weight=0.0).objective_terms(module=None, batch=_batch(), outputs={}, ctx=StepContext()) is None
+    assert (
+        plugin(sep_weight=0.0).objective_terms(
+            module=None, batch=_batch(), outputs={}, ctx=StepContext()
+        )
+        is None
+    )
 
 
 def test_after_the_switch_ce_is_class_weighted_and_separability_is_a_plain_mean():

@@ -63,7 +63,10 @@ def test_randomfold_loads_are_floor_or_ceil_and_a_bijection_at_m_equal_n(n, m):
     if m == n:
         assert sorted(randomfold_index(torch.arange(n), m, a).tolist()) == list(range(n))
         # HashedNet at m = n leaves slots empty (about 1/e of them): not Pareto-continuous
-        assert int((torch.bincount(hashednet_index(torch.arange(n), m, a), minlength=m) == 0).sum()) > n // 5
+        assert (
+            int((torch.bincount(hashednet_index(torch.arange(n), m, a), minlength=m) == 0).sum())
+            > n // 5
+        )
 
 
 def test_shared_weight_by_hand():
@@ -118,5 +121,8 @@ def test_gradient_of_z_is_the_scaled_sum_of_signed_weight_gradients_by_hand():
         return float((shared_weight(v, h, g.double(), 0.5) * cost).sum())
 
     eps = 1e-6
-    fd = [(loss(z.detach() + eps * e) - loss(z.detach() - eps * e)) / (2 * eps) for e in torch.eye(3, dtype=torch.float64)]
+    fd = [
+        (loss(z.detach() + eps * e) - loss(z.detach() - eps * e)) / (2 * eps)
+        for e in torch.eye(3, dtype=torch.float64)
+    ]
     assert_close(torch.tensor(fd, dtype=torch.float64), z.grad, atol=1e-6, rtol=0)

@@ -109,12 +109,20 @@ def test_the_gradient_of_z_is_the_scaled_sum_of_both_layers_signed_gradients():
     total = torch.zeros(14, dtype=torch.float64)
     for layer, p in zip((model[0], model[2]), (plain[0], plain[2]), strict=True):
         part = layer.parametrizations.weight[0]
-        total.index_add_(0, part.index.reshape(-1), (part.scale * part.sign * p.weight.grad).reshape(-1).double())
+        total.index_add_(
+            0, part.index.reshape(-1), (part.scale * part.sign * p.weight.grad).reshape(-1).double()
+        )
     lam = plugin.scales
     a = torch.zeros(14, dtype=torch.float64)
     for layer, s in zip((model[0], model[2]), lam, strict=True):
-        a.index_add_(0, layer.parametrizations.weight[0].index.reshape(-1), torch.full((layer.weight.numel(),), float(s), dtype=torch.float64))
-    assert_close(model.stable_rps_z.grad.double(), total / (a * a / plugin._counts), rtol=1e-5, atol=1e-7)
+        a.index_add_(
+            0,
+            layer.parametrizations.weight[0].index.reshape(-1),
+            torch.full((layer.weight.numel(),), float(s), dtype=torch.float64),
+        )
+    assert_close(
+        model.stable_rps_z.grad.double(), total / (a * a / plugin._counts), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_at_compression_1_randomfold_is_the_uncompressed_model_and_trains_like_it():
@@ -163,7 +171,12 @@ def test_merge_gives_a_plain_model_computing_the_same_function_also_under_a_prun
     merged = merge(model, [plugin])
     assert not any(parametrize.is_parametrized(m) for m in merged.modules())
     assert not hasattr(merged, "stable_rps_z")
-    assert sorted(n for n, _ in merged.named_parameters()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert sorted(n for n, _ in merged.named_parameters()) == [
+        "0.bias",
+        "0.weight",
+        "2.bias",
+        "2.weight",
+    ]
     assert all(p.requires_grad for p in merged.parameters())
     assert_close(merged(x), before)
     assert int((merged[2].weight.view(-1)[:4] != 0).sum()) == 0
@@ -184,7 +197,11 @@ def test_a_layer_already_reparameterized_is_refused_naming_the_plugin():
 def test_layers_select_what_is_shared():
     model = mlp()
     plugin = shared(model, compression=1.0, layers=Layers(types=("Linear",), skip_head=True))
-    assert plugin.mapped == 35 and parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    assert (
+        plugin.mapped == 35
+        and parametrize.is_parametrized(model[0])
+        and not parametrize.is_parametrized(model[2])
+    )
 
 
 def test_the_hash_seed_comes_from_the_recipe_and_a_checkpoint_of_another_seed_rebuilds_its_map():
@@ -193,7 +210,9 @@ def test_the_hash_seed_comes_from_the_recipe_and_a_checkpoint_of_another_seed_re
     a = shared(a_model, seed=7, compression=2.0)
     b = shared(b_model, seed=8, compression=2.0)
     assert a.hash_seed == 7 and b.hash_seed == 8
-    assert not torch.equal(a_model[0].parametrizations.weight[0].index, b_model[0].parametrizations.weight[0].index)
+    assert not torch.equal(
+        a_model[0].parametrizations.weight[0].index, b_model[0].parametrizations.weight[0].index
+    )
     # the plugin state is saved with plain types; loading it (as a resumed run does) rebuilds
     # seed 7's map in b, and with z from the same checkpoint b computes what a computes
     buf = io.BytesIO()

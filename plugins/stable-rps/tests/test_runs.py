@@ -26,7 +26,10 @@ def _one_thread(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _quiet():
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
@@ -51,7 +54,11 @@ def test_two_fsdp2_processes_equal_one_process_on_the_global_batch(tmp_path):
 
 
 def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
-    raw = tiny_recipe([{"name": "stable-rps", "compression": 4.0}], run_dir=tmp_path / "runs", trainer={"max_steps": 2, "limit_val_batches": 0})
+    raw = tiny_recipe(
+        [{"name": "stable-rps", "compression": 4.0}],
+        run_dir=tmp_path / "runs",
+        trainer={"max_steps": 2, "limit_val_batches": 0},
+    )
     built, metrics = fit(R.validate(raw))
     ckpt = load_checkpoint(built.run_dir)  # weights_only=True
     # the kit's MLP: Flatten, Linear(64, 16), ReLU, Dropout, Linear(16, 10); both weights shared

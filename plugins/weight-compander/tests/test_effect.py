@@ -35,13 +35,22 @@ def _digits(per_class: int = 20, seeds=SEEDS):
     train = []
     for s in seeds:
         g = torch.Generator().manual_seed(1000 + s)
-        train.append(torch.cat([
-            (y == k).nonzero().flatten()[torch.randperm(int((y == k).sum()), generator=g)[:per_class]] for k in range(10)
-        ]))
+        train.append(
+            torch.cat(
+                [
+                    (y == k)
+                    .nonzero()
+                    .flatten()[torch.randperm(int((y == k).sum()), generator=g)[:per_class]]
+                    for k in range(10)
+                ]
+            )
+        )
     return x, y, torch.stack(train)  # [1797, 64], [1797], [S, 200]
 
 
-def _train(compander: str, wd: float, *, lr: float = 0.1, steps: int = 200, sizes=(64, 32, 10)) -> list[dict]:
+def _train(
+    compander: str, wd: float, *, lr: float = 0.1, steps: int = 200, sizes=(64, 32, 10)
+) -> list[dict]:
     """compander: "none", "fixed" or "learnable". Returns per seed: test accuracy, the fraction
     of effective weights with |w| < 0.01, and max |w| (all layers)."""
     x, y, train = _digits()
@@ -73,7 +82,9 @@ def _train(compander: str, wd: float, *, lr: float = 0.1, steps: int = 200, size
 
     xt, yt = x[train], y[train]
     for _ in range(steps):
-        ce = F.cross_entropy(forward(xt).flatten(0, 1), yt.flatten(), reduction="none").view(n_seeds, -1)
+        ce = F.cross_entropy(forward(xt).flatten(0, 1), yt.flatten(), reduction="none").view(
+            n_seeds, -1
+        )
         vs = [v for v, _, _ in layers]
         if compander == "none":
             decay = 0.5 * wd * sum(v.square().sum() for v in vs)
@@ -90,12 +101,14 @@ def _train(compander: str, wd: float, *, lr: float = 0.1, steps: int = 200, size
             test = torch.ones(len(y), dtype=torch.bool)
             test[train[i]] = False
             w = torch.cat([(c(v) if c is not None else v)[i].flatten() for v, _, c in layers])
-            out.append({
-                "acc": (logits[i][test].argmax(1) == y[test]).float().mean().item(),
-                "near": (w.abs() < 1e-2).float().mean().item(),
-                "max": w.abs().max().item(),
-                "a": [c.a[i].item() for *_, c in layers] if compander == "learnable" else None,
-            })
+            out.append(
+                {
+                    "acc": (logits[i][test].argmax(1) == y[test]).float().mean().item(),
+                    "near": (w.abs() < 1e-2).float().mean().item(),
+                    "max": w.abs().max().item(),
+                    "a": [c.a[i].item() for *_, c in layers] if compander == "learnable" else None,
+                }
+            )
     return out
 
 
@@ -115,8 +128,14 @@ def test_compander_bounds_the_weights_and_keeps_fewer_near_zero_without_decay():
     1.62 1.50 1.90 1.44 1.73, compander 0.905 0.893 0.958 0.899 0.921 (bound aπ/2 = 1.2566).
     """
     plain, wc = _train("none", 0.0), _train("fixed", 0.0)
-    assert all(w < 0.95 * p for w, p in zip(_col(wc, "near"), _col(plain, "near"), strict=True)), (plain, wc)
-    assert all(w < A * math.pi / 2 and w < p for w, p in zip(_col(wc, "max"), _col(plain, "max"), strict=True))
+    assert all(w < 0.95 * p for w, p in zip(_col(wc, "near"), _col(plain, "near"), strict=True)), (
+        plain,
+        wc,
+    )
+    assert all(
+        w < A * math.pi / 2 and w < p
+        for w, p in zip(_col(wc, "max"), _col(plain, "max"), strict=True)
+    )
 
 
 def test_with_eq5_decay_the_generalization_gain_does_not_show_on_digits():
@@ -149,6 +168,8 @@ def test_learnable_version_leaves_few_weights_near_zero():
     0.0068 0.0021 0.0017 0.0046 0.0038; accuracy mean 0.8852 (plain) vs 0.8786 (learnable).
     """
     plain, learn = _train("none", 5e-4, lr=0.01), _train("learnable", 5e-4, lr=0.01)
-    assert all(w < 0.2 * p for w, p in zip(_col(learn, "near"), _col(plain, "near"), strict=True)), (plain, learn)
+    assert all(
+        w < 0.2 * p for w, p in zip(_col(learn, "near"), _col(plain, "near"), strict=True)
+    ), (plain, learn)
     assert all(a > 0.5 for r in learn for a in r["a"])
     assert abs(_mean(_col(learn, "acc")) - _mean(_col(plain, "acc"))) < 0.02

@@ -62,9 +62,19 @@ def test_compander_values_by_hand():
     #   Ψ'(v) = a / (b(1 + v²/b²)):  Ψ'(0) = 0.8/0.5 = 1.6,  Ψ'(0.5) = 1.6/2 = 0.8
     #   bound aπ/2 = 1.256637;  Ψ⁻¹(0.1) = 0.5·tan(0.125) = 0.062828
     v = torch.tensor([0.5, 0.0, -0.5], dtype=torch.float64)
-    assert_close(compand(v, 0.8, 0.5), torch.tensor([0.628319, 0.0, -0.628319], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert_close(
+        compand(v, 0.8, 0.5),
+        torch.tensor([0.628319, 0.0, -0.628319], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     assert_close(compand_slope(v, 0.8, 0.5), torch.tensor([0.8, 1.6, 0.8], dtype=torch.float64))
-    assert_close(expand(torch.tensor([0.1], dtype=torch.float64), 0.8, 0.5), torch.tensor([0.062828], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert_close(
+        expand(torch.tensor([0.1], dtype=torch.float64), 0.8, 0.5),
+        torch.tensor([0.062828], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     huge = compand(torch.tensor([1e9, -1e9], dtype=torch.float64), 0.8, 0.5)
     assert_close(huge, torch.tensor([1.256637, -1.256637], dtype=torch.float64), atol=1e-6, rtol=0)
     assert bool((huge.abs() < 0.8 * math.pi / 2).all())
@@ -139,7 +149,9 @@ def test_registering_keeps_the_function_and_merge_gives_a_plain_equal_model(lear
     model, x = _mlp(), torch.randn(4, 5)
     before = model(x).detach()
     _setup(model, learnable=learnable)
-    assert all(parametrize.is_parametrized(m, "weight") for m in (model[0], model[2]))  # head included
+    assert all(
+        parametrize.is_parametrized(m, "weight") for m in (model[0], model[2])
+    )  # head included
     assert_close(model(x), before)  # v₀ = Ψ⁻¹(w₀) (Eq. 4)
     with torch.no_grad():  # move v and (learnable) a, b away from their initial values
         for p in model.parameters():
@@ -147,7 +159,12 @@ def test_registering_keeps_the_function_and_merge_gives_a_plain_equal_model(lear
     trained = model(x).detach()
     merged = merge(model)
     assert not any(parametrize.is_parametrized(m) for m in merged.modules())
-    assert sorted(n for n, _ in merged.named_parameters()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert sorted(n for n, _ in merged.named_parameters()) == [
+        "0.bias",
+        "0.weight",
+        "2.bias",
+        "2.weight",
+    ]
     assert_close(merged(x), trained)
 
 
@@ -176,21 +193,39 @@ def test_objective_term_is_eq5_on_the_forward_weights():
     model, x = _mlp(), torch.randn(4, 5)
     plugin = _setup(model, weight_decay=0.2)
     model(x)  # the training forward the term reads
-    terms = plugin.objective_terms(module=_Module(model), batch={"input": x, "target": torch.zeros(4)}, outputs={}, ctx=None)
+    terms = plugin.objective_terms(
+        module=_Module(model), batch={"input": x, "target": torch.zeros(4)}, outputs={}, ctx=None
+    )
     expected = 0.1 * (model[0].weight.square().sum() + model[2].weight.square().sum())
     assert terms["weight_decay"].shape == (4,)
     assert_close(terms["weight_decay"], expected.expand(4))
     # without a forward (nothing seen) the term is recomputed from the parametrizations
-    again = plugin.objective_terms(module=_Module(model), batch={"input": x, "target": torch.zeros(4)}, outputs={}, ctx=None)
+    again = plugin.objective_terms(
+        module=_Module(model), batch={"input": x, "target": torch.zeros(4)}, outputs={}, ctx=None
+    )
     assert_close(again["weight_decay"], expected.expand(4))
-    assert plugin.objective_terms(module=_Module(_mlp()), batch={"target": torch.zeros(4)}, outputs={}, ctx=None) is not None
-    assert WeightCompander(WeightCompanderConfig(weight_decay=0.0)).objective_terms(
-        module=_Module(model), batch={"target": torch.zeros(4)}, outputs={}, ctx=None) is None
+    assert (
+        plugin.objective_terms(
+            module=_Module(_mlp()), batch={"target": torch.zeros(4)}, outputs={}, ctx=None
+        )
+        is not None
+    )
+    assert (
+        WeightCompander(WeightCompanderConfig(weight_decay=0.0)).objective_terms(
+            module=_Module(model), batch={"target": torch.zeros(4)}, outputs={}, ctx=None
+        )
+        is None
+    )
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"a": 0.0}, "a"), ({"b": -1.0}, "b"), ({"init_a": float("nan")}, "init_a"), ({"weight_decay": -1e-4}, "weight_decay")],
+    [
+        ({"a": 0.0}, "a"),
+        ({"b": -1.0}, "b"),
+        ({"init_a": float("nan")}, "init_a"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+    ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"WeightCompanderConfig.{field}"):
@@ -207,9 +242,13 @@ def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
     assert "train/weight_decay" in metrics and "compander/mean_a" in metrics
     ckpt = load_checkpoint(tmp_path / "runs" / "few-steps" / "version_0")
     assert sorted(ckpt["state_dict"]) == [
-        "model.1.bias", "model.1.parametrizations.weight.0.a", "model.1.parametrizations.weight.0.b",
+        "model.1.bias",
+        "model.1.parametrizations.weight.0.a",
+        "model.1.parametrizations.weight.0.b",
         "model.1.parametrizations.weight.original",
-        "model.4.bias", "model.4.parametrizations.weight.0.a", "model.4.parametrizations.weight.0.b",
+        "model.4.bias",
+        "model.4.parametrizations.weight.0.a",
+        "model.4.parametrizations.weight.0.b",
         "model.4.parametrizations.weight.original",
     ]
     assert ckpt["paperhooks"]["plugins"] == [{"name": "weight-compander", "state": {}}]
@@ -218,4 +257,6 @@ def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
 @pytest.mark.slow
 def test_two_fsdp2_processes_equal_one_process(tmp_path):
     # learnable: a, b are parameters FSDP2 shards like any other (shape [1])
-    check_ddp_equals_single("weight-compander", {"learnable": True, "weight_decay": 5e-4}, tmp_path, strategy="fsdp2")
+    check_ddp_equals_single(
+        "weight-compander", {"learnable": True, "weight_decay": 5e-4}, tmp_path, strategy="fsdp2"
+    )

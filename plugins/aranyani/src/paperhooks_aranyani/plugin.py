@@ -199,7 +199,9 @@ class Aranyani(Plugin):
                 (pred == batch["target"].reshape(-1)).sum().reshape(1).double(),  # correct
             ]
         )
-        stats = dist.all_reduce_sum(stats).cpu()  # the running aggregates live on the CPU, in float64
+        stats = dist.all_reduce_sum(
+            stats
+        ).cpu()  # the running aggregates live on the CPU, in float64
         counts = stats[:2]
         self._pending = {
             "counts": counts,

@@ -3,4 +3,12 @@
 from paperhooks_bone.functional import BoneBlock, bat_delta, bat_unmerge, bone_delta, bone_forward
 from paperhooks_bone.plugin import Bone, BoneConfig
 
-__all__ = ["Bone", "BoneBlock", "BoneConfig", "bat_delta", "bat_unmerge", "bone_delta", "bone_forward"]
+__all__ = [
+    "Bone",
+    "BoneBlock",
+    "BoneConfig",
+    "bat_delta",
+    "bat_unmerge",
+    "bone_delta",
+    "bone_forward",
+]

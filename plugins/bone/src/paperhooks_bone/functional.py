@@ -82,7 +82,9 @@ def check_shape(variant: str, r: int, out_features: int, in_features: int, where
     if r > in_features:
         raise ValueError(f"bone: r = {r} must be at most the layer's in_features{at}")
     if variant == "bat" and (out_features % r or in_features % r):
-        raise ValueError(f"bone: variant bat needs r = {r} to divide out_features and in_features{at}")
+        raise ValueError(
+            f"bone: variant bat needs r = {r} to divide out_features and in_features{at}"
+        )
 
 
 class BoneBlock(nn.Module):
@@ -111,7 +113,9 @@ class BoneBlock(nn.Module):
             delta = bat_delta(weight, self.block.to(weight.dtype))
         if torch.is_grad_enabled():
             with torch.no_grad():
-                self.last_ratio = torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(weight).clamp_min(1e-12)
+                self.last_ratio = torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(
+                    weight
+                ).clamp_min(1e-12)
         return weight + delta
 
     def right_inverse(self, merged: torch.Tensor) -> torch.Tensor:
@@ -125,4 +129,12 @@ class BoneBlock(nn.Module):
         return f"variant={self.variant}, r={self.r}, block={tuple(self.block.shape)}"
 
 
-__all__ = ["VARIANTS", "BoneBlock", "bat_delta", "bat_unmerge", "bone_delta", "bone_forward", "check_shape"]
+__all__ = [
+    "VARIANTS",
+    "BoneBlock",
+    "bat_delta",
+    "bat_unmerge",
+    "bone_delta",
+    "bone_forward",
+    "check_shape",
+]

@@ -54,11 +54,15 @@ class BoneConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in F.VARIANTS:
-            raise ValueError(f"BoneConfig.variant must be one of {', '.join(F.VARIANTS)}, got {self.variant!r}")
+            raise ValueError(
+                f"BoneConfig.variant must be one of {', '.join(F.VARIANTS)}, got {self.variant!r}"
+            )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"BoneConfig.r must be an integer >= 1, got {self.r!r}")
         if tuple(self.layers.types) != ("Linear",):
-            raise ValueError(f"BoneConfig.layers.types: Bone adapts Linear layers only, got {list(self.layers.types)}")
+            raise ValueError(
+                f"BoneConfig.layers.types: Bone adapts Linear layers only, got {list(self.layers.types)}"
+            )
 
 
 class Bone(Plugin):
@@ -114,7 +118,9 @@ class Bone(Plugin):
         for name, layer in select_layers(model, cfg.layers, plugin=self.name):
             out_features, in_features = layer.weight.shape
             F.check_shape(cfg.variant, cfg.r, out_features, in_features, where=name)
-            block = F.BoneBlock(cfg.variant, cfg.r, out_features, in_features).to(layer.weight.device, layer.weight.dtype)
+            block = F.BoneBlock(cfg.variant, cfg.r, out_features, in_features).to(
+                layer.weight.device, layer.weight.dtype
+            )
             parametrize.register_parametrization(layer, "weight", block)
             blocks.add(id(block.block))
         for pname, p in model.named_parameters():
@@ -124,7 +130,11 @@ class Bone(Plugin):
     @hookimpl
     def reparam_after_step(self, module: Any, ctx: StepContext) -> None:
         """Log ‖ΔW‖/‖W‖ averaged over the adapted layers, as seen in the last forward."""
-        ratios = [m.last_ratio for m in module.model.modules() if isinstance(m, F.BoneBlock) and m.last_ratio is not None]
+        ratios = [
+            m.last_ratio
+            for m in module.model.modules()
+            if isinstance(m, F.BoneBlock) and m.last_ratio is not None
+        ]
         if ratios and ctx is not None:
             ctx.log("bone/delta_ratio", torch.stack(ratios).mean())
 

@@ -44,11 +44,20 @@ class DigitsAmbiguousConfig(DigitsConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_field(0 <= self.ambiguous_rate < 1, "ambiguous_rate", "in [0, 1)", self.ambiguous_rate)
-        check_field(self.label_noise.kind == "none", "label_noise.kind", "none with digits-ambiguous", self.label_noise.kind)
+        check_field(
+            0 <= self.ambiguous_rate < 1, "ambiguous_rate", "in [0, 1)", self.ambiguous_rate
+        )
+        check_field(
+            self.label_noise.kind == "none",
+            "label_noise.kind",
+            "none with digits-ambiguous",
+            self.label_noise.kind,
+        )
 
 
-def ambiguous_labels(x: torch.Tensor, y: torch.Tensor, rate: float, num_classes: int = 10) -> torch.Tensor:
+def ambiguous_labels(
+    x: torch.Tensor, y: torch.Tensor, rate: float, num_classes: int = 10
+) -> torch.Tensor:
     """Labels with the ``rate`` fraction of lowest-margin samples moved to their nearest other class.
 
     :param x: images ``[N, ...]``; :param y: clean labels int64 ``[N]``.
@@ -75,10 +84,18 @@ def build_digits_ambiguous(config: DigitsAmbiguousConfig, seed: int) -> Paperhoo
     dm = build_datamodule("digits", config, seed)
     train = {k: v for k, v in dm.train_set.tensors.items() if k != "index"}
     clean = train["target"]
-    train["target"] = ambiguous_labels(train["input"], clean, config.ambiguous_rate, dm.info.num_classes)
+    train["target"] = ambiguous_labels(
+        train["input"], clean, config.ambiguous_rate, dm.info.num_classes
+    )
     train["clean_target"] = clean
     return PaperhooksDataModule(
-        dm.info, DictDataset(train), dm.val_set, dm.batch_size, dm.seed, dm.num_workers, dm.redundant
+        dm.info,
+        DictDataset(train),
+        dm.val_set,
+        dm.batch_size,
+        dm.seed,
+        dm.num_workers,
+        dm.redundant,
     )
 
 

@@ -46,7 +46,10 @@ def _per_sample(u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def kl_uncertainty(
-    primary: torch.Tensor, auxiliary: torch.Tensor, u_scale: float = 0.1, mask: torch.Tensor | None = None
+    primary: torch.Tensor,
+    auxiliary: torch.Tensor,
+    u_scale: float = 0.1,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """U = λ·KL(softmax(o') ‖ softmax(o)) over the class dim (last), per sample.
 
@@ -59,14 +62,18 @@ def kl_uncertainty(
     :return: U, shape ``[B]``, >= 0.
     """
     if primary.shape != auxiliary.shape:
-        raise ValueError(f"{PLUGIN}: the two predictions differ in shape: {tuple(primary.shape)} vs {tuple(auxiliary.shape)}")
+        raise ValueError(
+            f"{PLUGIN}: the two predictions differ in shape: {tuple(primary.shape)} vs {tuple(auxiliary.shape)}"
+        )
     log_p = F.log_softmax(primary.float(), dim=-1)
     p_aux = F.softmax(auxiliary.float(), dim=-1)
     kl = F.kl_div(log_p, p_aux, reduction="none").sum(dim=-1)  # [B, ...]: Σ_c p'(log p' − log p)
     return u_scale * _per_sample(kl, mask)
 
 
-def l1_uncertainty(primary: torch.Tensor, auxiliary: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def l1_uncertainty(
+    primary: torch.Tensor, auxiliary: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """U = |o − o'|, per sample (mean over the other dims), as the depth/HED/lineart code.
 
     :param primary: predictions o, shape ``[B]`` or ``[B, ...]``.
@@ -74,7 +81,9 @@ def l1_uncertainty(primary: torch.Tensor, auxiliary: torch.Tensor, mask: torch.T
     :return: U, shape ``[B]``, >= 0.
     """
     if primary.shape != auxiliary.shape:
-        raise ValueError(f"{PLUGIN}: the two predictions differ in shape: {tuple(primary.shape)} vs {tuple(auxiliary.shape)}")
+        raise ValueError(
+            f"{PLUGIN}: the two predictions differ in shape: {tuple(primary.shape)} vs {tuple(auxiliary.shape)}"
+        )
     return _per_sample((primary.float() - auxiliary.float()).abs(), mask)
 
 

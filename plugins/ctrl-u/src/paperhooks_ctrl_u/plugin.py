@@ -55,10 +55,16 @@ class CtrlUConfig:
         name = type(self).__name__
         for field in ("u_scale", "input_noise"):
             v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not (math.isfinite(v) and v >= 0)
+            ):
                 raise ValueError(f"{name}.{field} must be a finite number >= 0, got {v!r}")
         if self.divergence not in ("auto", "kl", "l1"):
-            raise ValueError(f"{name}.divergence must be one of auto, kl, l1, got {self.divergence!r}")
+            raise ValueError(
+                f"{name}.divergence must be one of auto, kl, l1, got {self.divergence!r}"
+            )
 
 
 @dataclass
@@ -137,7 +143,9 @@ class CtrlU(Plugin):
             f"(they have {sorted(outputs)}); the two predictions to compare are read from them"
         )
 
-    def _second_view(self, batch: Mapping[str, torch.Tensor], ctx: StepContext) -> Mapping[str, torch.Tensor]:
+    def _second_view(
+        self, batch: Mapping[str, torch.Tensor], ctx: StepContext
+    ) -> Mapping[str, torch.Tensor]:
         """The batch for the second pass: the same inputs, plus σε when ``input_noise`` > 0.
 
         ε is drawn for the *global* batch from the step generator (identical on every rank and
@@ -152,11 +160,17 @@ class CtrlU(Plugin):
         sizes, _ = dist.all_gather_cat(torch.tensor([x.shape[0]], device=x.device))  # [world]
         start = int(sizes[: ctx.rank].sum())
         g = ctx.generator(F.PLUGIN, device=x.device)
-        eps = torch.randn((int(sizes.sum()), *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+        eps = torch.randn(
+            (int(sizes.sum()), *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype
+        )
         return {**batch, "input": x + sigma * eps[start : start + x.shape[0]]}
 
     def uncertainty(
-        self, module: Any, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], ctx: StepContext
+        self,
+        module: Any,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        ctx: StepContext,
     ) -> _Step:
         """U and w for this step: a second forward pass, compared with ``outputs``."""
         step = self._step
@@ -188,7 +202,11 @@ class CtrlU(Plugin):
     # -- hooks ----------------------------------------------------------------------------
     @hookimpl
     def objective_terms(
-        self, module: Any, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], ctx: StepContext
+        self,
+        module: Any,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        ctx: StepContext,
     ) -> Mapping[str, torch.Tensor] | None:
         """``{"ctrl-u": t}`` with ``w_i t_i = c U_i`` (value and gradient): Ctrl-U's penalty."""
         step = self.uncertainty(module, batch, outputs, ctx)
@@ -219,7 +237,9 @@ class CtrlU(Plugin):
         step = self.uncertainty(module, batch, outputs, ctx)
         self._step = None  # one step's tensors are not kept past the step
         if step.w.shape != losses.shape:
-            raise ValueError(f"{F.PLUGIN}: {tuple(step.w.shape)} uncertainties for {tuple(losses.shape)} losses")
+            raise ValueError(
+                f"{F.PLUGIN}: {tuple(step.w.shape)} uncertainties for {tuple(losses.shape)} losses"
+            )
         ctx.log(f"{F.PLUGIN}/uncertainty", dist.global_mean(step.u))
         ctx.log(f"{F.PLUGIN}/mean_weight", dist.global_mean(step.w))
         return step.w

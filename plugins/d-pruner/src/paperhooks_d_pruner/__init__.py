@@ -8,4 +8,11 @@ from paperhooks_d_pruner.functional import (
 )
 from paperhooks_d_pruner.plugin import DPruner, DPrunerConfig
 
-__all__ = ["DPruner", "DPrunerConfig", "dual_importance_increment", "general_importance", "hessian_update", "refined_gradient"]
+__all__ = [
+    "DPruner",
+    "DPrunerConfig",
+    "dual_importance_increment",
+    "general_importance",
+    "hessian_update",
+    "refined_gradient",
+]

@@ -31,7 +31,9 @@ def hessian_update(H: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return H + x.T @ x
 
 
-def general_importance(weight: torch.Tensor, xxt: torch.Tensor, n: int | float, percdamp: float = 0.01) -> torch.Tensor:
+def general_importance(
+    weight: torch.Tensor, xxt: torch.Tensor, n: int | float, percdamp: float = 0.01
+) -> torch.Tensor:
     """G = W² / diag(chol(H⁻¹)ᵀ)² with H = (2/n)·Σ x xᵀ damped by ``percdamp``·mean(diag H).
 
     Inputs never active (H_jj = 0) get H_jj = 1, as SparseGPT does.
@@ -39,13 +41,17 @@ def general_importance(weight: torch.Tensor, xxt: torch.Tensor, n: int | float, 
     H = (2.0 / max(float(n), 1.0)) * xxt.to(torch.float64)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H = H + percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    H = H + percdamp * torch.mean(torch.diag(H)) * torch.eye(
+        H.shape[0], dtype=H.dtype, device=H.device
+    )
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
     U = torch.linalg.cholesky(Hinv, upper=True)
     return weight.to(torch.float64) ** 2 / torch.diag(U).unsqueeze(0) ** 2
 
 
-def refined_gradient(g: torch.Tensor, G: torch.Tensor, lam: float = 0.1, lr: float = 0.03) -> torch.Tensor:
+def refined_gradient(
+    g: torch.Tensor, G: torch.Tensor, lam: float = 0.1, lr: float = 0.03
+) -> torch.Tensor:
     """g̃ = g + λ·2·η²·G ⊙ g² / 1000 (the gradient of the regularized domain loss)."""
     return g + lam * 2.0 * lr**2 * G * g**2 / 1000.0
 

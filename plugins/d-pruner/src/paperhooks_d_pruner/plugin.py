@@ -31,7 +31,9 @@ BIBTEX = """\
 
 
 def _classes(key: str, value: Any) -> None:
-    if not isinstance(value, tuple | list) or any(isinstance(c, bool) or not isinstance(c, int) for c in value):
+    if not isinstance(value, tuple | list) or any(
+        isinstance(c, bool) or not isinstance(c, int) for c in value
+    ):
         raise ValueError(f"DPrunerConfig.{key} must be a list of class indices, got {value!r}")
 
 
@@ -72,10 +74,16 @@ class DPrunerConfig:
                 raise ValueError(f"DPrunerConfig.{key} must be an integer >= 1, got {v!r}")
         for key in ("lam", "lr", "percdamp"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not (math.isfinite(v) and v >= 0)
+            ):
                 raise ValueError(f"DPrunerConfig.{key} must be a number >= 0, got {v!r}")
         if not isinstance(self.per_layer, bool):
-            raise ValueError(f"DPrunerConfig.per_layer must be true or false, got {self.per_layer!r}")
+            raise ValueError(
+                f"DPrunerConfig.per_layer must be true or false, got {self.per_layer!r}"
+            )
 
 
 class DPruner(Plugin):
@@ -100,8 +108,16 @@ class DPruner(Plugin):
     family: ClassVar[str] = "pruning"
     paper: ClassVar[Paper] = Paper(
         title="Pruning as a Domain-specific LLM Extractor",
-        authors=("Nan Zhang", "Yanchi Liu", "Xujiang Zhao", "Wei Cheng", "Runxue Bao", "Rui Zhang", "Prasenjit Mitra",
-                 "Haifeng Chen"),
+        authors=(
+            "Nan Zhang",
+            "Yanchi Liu",
+            "Xujiang Zhao",
+            "Wei Cheng",
+            "Runxue Bao",
+            "Rui Zhang",
+            "Prasenjit Mitra",
+            "Haifeng Chen",
+        ),
         year=2024,
         venue="Findings of NAACL 2024",
         arxiv="2405.06275",
@@ -135,7 +151,9 @@ class DPruner(Plugin):
         self.last_general: dict[str, torch.Tensor] = {}
         self.last_scores: dict[str, torch.Tensor] = {}
 
-    def attach(self, general: Mapping[str, torch.Tensor], domain: Mapping[str, torch.Tensor]) -> None:
+    def attach(
+        self, general: Mapping[str, torch.Tensor], domain: Mapping[str, torch.Tensor]
+    ) -> None:
         """Use these rows (``input``, ``target``) as the calibration sets instead of the training set."""
         self._rows = (general, domain)
 
@@ -147,25 +165,35 @@ class DPruner(Plugin):
             rows = module.trainer.datamodule.train_set.tensors
             general = domain = rows
 
-        def pick(rows: Mapping[str, torch.Tensor], classes: tuple[int, ...], n: int) -> dict[str, torch.Tensor]:
+        def pick(
+            rows: Mapping[str, torch.Tensor], classes: tuple[int, ...], n: int
+        ) -> dict[str, torch.Tensor]:
             keep = torch.ones(rows["target"].shape[0], dtype=torch.bool)
             if classes:
                 keep = torch.isin(rows["target"], torch.tensor(list(classes)))
             idx = torch.nonzero(keep).flatten()[:n]
             return {k: rows[k][idx] for k in ("input", "target")}
 
-        return pick(general, c.general_classes, c.general_size), pick(domain, c.domain_classes, c.domain_size)
+        return pick(general, c.general_classes, c.general_size), pick(
+            domain, c.domain_classes, c.domain_size
+        )
 
-    def _my_batches(self, rows: Mapping[str, torch.Tensor], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    def _my_batches(
+        self, rows: Mapping[str, torch.Tensor], device: torch.device
+    ) -> list[dict[str, torch.Tensor]]:
         b, n = self.config.batch_size, rows["input"].shape[0]
         starts = list(range(0, n, b))[dist.rank() :: dist.world_size()]
         return [{k: v[i : i + b].to(device) for k, v in rows.items()} for i in starts]
 
     @hookimpl
-    def pruning_scores(self, params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
+    def pruning_scores(
+        self, params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
         """S per prunable weight (float64), from the two calibration sets; see the class docstring."""
         if pruning.sharded_run(ctx):
-            raise ValueError("d-pruner: FSDP2 is not supported (the criterion needs whole weights and its own passes)")
+            raise ValueError(
+                "d-pruner: FSDP2 is not supported (the criterion needs whole weights and its own passes)"
+            )
         c = self.config
         layers = pruning.prunable(module.model)
         names = [k for k in params if k in layers]
@@ -184,18 +212,32 @@ class DPruner(Plugin):
                 for k, g in zip(names, grads, strict=True):
                     theta = params[k].detach().to(torch.float64)
                     g = torch.zeros_like(theta) if g is None else g.detach().to(torch.float64)
-                    S[k] += F.dual_importance_increment(F.refined_gradient(g, G[k], c.lam, c.lr), theta)
+                    S[k] += F.dual_importance_increment(
+                        F.refined_gradient(g, G[k], c.lam, c.lr), theta
+                    )
             S = dist.sum_over_ranks(S)
         finally:
             module.model.train(was)
         self.last_general, self.last_scores = G, S
         return S
 
-    def _general(self, module: Any, layers: Mapping[str, nn.Module], names: list[str], params: Mapping[str, torch.Tensor],
-                 rows: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    def _general(
+        self,
+        module: Any,
+        layers: Mapping[str, nn.Module],
+        names: list[str],
+        params: Mapping[str, torch.Tensor],
+        rows: Mapping[str, torch.Tensor],
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
         """G of every Linear layer (zeros for other layers), H summed over ranks first."""
         linear = [k for k in names if isinstance(layers[k], nn.Linear)]
-        xxt = {k: torch.zeros(layers[k].in_features, layers[k].in_features, dtype=torch.float64, device=device) for k in linear}
+        xxt = {
+            k: torch.zeros(
+                layers[k].in_features, layers[k].in_features, dtype=torch.float64, device=device
+            )
+            for k in linear
+        }
         count = torch.zeros((), dtype=torch.float64, device=device)
         seen: dict[str, int] = {}
 
@@ -204,6 +246,7 @@ class DPruner(Plugin):
                 x = inputs[0].detach()
                 xxt[name] = F.hessian_update(xxt[name], x)
                 seen[name] = seen.get(name, 0) + x.reshape(-1, x.shape[-1]).shape[0]
+
             return record
 
         handles = [layers[k].register_forward_hook(hook(k)) for k in linear]
@@ -216,18 +259,29 @@ class DPruner(Plugin):
             for h in handles:
                 h.remove()
         # tokens per row are the same for every layer of an MLP; n counts the rows seen per layer
-        red = dist.sum_over_ranks({**{f"H/{k}": v for k, v in xxt.items()},
-                                   **{f"n/{k}": torch.tensor(float(seen.get(k, 0)), dtype=torch.float64) for k in linear}})
+        red = dist.sum_over_ranks(
+            {
+                **{f"H/{k}": v for k, v in xxt.items()},
+                **{
+                    f"n/{k}": torch.tensor(float(seen.get(k, 0)), dtype=torch.float64)
+                    for k in linear
+                },
+            }
+        )
         out = {}
         for k in names:
             if k in linear:
-                out[k] = F.general_importance(params[k].detach(), red[f"H/{k}"], float(red[f"n/{k}"]), self.config.percdamp)
+                out[k] = F.general_importance(
+                    params[k].detach(), red[f"H/{k}"], float(red[f"n/{k}"]), self.config.percdamp
+                )
             else:
                 out[k] = torch.zeros(params[k].shape, dtype=torch.float64, device=device)
         return out
 
     @hookimpl
-    def pruning_allocate(self, scores: Mapping[str, torch.Tensor], sparsity: float, ctx: StepContext) -> Any:
+    def pruning_allocate(
+        self, scores: Mapping[str, torch.Tensor], sparsity: float, ctx: StepContext
+    ) -> Any:
         """Each weight matrix at the asked sparsity (the code's per-matrix threshold), or ``None``."""
         if not self.config.per_layer:
             return None
@@ -238,7 +292,11 @@ def _weight_param(layer: nn.Module) -> torch.Tensor:
     """The tensor the effective weight is computed from (the stored ``original`` under the mask)."""
     from torch.nn.utils import parametrize
 
-    return layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
+    return (
+        layer.parametrizations.weight.original
+        if parametrize.is_parametrized(layer, "weight")
+        else layer.weight
+    )
 
 
 def _mean_loss(module: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -51,11 +51,15 @@ def flex_dpo_loss(
     :param beta_chosen: β⁺ > 0.
     :param beta_rejected: β⁻ > 0 (β⁻ = β⁺ gives DPO).
     """
-    z = beta_chosen * (chosen_logps - ref_chosen_logps) - beta_rejected * (rejected_logps - ref_rejected_logps)
+    z = beta_chosen * (chosen_logps - ref_chosen_logps) - beta_rejected * (
+        rejected_logps - ref_rejected_logps
+    )
     return -F.logsigmoid(z)
 
 
-def chosen_nll(chosen_logps: torch.Tensor, chosen_length: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def chosen_nll(
+    chosen_logps: torch.Tensor, chosen_length: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """NLL(y⁺) per pair, shape ``[B]``: −log π_θ(y⁺|x), divided by |y⁺| for ``mean``.
 
     :param chosen_logps: log π_θ(y⁺|x), summed over the response tokens, ``[B]``.

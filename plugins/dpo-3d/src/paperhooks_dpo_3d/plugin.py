@@ -59,7 +59,9 @@ class Dpo3dConfig:
         _positive("rejected_ratio", self.rejected_ratio)
         _positive("sft_coefficient", self.sft_coefficient, allow_zero=True)
         if self.sft_reduction not in ("mean", "sum"):
-            raise ValueError(f"Dpo3dConfig.sft_reduction must be 'mean' or 'sum', got {self.sft_reduction!r}")
+            raise ValueError(
+                f"Dpo3dConfig.sft_reduction must be 'mean' or 'sum', got {self.sft_reduction!r}"
+            )
 
 
 class Dpo3d(Plugin):
@@ -118,7 +120,9 @@ class Dpo3d(Plugin):
         ctx: StepContext,
     ) -> Mapping[str, torch.Tensor] | None:
         """``loss`` (Flex-DPO, replacing DPO) and, when λ > 0, ``sft`` (λ·NLL of y⁺), per pair."""
-        missing = [k for k in ("chosen_logps", "chosen_mask", "ref_chosen_logps") if k not in outputs]
+        missing = [
+            k for k in ("chosen_logps", "chosen_mask", "ref_chosen_logps") if k not in outputs
+        ]
         if missing:
             raise ValueError(
                 f"dpo-3d needs a preference task (data synthetic-preferences or tabular-preferences); "
@@ -137,6 +141,8 @@ class Dpo3d(Plugin):
             )
         }
         if c.sft_coefficient > 0:
-            nll = chosen_nll(outputs["chosen_logps"], outputs["chosen_mask"].sum(1), c.sft_reduction)
+            nll = chosen_nll(
+                outputs["chosen_logps"], outputs["chosen_mask"].sum(1), c.sft_reduction
+            )
             terms["sft"] = c.sft_coefficient * nll
         return terms

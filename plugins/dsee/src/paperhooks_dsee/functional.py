@@ -31,7 +31,12 @@ from torch import nn
 
 
 def grebsmo_sparse(
-    W: torch.Tensor, *, iters: int = 100, inner: int = 2, rank_step: int = 5, tau: float = 0.01,
+    W: torch.Tensor,
+    *,
+    iters: int = 100,
+    inner: int = 2,
+    rank_step: int = 5,
+    tau: float = 0.01,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """S̃ of the GreBsmo-style loop above (float64 internally), ``[out, in]``."""
@@ -66,7 +71,9 @@ def support(S: torch.Tensor, num_sparse: int) -> torch.Tensor:
     return out.view_as(S)
 
 
-def dsee_delta(A: torch.Tensor, B: torch.Tensor, S: torch.Tensor, omega: torch.Tensor, scaling: float) -> torch.Tensor:
+def dsee_delta(
+    A: torch.Tensor, B: torch.Tensor, S: torch.Tensor, omega: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """ΔW = (α/r)·(B A + S ⊙ Ω), ``[out, in]``."""
     return scaling * (B @ A + S * omega)
 
@@ -74,8 +81,16 @@ def dsee_delta(A: torch.Tensor, B: torch.Tensor, S: torch.Tensor, omega: torch.T
 class DseeDelta(nn.Module):
     """The parametrization ``W ↦ W + (α/r)(B A + S ⊙ Ω)`` with B = 0, S = 0 at the start."""
 
-    def __init__(self, out_features: int, in_features: int, r: int, alpha: float, omega: torch.Tensor,
-                 init_std: float, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        r: int,
+        alpha: float,
+        omega: torch.Tensor,
+        init_std: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.r, self.scaling = r, alpha / r
         self.A = nn.Parameter(torch.randn(r, in_features, generator=generator) * init_std)

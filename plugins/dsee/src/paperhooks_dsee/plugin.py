@@ -71,9 +71,13 @@ class DseeConfig:
             if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
                 raise ValueError(f"DseeConfig.{key} must be a number >= 0, got {v!r}")
         if self.prune_mode not in ("abs", "wabs"):
-            raise ValueError(f"DseeConfig.prune_mode must be 'abs' or 'wabs', got {self.prune_mode!r}")
+            raise ValueError(
+                f"DseeConfig.prune_mode must be 'abs' or 'wabs', got {self.prune_mode!r}"
+            )
         if set(self.layers.types) - {"Linear"}:
-            raise ValueError(f"DseeConfig.layers.types: only Linear layers are adapted, got {list(self.layers.types)}")
+            raise ValueError(
+                f"DseeConfig.layers.types: only Linear layers are adapted, got {list(self.layers.types)}"
+            )
 
 
 def _delta_of(layer: torch.nn.Module) -> F.DseeDelta | None:
@@ -103,7 +107,14 @@ class Dsee(Plugin):
     extra_families: ClassVar[tuple[str, ...]] = ("pruning",)
     paper: ClassVar[Paper] = Paper(
         title="DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language Models",
-        authors=("Xuxi Chen", "Tianlong Chen", "Weizhu Chen", "Ahmed Hassan Awadallah", "Zhangyang Wang", "Yu Cheng"),
+        authors=(
+            "Xuxi Chen",
+            "Tianlong Chen",
+            "Weizhu Chen",
+            "Ahmed Hassan Awadallah",
+            "Zhangyang Wang",
+            "Yu Cheng",
+        ),
         year=2023,
         venue="ACL 2023",
         arxiv="2111.00160",
@@ -132,17 +143,27 @@ class Dsee(Plugin):
         adapters = set()
         for i, (_name, layer) in enumerate(select_layers(model, c.layers, plugin=self.name)):
             w = layer.weight.detach()
-            gen = torch.Generator().manual_seed(1_000_003 * (ctx.seed if ctx else 0) + i)  # same on every rank
-            s_tilde = F.grebsmo_sparse(w, iters=c.iters, rank_step=c.rank_step, tau=c.tau, generator=gen)
+            gen = torch.Generator().manual_seed(
+                1_000_003 * (ctx.seed if ctx else 0) + i
+            )  # same on every rank
+            s_tilde = F.grebsmo_sparse(
+                w, iters=c.iters, rank_step=c.rank_step, tau=c.tau, generator=gen
+            )
             omega = F.support(s_tilde, c.num_sparse)
-            delta = F.DseeDelta(w.shape[0], w.shape[1], c.r, c.alpha, omega, c.init_std, generator=gen)
+            delta = F.DseeDelta(
+                w.shape[0], w.shape[1], c.r, c.alpha, omega, c.init_std, generator=gen
+            )
             parametrize.register_parametrization(layer, "weight", delta.to(w.device, w.dtype))
             adapters.update(id(p) for p in delta.parameters())
         for pname, p in model.named_parameters():
-            p.requires_grad_(id(p) in adapters or any(fnmatch.fnmatchcase(pname, pat) for pat in c.trainable))
+            p.requires_grad_(
+                id(p) in adapters or any(fnmatch.fnmatchcase(pname, pat) for pat in c.trainable)
+            )
 
     @hookimpl
-    def pruning_scores(self, params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext) -> Any:
+    def pruning_scores(
+        self, params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext
+    ) -> Any:
         if self.config.prune_mode == "wabs":
             return pruning.magnitude_scores(params)
         layers = pruning.prunable(module.model)

@@ -48,7 +48,9 @@ def per_sample_sums(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             f"{PLUGIN}: probabilities [B, C, ...] {tuple(probs.shape)} and targets [B, ...] "
             f"{tuple(target.shape)} do not match"
         )
-    t = torch.nn.functional.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)  # [B, C, ...]
+    t = (
+        torch.nn.functional.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    )  # [B, C, ...]
     dims = tuple(range(2, probs.dim()))
 
     def total(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +74,9 @@ def dice(S: torch.Tensor, smooth: float = SMOOTH) -> torch.Tensor:
     return 1.0 - (2.0 * inter + smooth) / (Z + Y + smooth)
 
 
-def group_losses(S: torch.Tensor, absent: Absent = "skip", smooth: float = SMOOTH) -> tuple[torch.Tensor, torch.Tensor]:
+def group_losses(
+    S: torch.Tensor, absent: Absent = "skip", smooth: float = SMOOTH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L_a, each group's unscaled Dice loss, and which groups have samples.
 
     :param S: group sums ``[G, C, 3]``.
@@ -142,7 +146,9 @@ def febs_value_and_grad(
     return loss.detach(), grad, w, L
 
 
-def equity_scaled(overall: torch.Tensor, per_group: torch.Tensor, alpha: float = 1.0, spread: str = "abs") -> torch.Tensor:
+def equity_scaled(
+    overall: torch.Tensor, per_group: torch.Tensor, alpha: float = 1.0, spread: str = "abs"
+) -> torch.Tensor:
     """ES = overall / (1 + α·Δ): Δ = Σ_a |perf_a − overall| (``abs``) or the sample standard
     deviation of perf_a (``std``, n − 1 as ``statistics.stdev``)."""
     if spread == "abs":
@@ -154,7 +160,9 @@ def equity_scaled(overall: torch.Tensor, per_group: torch.Tensor, alpha: float =
     return overall / (1.0 + alpha * delta)
 
 
-def hard_dice_per_sample(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+def hard_dice_per_sample(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int
+) -> torch.Tensor:
     """Per-image Dice of the predicted labels, averaged over the foreground classes 1…C−1.
 
     Per class, as ``calculate_metric_percase`` of the official code: 2|P∩T|/(|P| + |T|) when
@@ -169,7 +177,9 @@ def hard_dice_per_sample(pred: torch.Tensor, target: torch.Tensor, num_classes: 
         inter = (P & T).sum(dim=dims).double()
         p, t = P.sum(dim=dims).double(), T.sum(dim=dims).double()
         both = (p > 0) & (t > 0)
-        value = torch.where(both, 2 * inter / (p + t).clamp_min(1), torch.where(p > 0, 1.0, 0.0).double())
+        value = torch.where(
+            both, 2 * inter / (p + t).clamp_min(1), torch.where(p > 0, 1.0, 0.0).double()
+        )
         scores.append(value)
     return torch.stack(scores, dim=1).mean(dim=1)
 

@@ -45,12 +45,18 @@ class GroupPerformance(torchmetrics.Metric):
         super().__init__(**kwargs)
         self.num_groups, self.perf, self.statistic = num_groups, perf, statistic
         self.alpha, self.spread = alpha, spread
-        self.add_state("group_sum", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("group_count", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "group_sum", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state(
+            "group_count", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("total_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> None:
+    def update(
+        self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> None:
         logits, target = outputs["logits"].detach(), batch["target"]
         pred = logits.argmax(dim=1)
         if (logits.dim() == 2) != (self.perf == "accuracy"):
@@ -68,7 +74,9 @@ class GroupPerformance(torchmetrics.Metric):
         group = group.long()
         known = (group >= 0) & (group < self.num_groups)
         self.group_sum += torch.zeros_like(self.group_sum).index_add(0, group[known], perf[known])
-        self.group_count += torch.bincount(group[known], minlength=self.num_groups).to(torch.float64)
+        self.group_count += torch.bincount(group[known], minlength=self.num_groups).to(
+            torch.float64
+        )
         self.total_sum += perf.sum()
         self.total_count += perf.numel()
 

@@ -50,11 +50,17 @@ class EquityScaledConfig:
         if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a < 0:
             raise ValueError(f"EquityScaledConfig.alpha must be a finite number >= 0, got {a!r}")
         if self.perf not in ("accuracy", "dice"):
-            raise ValueError(f"EquityScaledConfig.perf must be one of accuracy, dice, got {self.perf!r}")
+            raise ValueError(
+                f"EquityScaledConfig.perf must be one of accuracy, dice, got {self.perf!r}"
+            )
         if self.spread not in ("abs", "std"):
-            raise ValueError(f"EquityScaledConfig.spread must be one of abs, std, got {self.spread!r}")
+            raise ValueError(
+                f"EquityScaledConfig.spread must be one of abs, std, got {self.spread!r}"
+            )
         if not isinstance(self.worst_group, bool):
-            raise ValueError(f"EquityScaledConfig.worst_group must be true or false, got {self.worst_group!r}")
+            raise ValueError(
+                f"EquityScaledConfig.worst_group must be true or false, got {self.worst_group!r}"
+            )
 
 
 class EquityScaledMetric(Plugin):
@@ -86,7 +92,9 @@ class EquityScaledMetric(Plugin):
         cfg = self.config
         suffix = "acc" if cfg.perf == "accuracy" else "dice"
         out: dict[str, torchmetrics.Metric] = {
-            f"es_{suffix}": GroupPerformance(cfg.num_groups, cfg.perf, "equity_scaled", cfg.alpha, cfg.spread)
+            f"es_{suffix}": GroupPerformance(
+                cfg.num_groups, cfg.perf, "equity_scaled", cfg.alpha, cfg.spread
+            )
         }
         if cfg.worst_group:
             out[f"worst_group_{suffix}"] = GroupPerformance(cfg.num_groups, cfg.perf, "worst")

@@ -83,22 +83,35 @@ class FEBSConfig:
             ("smooth", lambda v: v > 0, "> 0"),
         ):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not ok(v):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not math.isfinite(v)
+                or not ok(v)
+            ):
                 raise ValueError(f"FEBSConfig.{name} must be a finite number {allowed}, got {v!r}")
         g = self.num_groups
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
             raise ValueError(f"FEBSConfig.num_groups must be an integer >= 1, got {g!r}")
         if self.absent_classes not in ("skip", "count"):
-            raise ValueError(f"FEBSConfig.absent_classes must be one of skip, count, got {self.absent_classes!r}")
+            raise ValueError(
+                f"FEBSConfig.absent_classes must be one of skip, count, got {self.absent_classes!r}"
+            )
 
 
-def check_groups(batch: Mapping[str, torch.Tensor], n: int, num_groups: int, who: str) -> torch.Tensor:
+def check_groups(
+    batch: Mapping[str, torch.Tensor], n: int, num_groups: int, who: str
+) -> torch.Tensor:
     """``batch["group"]`` as int64 ``[n]`` in 0…G−1, or a ``ValueError`` naming ``who``."""
     group = batch.get("group")
     if group is None:
-        raise ValueError(f"{who}: needs batch['group'] (identity groups 0…{num_groups - 1}); e.g. data.groups for digits")
+        raise ValueError(
+            f"{who}: needs batch['group'] (identity groups 0…{num_groups - 1}); e.g. data.groups for digits"
+        )
     if group.dtype.is_floating_point or group.shape != (n,):
-        raise ValueError(f"{who}: batch['group'] must hold {n} integer group ids, got {group.dtype} {tuple(group.shape)}")
+        raise ValueError(
+            f"{who}: batch['group'] must hold {n} integer group ids, got {group.dtype} {tuple(group.shape)}"
+        )
     if n and (int(group.min()) < 0 or int(group.max()) >= num_groups):
         raise ValueError(
             f"{who}: group ids must lie in 0…{num_groups - 1} (num_groups = {num_groups}), "
@@ -140,7 +153,10 @@ class FEBS(Plugin):
 
     @hookimpl
     def objective_terms(
-        self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], ctx: StepContext
+        self,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        ctx: StepContext,
     ) -> dict[str, torch.Tensor]:
         """dice_weight·L_FEBS of the global batch, as per-sample terms with the exact gradient."""
         cfg = self.config
@@ -150,9 +166,13 @@ class FEBS(Plugin):
         group = check_groups(batch, logits.shape[0], cfg.num_groups, F.PLUGIN)
         probs = logits.float().softmax(dim=1)
         s = F.per_sample_sums(probs, batch["target"].long())  # [B, C, 3], with graph
-        S = dist.all_reduce_sum(F.group_sums(s.detach(), group, cfg.num_groups))  # [G, C, 3], global
+        S = dist.all_reduce_sum(
+            F.group_sums(s.detach(), group, cfg.num_groups)
+        )  # [G, C, 3], global
         if not bool(torch.isfinite(S).all()):  # NaN/inf logits anywhere reach every rank's sums
-            raise ValueError(f"{F.PLUGIN}: logits of the global batch hold NaN or inf; the Dice loss is undefined")
+            raise ValueError(
+                f"{F.PLUGIN}: logits of the global batch hold NaN or inf; the Dice loss is undefined"
+            )
         n = dist.all_reduce_sum(torch.tensor(float(logits.shape[0]), device=logits.device))  # N
         loss, grad, w, L = F.febs_value_and_grad(S, cfg.gamma, cfg.absent_classes, cfg.smooth)
         # u_i = ⟨∂L/∂S_{a_i}, s_i⟩: Σ_i u_i over all ranks has the gradient of L_FEBS

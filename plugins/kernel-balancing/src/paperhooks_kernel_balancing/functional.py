@@ -163,14 +163,18 @@ def fit_balancing_weights(
         pool = x_all[torch.randperm(m, generator=generator)[:center_pool].to(x_all.device)]
     k_pool = KERNELS[kernel](pool, x_obs, bandwidth)  # [P, n]
     # h_all of each pool center, 256 centers at a time to bound the [chunk, M] kernel block
-    h_pool = torch.cat([kernel_means(c, x_all, None, kernel, bandwidth) for c in pool.split(256)])  # [P]
+    h_pool = torch.cat(
+        [kernel_means(c, x_all, None, kernel, bandwidth) for c in pool.split(256)]
+    )  # [P]
     theta = torch.zeros(n, dtype=x_obs.dtype, device=x_obs.device, requires_grad=True)
     opt = torch.optim.Adam([theta], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             j = torch.randint(pool.shape[0], (num_centers,), generator=generator).to(x_obs.device)
             w = n * torch.softmax(theta, dim=0)  # [n], Σ w = n
-            loss = balancing_objective(w, k_pool[j], h_pool[j], gamma=gamma, tolerance=tolerance, hinge=hinge)
+            loss = balancing_objective(
+                w, k_pool[j], h_pool[j], gamma=gamma, tolerance=tolerance, hinge=hinge
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

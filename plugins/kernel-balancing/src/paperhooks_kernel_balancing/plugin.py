@@ -95,11 +95,15 @@ class KernelBalancingConfig:
         _count(owner, "feature_dim", self.feature_dim, 1)
         _count(owner, "feature_steps", self.feature_steps, 0)
         if self.kernel not in F.KERNELS:
-            raise ValueError(f"{owner}.kernel must be one of {sorted(F.KERNELS)}, got {self.kernel!r}")
+            raise ValueError(
+                f"{owner}.kernel must be one of {sorted(F.KERNELS)}, got {self.kernel!r}"
+            )
         if self.hinge not in ("each", "sum"):
             raise ValueError(f"{owner}.hinge must be one of ['each', 'sum'], got {self.hinge!r}")
         if not isinstance(self.inverse_propensity, bool):
-            raise ValueError(f"{owner}.inverse_propensity must be true or false, got {self.inverse_propensity!r}")
+            raise ValueError(
+                f"{owner}.inverse_propensity must be true or false, got {self.inverse_propensity!r}"
+            )
 
 
 class KernelBalancing(Plugin):
@@ -175,7 +179,12 @@ class KernelBalancing(Plugin):
 
     # -- the fit ------------------------------------------------------------------------------
     def fit(
-        self, pairs: torch.Tensor, ratings: torch.Tensor, num_users: int, num_items: int, seed: int = 0
+        self,
+        pairs: torch.Tensor,
+        ratings: torch.Tensor,
+        num_users: int,
+        num_items: int,
+        seed: int = 0,
     ) -> torch.Tensor:
         """Fit and keep the weights of the observed ``pairs`` ``[n, 2]`` (in row order).
 
@@ -185,20 +194,35 @@ class KernelBalancing(Plugin):
         cfg = self.config
         pairs = pairs.detach().cpu().long()
         if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
-            raise ValueError(f"{F.PLUGIN}: observed pairs must have shape [n, 2] with n >= 1, got {tuple(pairs.shape)}")
+            raise ValueError(
+                f"{F.PLUGIN}: observed pairs must have shape [n, 2] with n >= 1, got {tuple(pairs.shape)}"
+            )
         if cfg.gamma == 0:  # nothing to balance: uniform weights, no covariates needed
             self.weights, self.diagnostics = torch.ones(pairs.shape[0]), {"ess_fraction": 1.0}
             return self.weights
         users, items = fit_embeddings(
-            pairs, ratings, num_users, num_items, dim=cfg.feature_dim, steps=cfg.feature_steps,
+            pairs,
+            ratings,
+            num_users,
+            num_items,
+            dim=cfg.feature_dim,
+            steps=cfg.feature_steps,
             generator=dist.step_generator(seed, 0, "kernel-balancing/features"),
         )
         x_obs = pair_features(users, items, pairs)  # [n, d]
         x_all = pair_features(users, items, all_pairs(num_users, num_items))  # [M, d]
         w = F.fit_balancing_weights(
-            x_obs, x_all, gamma=cfg.gamma, tolerance=cfg.tolerance, num_centers=cfg.num_centers,
-            steps=cfg.fit_steps, lr=cfg.fit_lr, kernel=cfg.kernel, bandwidth=cfg.bandwidth,
-            hinge=cfg.hinge, center_pool=cfg.center_pool,
+            x_obs,
+            x_all,
+            gamma=cfg.gamma,
+            tolerance=cfg.tolerance,
+            num_centers=cfg.num_centers,
+            steps=cfg.fit_steps,
+            lr=cfg.fit_lr,
+            kernel=cfg.kernel,
+            bandwidth=cfg.bandwidth,
+            hinge=cfg.hinge,
+            center_pool=cfg.center_pool,
             generator=dist.step_generator(seed, 0, "kernel-balancing/centers"),
         )
         g = dist.step_generator(seed, 0, "kernel-balancing/eval")
@@ -251,14 +275,24 @@ class KernelBalancing(Plugin):
             w = w / p
         # one collective for the global checks and the logged ESS: every rank then raises
         # together on bad inputs instead of leaving the others waiting
-        local = [(~torch.isfinite(losses)).sum(), bad_p, w.sum(), (w * w).sum(), torch.tensor(w.numel())]
+        local = [
+            (~torch.isfinite(losses)).sum(),
+            bad_p,
+            w.sum(),
+            (w * w).sum(),
+            torch.tensor(w.numel()),
+        ]
         bad, bad_p, w_sum, w_sq, count = dist.all_reduce_sum(
             torch.stack([t.double().to(w.device) for t in local])
         ).tolist()
         if bad:
-            raise ValueError(f"{F.PLUGIN}: {int(bad)} per-sample losses of the global batch are NaN or inf")
+            raise ValueError(
+                f"{F.PLUGIN}: {int(bad)} per-sample losses of the global batch are NaN or inf"
+            )
         if bad_p:
-            raise ValueError(f"{F.PLUGIN}: {int(bad_p)} propensities of the global batch lie outside (0, 1]")
+            raise ValueError(
+                f"{F.PLUGIN}: {int(bad_p)} propensities of the global batch lie outside (0, 1]"
+            )
         if w_sq > 0:
             ctx.log(f"{F.PLUGIN}/batch_ess_fraction", w_sum**2 / w_sq / count)
         return w
@@ -287,7 +321,12 @@ def _observed_set(module: Any) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     info = getattr(dm, "info", None)
     train = getattr(dm, "train_set", None)
     tensors = getattr(train, "tensors", {})
-    if not (hasattr(info, "num_users") and hasattr(info, "num_items") and "input" in tensors and "target" in tensors):
+    if not (
+        hasattr(info, "num_users")
+        and hasattr(info, "num_items")
+        and "input" in tensors
+        and "target" in tensors
+    ):
         raise ValueError(
             f"{F.PLUGIN}: needs recommendation data whose info gives num_users and num_items and "
             "whose training rows are (user, item) pairs with ratings (e.g. data: synthetic-recsys); "
@@ -295,7 +334,9 @@ def _observed_set(module: Any) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         )
     pairs = tensors["input"]
     if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.is_floating_point():
-        raise ValueError(f"{F.PLUGIN}: training inputs must be [N, 2] (user, item) ids, got {tuple(pairs.shape)} {pairs.dtype}")
+        raise ValueError(
+            f"{F.PLUGIN}: training inputs must be [N, 2] (user, item) ids, got {tuple(pairs.shape)} {pairs.dtype}"
+        )
     return pairs, tensors["target"].float(), int(info.num_users), int(info.num_items)
 
 

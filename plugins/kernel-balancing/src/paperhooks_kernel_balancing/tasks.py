@@ -89,7 +89,9 @@ def simulate(config: SyntheticRecsysConfig, seed: int) -> dict[str, torch.Tensor
     r = p @ q.T / math.sqrt(k) + b + c  # [U, I]
     r = (r - r.mean()) / r.std().clamp_min(1e-12)
     popularity = torch.randn(1, i, generator=g)
-    logit = config.exposure_base + config.exposure_rating * r + config.exposure_popularity * popularity
+    logit = (
+        config.exposure_base + config.exposure_rating * r + config.exposure_popularity * popularity
+    )
     propensity = torch.sigmoid(logit)  # [U, I]
     observed = torch.rand(u, i, generator=g) < propensity
     noisy = r + config.noise * torch.randn(u, i, generator=g)
@@ -106,11 +108,13 @@ def build_synthetic_recsys(config: SyntheticRecsysConfig, seed: int) -> Paperhoo
     if observed.shape[0] == 0:
         raise ValueError("synthetic-recsys: no pair was observed; raise exposure_base")
     u, i = observed[:, 0], observed[:, 1]
-    train = DictDataset({
-        "input": observed,
-        "target": sim["noisy"][u, i],
-        "propensity": sim["propensity"][u, i],  # the true exposure probability, for IPS
-    })
+    train = DictDataset(
+        {
+            "input": observed,
+            "target": sim["noisy"][u, i],
+            "propensity": sim["propensity"][u, i],  # the true exposure probability, for IPS
+        }
+    )
     everything = all_pairs(config.num_users, config.num_items)
     val = DictDataset({"input": everything, "target": sim["rating"].reshape(-1)})
     info = RecsysInfo("regression", 0, (2,), config.num_users, config.num_items)
@@ -155,7 +159,12 @@ class MatrixFactorization(nn.Module):
         if self.dim:
             out = out + (self.user(u) * self.item(i)).sum(-1)
         if self.bias:
-            out = out + self.user_bias(u).squeeze(-1) + self.item_bias(i).squeeze(-1) + self.global_bias
+            out = (
+                out
+                + self.user_bias(u).squeeze(-1)
+                + self.item_bias(i).squeeze(-1)
+                + self.global_bias
+            )
         return out
 
 

@@ -47,7 +47,9 @@ def spread(depth: int, num_stages: int) -> tuple[int, ...]:
     stages as evenly as possible, earlier stages taking the remainder — the code's 12-layer
     example from 5 stages, ``0,0,0,1,1,1,2,2,3,3,4,4``."""
     if depth < num_stages:
-        raise ValueError(f"a descendant of {depth} blocks cannot take every one of {num_stages} stages; give layers_source")
+        raise ValueError(
+            f"a descendant of {depth} blocks cannot take every one of {num_stages} stages; give layers_source"
+        )
     base, extra = divmod(depth, num_stages)
     return tuple(s for s in range(num_stages) for _ in range(base + (1 if s < extra else 0)))
 
@@ -58,7 +60,9 @@ def tie_stages(blocks: nn.Module, stages: Sequence[int]) -> None:
     :param blocks: an ``nn.ModuleList`` or ``nn.Sequential`` of ``Σ stages`` blocks.
     """
     if len(blocks) != sum(stages):
-        raise ValueError(f"stages {list(stages)} need {sum(stages)} blocks, the model has {len(blocks)}")
+        raise ValueError(
+            f"stages {list(stages)} need {sum(stages)} blocks, the model has {len(blocks)}"
+        )
     for j, s in enumerate(stage_of_block(stages)):
         blocks[j] = blocks[stage_starts(stages)[s]]
 
@@ -72,7 +76,9 @@ def untie(blocks: nn.Module) -> None:
         seen.add(id(blocks[j]))
 
 
-def learngene_layers(state: Mapping[str, torch.Tensor], prefix: str, stages: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+def learngene_layers(
+    state: Mapping[str, torch.Tensor], prefix: str, stages: Sequence[int]
+) -> list[dict[str, torch.Tensor]]:
     """θ_s of each stage, from an auxiliary model's state dict: the keys of block ``start_s``
     under ``prefix`` (e.g. ``"model.blocks."``), relative to the block."""
     out = []
@@ -86,19 +92,31 @@ def learngene_layers(state: Mapping[str, torch.Tensor], prefix: str, stages: Seq
 
 
 @torch.no_grad()
-def expand(learngene: Sequence[Mapping[str, torch.Tensor]], blocks: nn.Module, layers_source: Sequence[int]) -> None:
+def expand(
+    learngene: Sequence[Mapping[str, torch.Tensor]], blocks: nn.Module, layers_source: Sequence[int]
+) -> None:
     """Initialize descendant block j with a copy of θ_{σ(j)} (``gene_tranfer_1``), in place."""
     if len(layers_source) != len(blocks):
-        raise ValueError(f"layers_source has {len(layers_source)} entries for a descendant of {len(blocks)} blocks")
+        raise ValueError(
+            f"layers_source has {len(layers_source)} entries for a descendant of {len(blocks)} blocks"
+        )
     for j, s in enumerate(layers_source):
         if not 0 <= s < len(learngene):
-            raise ValueError(f"layers_source[{j}] = {s} names no stage (the learngene has {len(learngene)})")
+            raise ValueError(
+                f"layers_source[{j}] = {s} names no stage (the learngene has {len(learngene)})"
+            )
         blocks[j].load_state_dict({k: v.clone() for k, v in learngene[s].items()}, strict=True)
 
 
 # -- distillation ------------------------------------------------------------------------------------------
 def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor, *, alpha: float = 1.0, tau: float = 1.0, kind: str = "soft"
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    target: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    tau: float = 1.0,
+    kind: str = "soft",
 ) -> torch.Tensor:
     """Per-sample loss ``[B]`` of ``DistillationLoss`` (losses.py); its batch mean is the code's loss.
 

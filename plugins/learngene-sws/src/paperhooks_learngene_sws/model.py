@@ -29,8 +29,15 @@ class LearngeneMLPConfig:
 
     def __post_init__(self) -> None:
         check_field(isinstance(self.dim, int) and self.dim >= 1, "dim", "an int >= 1", self.dim)
-        check_field(isinstance(self.depth, int) and self.depth >= 1, "depth", "an int >= 1", self.depth)
-        check_field(isinstance(self.mlp_ratio, int) and self.mlp_ratio >= 1, "mlp_ratio", "an int >= 1", self.mlp_ratio)
+        check_field(
+            isinstance(self.depth, int) and self.depth >= 1, "depth", "an int >= 1", self.depth
+        )
+        check_field(
+            isinstance(self.mlp_ratio, int) and self.mlp_ratio >= 1,
+            "mlp_ratio",
+            "an int >= 1",
+            self.mlp_ratio,
+        )
 
 
 class Block(nn.Module):

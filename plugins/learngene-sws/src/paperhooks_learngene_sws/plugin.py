@@ -32,9 +32,13 @@ BIBTEX = """\
 
 
 def _ints(name: str, values: object, minimum: int) -> None:
-    ok = isinstance(values, tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)
+    ok = isinstance(values, tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values
+    )
     if not ok:
-        raise ValueError(f"LearngeneSwsConfig.{name} must be a list of integers >= {minimum}, got {values!r}")
+        raise ValueError(
+            f"LearngeneSwsConfig.{name} must be a list of integers >= {minimum}, got {values!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,9 @@ class LearngeneSwsConfig:
         _ints("stages", self.stages, 1)
         _ints("layers_source", self.layers_source, 0)
         if not self.container:
-            raise ValueError("LearngeneSwsConfig.container must name the module holding the blocks, got ''")
+            raise ValueError(
+                "LearngeneSwsConfig.container must name the module holding the blocks, got ''"
+            )
         a, t = self.alpha, self.tau
         if isinstance(a, bool) or not isinstance(a, int | float) or not 0 <= a <= 1:
             raise ValueError(f"LearngeneSwsConfig.alpha must be a number in [0, 1], got {a!r}")
@@ -95,7 +101,9 @@ class LearngeneSwsConfig:
                 f"are not shared; got stages {list(self.stages)}"
             )
         if self.layers_source and self.learngene is None:
-            raise ValueError("LearngeneSwsConfig.layers_source needs learngene (the checkpoint to expand)")
+            raise ValueError(
+                "LearngeneSwsConfig.layers_source needs learngene (the checkpoint to expand)"
+            )
 
 
 def load_run_model(path: str | Path) -> nn.Module:
@@ -109,7 +117,9 @@ def load_run_model(path: str | Path) -> nn.Module:
     model_cfg, data_cfg = dict(recipe["model"]), dict(recipe["data"])
     info = build_datamodule(data_cfg.pop("name"), data_cfg, seed=recipe.get("seed", 0)).info
     net = build_model(model_cfg.pop("name"), model_cfg, info)
-    net.load_state_dict({k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    net.load_state_dict(
+        {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    )
     return net.eval().requires_grad_(False)
 
 
@@ -172,7 +182,9 @@ class LearngeneSws(Plugin):
                 f"its children are {children}. Use model learngene-mlp, or a timm ViT with container: blocks"
             ) from None
         if not isinstance(blocks, nn.ModuleList | nn.Sequential):
-            raise ValueError(f"plugin {self.name!r}: {name!r} is a {type(blocks).__name__}, not a ModuleList or Sequential")
+            raise ValueError(
+                f"plugin {self.name!r}: {name!r} is a {type(blocks).__name__}, not a ModuleList or Sequential"
+            )
         return blocks
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -191,38 +203,69 @@ class LearngeneSws(Plugin):
         """Copy θ_{σ(j)} into block j and the ``copy`` parts (and the head) into ``model``."""
         c = self.config
         ckpt = torch.load(c.learngene, map_location="cpu", weights_only=True)
-        owners = [p["state"] for p in ckpt.get("paperhooks", {}).get("plugins", []) if p["state"].get("stages")]
+        owners = [
+            p["state"]
+            for p in ckpt.get("paperhooks", {}).get("plugins", [])
+            if p["state"].get("stages")
+        ]
         if not owners:
-            raise ValueError(f"plugin {self.name!r}: {c.learngene} is not a learngene: no plugin state with stages in it")
+            raise ValueError(
+                f"plugin {self.name!r}: {c.learngene} is not a learngene: no plugin state with stages in it"
+            )
         stages, container = owners[0]["stages"], owners[0]["container"]
         state = ckpt["state_dict"]
         sigma = c.layers_source or F.spread(len(blocks), len(stages))
         F.expand(F.learngene_layers(state, f"model.{container}.", stages), blocks, sigma)
         parts: dict[str, torch.Tensor] = {}
         for part in (*c.copy, *(("head",) if c.load_head else ())):
-            found = {k[len("model.") :]: v.clone() for k, v in state.items() if k == f"model.{part}" or k.startswith(f"model.{part}.")}
+            found = {
+                k[len("model.") :]: v.clone()
+                for k, v in state.items()
+                if k == f"model.{part}" or k.startswith(f"model.{part}.")
+            }
             if not found:
-                raise ValueError(f"plugin {self.name!r}: the learngene has no part {part!r} to copy")
+                raise ValueError(
+                    f"plugin {self.name!r}: the learngene has no part {part!r} to copy"
+                )
             parts.update(found)
         missing, unexpected = model.load_state_dict(parts, strict=False)
         if unexpected:
-            raise ValueError(f"plugin {self.name!r}: the model has no {unexpected} to copy the learngene's into")
+            raise ValueError(
+                f"plugin {self.name!r}: the model has no {unexpected} to copy the learngene's into"
+            )
         return tuple(sigma)
 
     @hookimpl
-    def objective_terms(self, module: Any, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
+    def objective_terms(
+        self,
+        module: Any,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        ctx: StepContext,
+    ) -> dict[str, torch.Tensor]:
         """L_i = (1 − α)·CE_i + α·KD_i per sample (cross-entropy alone without a teacher)."""
         logits = outputs["logits"]
         teacher_logits = None
         if self.config.teacher is not None and self.teacher is None:
-            self.teacher = load_run_model(self.config.teacher)  # first training step: export never needs it
+            self.teacher = load_run_model(
+                self.config.teacher
+            )  # first training step: export never needs it
         if self.teacher is not None:
             if next(self.teacher.parameters()).device != logits.device:
                 self.teacher.to(logits.device)
             with torch.no_grad():
                 teacher_logits = self.teacher(batch["input"])
         c = self.config
-        return {"loss": F.distillation_loss(logits, teacher_logits, batch["target"], alpha=c.alpha, tau=c.tau, kind=c.distillation)}
+        return {
+            "loss": F.distillation_loss(
+                logits,
+                teacher_logits,
+                batch["target"],
+                alpha=c.alpha,
+                tau=c.tau,
+                kind=c.distillation,
+            )
+        }
 
     @hookimpl
     def reparam_merge(self, model: Any) -> None:
@@ -232,4 +275,8 @@ class LearngeneSws(Plugin):
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a descendant's expansion reads: the stages and where the blocks are."""
-        return {"stages": list(self.config.stages), "container": self.config.container, "layers_source": list(self.layers_source)}
+        return {
+            "stages": list(self.config.stages),
+            "container": self.config.container,
+            "layers_source": list(self.layers_source),
+        }

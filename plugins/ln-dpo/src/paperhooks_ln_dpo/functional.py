@@ -64,7 +64,12 @@ def ln_dpo_loss(
     Arguments as in :func:`normalized_log_ratio_margin`; ``beta`` is β > 0.
     """
     h = normalized_log_ratio_margin(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_length, rejected_length
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_length,
+        rejected_length,
     )
     return -F.logsigmoid(beta * h)
 

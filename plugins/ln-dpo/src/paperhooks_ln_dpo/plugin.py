@@ -105,7 +105,9 @@ class LnDpo(Plugin):
         ctx: StepContext,
     ) -> Mapping[str, torch.Tensor] | None:
         """The LN-DPO loss per pair, as ``loss`` (it replaces DPO)."""
-        missing = [k for k in ("chosen_logps", "chosen_mask", "ref_chosen_logps") if k not in outputs]
+        missing = [
+            k for k in ("chosen_logps", "chosen_mask", "ref_chosen_logps") if k not in outputs
+        ]
         if missing:
             raise ValueError(
                 f"ln-dpo needs a preference task (data synthetic-preferences or tabular-preferences); "

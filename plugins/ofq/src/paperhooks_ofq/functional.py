@@ -33,7 +33,9 @@ from torch import nn
 def statsq_scale(w: torch.Tensor) -> torch.Tensor:
     """s = 2·mean|W| over every dim but the first (per output row / channel), ``[out, 1, …]``, detached."""
     if w.dim() < 2:
-        raise ValueError(f"StatsQ quantizes weights of shape [out, ...] with at least 2 dims, got {tuple(w.shape)}")
+        raise ValueError(
+            f"StatsQ quantizes weights of shape [out, ...] with at least 2 dims, got {tuple(w.shape)}"
+        )
     return 2 * w.detach().abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
 
 
@@ -45,7 +47,9 @@ def pre_round(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     s = statsq_scale(w)
     n = float(2 ** (bits - 1))
-    c = torch.clamp(w.detach() / torch.where(s > 0, s, torch.ones_like(s)), min=-1.0, max=1.0 - 1e-6)
+    c = torch.clamp(
+        w.detach() / torch.where(s > 0, s, torch.ones_like(s)), min=-1.0, max=1.0 - 1e-6
+    )
     return c * n - 0.5, s
 
 
@@ -98,17 +102,25 @@ class Oscillations:
 
     @classmethod
     def start(cls, codes: torch.Tensor) -> Oscillations:
-        return cls(codes.to(torch.int8), torch.zeros_like(codes, dtype=torch.int8), torch.zeros_like(codes, dtype=torch.float32))
+        return cls(
+            codes.to(torch.int8),
+            torch.zeros_like(codes, dtype=torch.int8),
+            torch.zeros_like(codes, dtype=torch.float32),
+        )
 
 
-def track_oscillations(state: Oscillations, codes: torch.Tensor, momentum: float = 0.01) -> tuple[Oscillations, int, int]:
+def track_oscillations(
+    state: Oscillations, codes: torch.Tensor, momentum: float = 0.01
+) -> tuple[Oscillations, int, int]:
     """One step of TrackOscillation: ``(new state, oscillated count, flipped count)``.
 
     A code *flips* when it changes; it *oscillates* when it flips in the direction opposite to
     its previous flip (``prev_switch_dir · switch_dir == −1``). ema ← m·oscillated + (1 − m)·ema.
     """
     new = codes.to(torch.int8)
-    switch = torch.sign(state.codes.to(torch.int16) - new.to(torch.int16)).to(torch.int8)  # {−1, 0, 1}
+    switch = torch.sign(state.codes.to(torch.int16) - new.to(torch.int16)).to(
+        torch.int8
+    )  # {−1, 0, 1}
     flipped = switch != 0
     oscillated = (state.direction * switch) == -1
     ema = momentum * oscillated.float() + (1 - momentum) * state.ema

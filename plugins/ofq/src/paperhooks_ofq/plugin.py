@@ -33,7 +33,12 @@ BIBTEX = """\
 
 
 def _int(name: str, value: object, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"OfqConfig.{name} must be an integer {bound}, got {value!r}")
 
@@ -73,7 +78,12 @@ class OfqConfig:
         if self.cga_steps is not None:
             _int("cga_steps", self.cga_steps, 0)
         m = self.momentum
-        if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m) or not (0 < m <= 1):
+        if (
+            isinstance(m, bool)
+            or not isinstance(m, int | float)
+            or not math.isfinite(m)
+            or not (0 < m <= 1)
+        ):
             raise ValueError(f"OfqConfig.momentum must be a number in (0, 1], got {m!r}")
 
 
@@ -161,7 +171,11 @@ class Ofq(Plugin):
         steps, else the last ``cga_epochs`` epochs). Outside a fit (no ``max_steps``): never."""
         c = self.config
         if c.cga_steps is not None:
-            return c.cga_steps > 0 and ctx.max_steps is not None and ctx.step >= ctx.max_steps - c.cga_steps
+            return (
+                c.cga_steps > 0
+                and ctx.max_steps is not None
+                and ctx.step >= ctx.max_steps - c.cga_steps
+            )
         if c.cga_epochs == 0 or ctx.max_steps is None:
             return False
         if not ctx.max_epochs or ctx.max_epochs < 0:
@@ -187,7 +201,9 @@ class Ofq(Plugin):
             q = F.StatsQ(c.bits, c.boundary_range)
             parametrize.register_parametrization(layer, "weight", q)
             self._quantized[name] = _Quantized(layer, q)
-            self._tracks[name] = F.Oscillations.start(F.statsq_codes(_stored(layer).detach(), c.bits))
+            self._tracks[name] = F.Oscillations.start(
+                F.statsq_codes(_stored(layer).detach(), c.bits)
+            )
 
         def switch(model: nn.Module, args: Any) -> None:
             on = self.annealing(ctx) if model.training else False
@@ -215,7 +231,9 @@ class Ofq(Plugin):
                 codes = F.statsq_codes(_whole(p.detach()), q.bits)
                 state = self._tracks[name]
                 if state.codes.device != codes.device:
-                    state = F.Oscillations(*(t.to(codes.device) for t in (state.codes, state.direction, state.ema)))
+                    state = F.Oscillations(
+                        *(t.to(codes.device) for t in (state.codes, state.direction, state.ema))
+                    )
                 self._tracks[name], o, f = F.track_oscillations(state, codes, self.config.momentum)
                 oscillated, flipped, total = oscillated + o, flipped + f, total + codes.numel()
                 ema += float(self._tracks[name].ema.sum())

@@ -79,7 +79,13 @@ class MaskLoRA(nn.Module):
     every forward pass (W is frozen, so it is the pruning mask of W).
     """
 
-    def __init__(self, weight_shape: torch.Size, r: int, alpha: float, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        weight_shape: torch.Size,
+        r: int,
+        alpha: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         a_shape, b_shape = lora_shapes(weight_shape, r)
         self.scaling = alpha / r
@@ -104,4 +110,13 @@ class ScaleLoRA(nn.Module):
         return scale_lora(w, self.lora_A, self.lora_B)
 
 
-__all__ = ["METHODS", "NORM_TYPES", "MaskLoRA", "ScaleLoRA", "is_norm", "lora_shapes", "mask_lora", "scale_lora"]
+__all__ = [
+    "METHODS",
+    "NORM_TYPES",
+    "MaskLoRA",
+    "ScaleLoRA",
+    "is_norm",
+    "lora_shapes",
+    "mask_lora",
+    "scale_lora",
+]

@@ -58,7 +58,9 @@ class PerpConfig:
 
     def __post_init__(self) -> None:
         if self.method not in F.METHODS:
-            raise ValueError(f"PerpConfig.method must be one of {', '.join(F.METHODS)}, got {self.method!r}")
+            raise ValueError(
+                f"PerpConfig.method must be one of {', '.join(F.METHODS)}, got {self.method!r}"
+            )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"PerpConfig.r must be an integer >= 1, got {self.r!r}")
         a = self.alpha
@@ -66,7 +68,9 @@ class PerpConfig:
             raise ValueError(f"PerpConfig.alpha must be a number > 0, got {a!r}")
         for key in ("biases", "norms"):
             if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"PerpConfig.{key} must be true or false, got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"PerpConfig.{key} must be true or false, got {getattr(self, key)!r}"
+                )
 
 
 class Perp(Plugin):
@@ -152,7 +156,9 @@ class Perp(Plugin):
             if bias is not None:
                 keep.add(id(bias))
         for pname, p in model.named_parameters():
-            p.requires_grad_(id(p) in keep or any(fnmatch.fnmatchcase(pname, pat) for pat in cfg.trainable))
+            p.requires_grad_(
+                id(p) in keep or any(fnmatch.fnmatchcase(pname, pat) for pat in cfg.trainable)
+            )
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     @hookimpl

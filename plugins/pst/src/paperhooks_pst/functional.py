@@ -26,8 +26,15 @@ import torch
 from torch import nn
 
 
-def pst_scores(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, C: torch.Tensor,
-               alpha1: float = 1.0, alpha2: float = 1.0) -> torch.Tensor:
+def pst_scores(
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    R: torch.Tensor,
+    C: torch.Tensor,
+    alpha1: float = 1.0,
+    alpha2: float = 1.0,
+) -> torch.Tensor:
     """S = |W'| + α₁·A B + α₂·(R 1ᵀ + 1 Cᵀ), of W's shape [n, k].
 
     :param weight: W' = W + β U V, [n, k].
@@ -43,9 +50,18 @@ class PstWeight(nn.Module):
     rank ``mask_rank``). The value is W' = W + β U V; the core's mask multiplies it next.
     """
 
-    def __init__(self, out_features: int, in_features: int, *, weight_rank: int = 8, weight_beta: float = 1.0,
-                 mask_rank: int = 8, alpha1: float = 1.0, alpha2: float = 1.0,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        *,
+        weight_rank: int = 8,
+        weight_beta: float = 1.0,
+        mask_rank: int = 8,
+        alpha1: float = 1.0,
+        alpha2: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.weight_beta, self.alpha1, self.alpha2 = weight_beta, alpha1, alpha2
         self.U = nn.Parameter(torch.randn(out_features, weight_rank, generator=generator))
@@ -61,8 +77,15 @@ class PstWeight(nn.Module):
 
     def learned(self) -> torch.Tensor:
         """The data-driven part of S: α₁ A B + α₂ (R 1ᵀ + 1 Cᵀ)."""
-        return pst_scores(torch.zeros((), dtype=self.A.dtype, device=self.A.device), self.A, self.B, self.R, self.C,
-                          self.alpha1, self.alpha2)
+        return pst_scores(
+            torch.zeros((), dtype=self.A.dtype, device=self.A.device),
+            self.A,
+            self.B,
+            self.R,
+            self.C,
+            self.alpha1,
+            self.alpha2,
+        )
 
     def scores(self, w: torch.Tensor) -> torch.Tensor:
         """S of the stored weight ``w`` (W' formed here)."""

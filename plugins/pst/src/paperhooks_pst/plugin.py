@@ -38,7 +38,9 @@ def _number(key: str, value: Any, lo: float, hi: float, *, hi_open: bool = True)
     ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
     ok = ok and lo <= value and (value < hi if hi_open else value <= hi)
     if not ok:
-        raise ValueError(f"PstConfig.{key} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+        raise ValueError(
+            f"PstConfig.{key} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,15 @@ class PstConfig:
         _number("final_sparsity", self.final_sparsity, 0.0, 1.0)
         _number("initial_sparsity", self.initial_sparsity, 0.0, 1.0)
         if self.initial_sparsity > self.final_sparsity:
-            raise ValueError(f"PstConfig.initial_sparsity ({self.initial_sparsity}) must be <= final_sparsity ({self.final_sparsity})")
+            raise ValueError(
+                f"PstConfig.initial_sparsity ({self.initial_sparsity}) must be <= final_sparsity ({self.final_sparsity})"
+            )
         _number("initial_warmup", self.initial_warmup, 0.0, 1.0)
         _number("final_warmup", self.final_warmup, 0.0, 1.0)
         if self.initial_warmup + self.final_warmup >= 1.0:
-            raise ValueError(f"PstConfig.initial_warmup + final_warmup must be < 1, got {self.initial_warmup} + {self.final_warmup}")
+            raise ValueError(
+                f"PstConfig.initial_warmup + final_warmup must be < 1, got {self.initial_warmup} + {self.final_warmup}"
+            )
         for key in ("weight_rank", "mask_rank"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -95,7 +101,9 @@ class PstConfig:
         if not isinstance(self.per_layer, bool):
             raise ValueError(f"PstConfig.per_layer must be true or false, got {self.per_layer!r}")
         if tuple(self.layers.types) != ("Linear",):
-            raise ValueError(f"PstConfig.layers.types: PST converts Linear layers only, got {list(self.layers.types)}")
+            raise ValueError(
+                f"PstConfig.layers.types: PST converts Linear layers only, got {list(self.layers.types)}"
+            )
 
 
 class Pst(Plugin):
@@ -123,7 +131,15 @@ class Pst(Plugin):
     extra_families: ClassVar[tuple[str, ...]] = ("reparameterization",)
     paper: ClassVar[Paper] = Paper(
         title="Parameter-Efficient Sparsity for Large Language Models Fine-Tuning",
-        authors=("Yuchao Li", "Fuli Luo", "Chuanqi Tan", "Mengdi Wang", "Songfang Huang", "Shen Li", "Junjie Bai"),
+        authors=(
+            "Yuchao Li",
+            "Fuli Luo",
+            "Chuanqi Tan",
+            "Mengdi Wang",
+            "Songfang Huang",
+            "Shen Li",
+            "Junjie Bai",
+        ),
         year=2022,
         venue="IJCAI 2022",
         arxiv="2205.11005",
@@ -162,13 +178,24 @@ class Pst(Plugin):
         seed = ctx.seed if ctx is not None else 0
         for name, layer in select_layers(module.model, cfg.layers, plugin=self.name):
             out_features, in_features = layer.weight.shape
-            p = F.PstWeight(out_features, in_features, weight_rank=cfg.weight_rank, weight_beta=cfg.weight_beta,
-                            mask_rank=cfg.mask_rank, alpha1=cfg.mask_alpha1, alpha2=cfg.mask_alpha2,
-                            generator=step_generator(seed, 0, f"pst/{name}"))
-            parametrize.register_parametrization(layer, "weight", p.to(layer.weight.device, layer.weight.dtype))
+            p = F.PstWeight(
+                out_features,
+                in_features,
+                weight_rank=cfg.weight_rank,
+                weight_beta=cfg.weight_beta,
+                mask_rank=cfg.mask_rank,
+                alpha1=cfg.mask_alpha1,
+                alpha2=cfg.mask_alpha2,
+                generator=step_generator(seed, 0, f"pst/{name}"),
+            )
+            parametrize.register_parametrization(
+                layer, "weight", p.to(layer.weight.device, layer.weight.dtype)
+            )
             ours.update(id(t) for t in p.parameters())
         for pname, t in module.model.named_parameters():
-            t.requires_grad_(id(t) in ours or any(fnmatch.fnmatchcase(pname, pat) for pat in cfg.trainable))
+            t.requires_grad_(
+                id(t) in ours or any(fnmatch.fnmatchcase(pname, pat) for pat in cfg.trainable)
+            )
 
     # -- pruning ----------------------------------------------------------------------------------
     @hookimpl
@@ -176,14 +203,23 @@ class Pst(Plugin):
         """s_t of PST's cubic schedule after ``ctx.step`` of T = ``ctx.max_steps`` steps."""
         cfg = self.config
         if not ctx.max_steps:
-            raise ValueError("pst: the schedule needs the number of training steps (trainer.max_steps or max_epochs)")
+            raise ValueError(
+                "pst: the schedule needs the number of training steps (trainer.max_steps or max_epochs)"
+            )
         begin, end = F.cubic_bounds(ctx.max_steps, cfg.initial_warmup, cfg.final_warmup)
-        gradual = GradualConfig(initial_sparsity=cfg.initial_sparsity, final_sparsity=cfg.final_sparsity,
-                                begin_step=begin, end_step=end, frequency=1)
+        gradual = GradualConfig(
+            initial_sparsity=cfg.initial_sparsity,
+            final_sparsity=cfg.final_sparsity,
+            begin_step=begin,
+            end_step=end,
+            frequency=1,
+        )
         return cubic_sparsity(ctx.step, gradual)
 
     @hookimpl
-    def pruning_scores(self, params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext) -> dict[str, torch.Tensor]:
+    def pruning_scores(
+        self, params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
         """S = |W'| + α₁AB + α₂(R1ᵀ + 1Cᵀ) for PST layers, |W| for any other masked layer.
 
         ``params`` holds M ⊙ W' (the current effective weight): equal to W' wherever M = 1,
@@ -194,13 +230,18 @@ class Pst(Plugin):
         with torch.no_grad():
             for k, w in params.items():
                 layer = layers[k]
-                extra = [p for p in layer.parametrizations.weight if isinstance(p, F.PstWeight)] \
-                    if parametrize.is_parametrized(layer, "weight") else []
+                extra = (
+                    [p for p in layer.parametrizations.weight if isinstance(p, F.PstWeight)]
+                    if parametrize.is_parametrized(layer, "weight")
+                    else []
+                )
                 out[k] = w.abs() + extra[0].learned() if extra else w.abs()
         return out
 
     @hookimpl
-    def pruning_allocate(self, scores: Mapping[str, torch.Tensor], sparsity: float, ctx: StepContext) -> Any:
+    def pruning_allocate(
+        self, scores: Mapping[str, torch.Tensor], sparsity: float, ctx: StepContext
+    ) -> Any:
         """Each layer at s_t (``round(s_t·n_l)`` of its ``n_l`` pruned), or ``None`` (core's global)."""
         if not self.config.per_layer:
             return None
@@ -218,7 +259,9 @@ class Pst(Plugin):
                     for p in m.parametrizations.weight:
                         if isinstance(p, F.PstWeight):
                             wp = p.updated(m.parametrizations.weight.original)
-                            ratios.append(p.learned().abs().mean() / wp.abs().mean().clamp_min(1e-12))
+                            ratios.append(
+                                p.learned().abs().mean() / wp.abs().mean().clamp_min(1e-12)
+                            )
         if ratios:
             ctx.log("pst/learned_score_ratio", torch.stack(ratios).mean())
 

@@ -49,13 +49,17 @@ def centroid_ranker(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[
         ``relevance`` (float ``[N]``, all 1).
     """
     flat = x.reshape(x.shape[0], -1).to(torch.float64)  # [N, P]
-    centroids = torch.stack([flat[y == c].mean(0) if bool((y == c).any()) else flat.mean(0) for c in range(num_classes)])
-    scores = -torch.cdist(flat, centroids) ** 2  # [N, C]
+    centroids = torch.stack(
+        [flat[y == c].mean(0) if bool((y == c).any()) else flat.mean(0) for c in range(num_classes)]
+    )
+    scores = -(torch.cdist(flat, centroids) ** 2)  # [N, C]
     s_y = scores.gather(1, y[:, None])  # [N, 1]
     rank = 1 + (scores > s_y).sum(dim=1)  # [N]
     lo, hi = scores.min(dim=1, keepdim=True).values, scores.max(dim=1, keepdim=True).values
     span = hi - lo
-    norm = torch.where(span > 0, (s_y - lo) / span.clamp_min(1e-300), torch.ones_like(s_y)).squeeze(1)
+    norm = torch.where(span > 0, (s_y - lo) / span.clamp_min(1e-300), torch.ones_like(s_y)).squeeze(
+        1
+    )
     return {
         "rank": rank.to(torch.int64),
         "normscore": norm.to(torch.float32),
@@ -72,7 +76,13 @@ def build_digits_difficulty(config: DigitsDifficultyConfig, seed: int) -> Paperh
     train = {k: v for k, v in dm.train_set.tensors.items() if k != "index"}
     train.update(centroid_ranker(train["input"], train["target"], dm.info.num_classes))
     return PaperhooksDataModule(
-        dm.info, DictDataset(train), dm.val_set, dm.batch_size, dm.seed, dm.num_workers, dm.redundant
+        dm.info,
+        DictDataset(train),
+        dm.val_set,
+        dm.batch_size,
+        dm.seed,
+        dm.num_workers,
+        dm.redundant,
     )
 
 

@@ -63,7 +63,9 @@ def check_heuristic(h: torch.Tensor, name: str) -> torch.Tensor:
     return h
 
 
-def pointwise_difficulty(h: torch.Tensor, relevant: torch.Tensor, anti: bool = False) -> torch.Tensor:
+def pointwise_difficulty(
+    h: torch.Tensor, relevant: torch.Tensor, anti: bool = False
+) -> torch.Tensor:
     """D of single (q, d) samples: h for relevant documents, 1 − h for the others, plus ε.
 
     :param h: heuristic scores, shape ``[B]``, in [0, 1].
@@ -86,7 +88,9 @@ def pairwise_difficulty(h: torch.Tensor, anti: bool = False) -> torch.Tensor:
         above every d⁻, 0 when it puts some d⁻ far above d⁺.
     """
     if h.dim() != 2 or h.shape[1] < 2:
-        raise ValueError(f"{PLUGIN}: pairwise scores need shape [B, 1 + n] with n >= 1, got {tuple(h.shape)}")
+        raise ValueError(
+            f"{PLUGIN}: pairwise scores need shape [B, 1 + n] with n >= 1, got {tuple(h.shape)}"
+        )
     per_negative = (h[:, :1] - h[:, 1:] + 1.0) / 2.0  # [B, n]
     d = per_negative.min(dim=1).values  # [B]
     if anti:

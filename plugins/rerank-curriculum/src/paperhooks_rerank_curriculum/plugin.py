@@ -62,20 +62,30 @@ class RerankCurriculumConfig:
     def __post_init__(self) -> None:
         name = type(self).__name__
         if self.heuristic not in F.HEURISTICS:
-            raise ValueError(f"{name}.heuristic must be one of {', '.join(F.HEURISTICS)}, got {self.heuristic!r}")
+            raise ValueError(
+                f"{name}.heuristic must be one of {', '.join(F.HEURISTICS)}, got {self.heuristic!r}"
+            )
         if self.mode not in ("pointwise", "pairwise"):
             raise ValueError(f"{name}.mode must be one of pointwise, pairwise, got {self.mode!r}")
         if self.unit not in ("epoch", "step", "fraction"):
             raise ValueError(f"{name}.unit must be one of epoch, step, fraction, got {self.unit!r}")
         m = self.end_of_curriculum
-        if isinstance(m, bool) or not isinstance(m, int | float) or not (math.isfinite(m) and m > 0):
+        if (
+            isinstance(m, bool)
+            or not isinstance(m, int | float)
+            or not (math.isfinite(m) and m > 0)
+        ):
             raise ValueError(f"{name}.end_of_curriculum must be a finite number > 0, got {m!r}")
         if self.unit == "fraction" and m > 1:
-            raise ValueError(f"{name}.end_of_curriculum must be in (0, 1] with unit 'fraction', got {m!r}")
+            raise ValueError(
+                f"{name}.end_of_curriculum must be in (0, 1] with unit 'fraction', got {m!r}"
+            )
         if not isinstance(self.anti, bool):
             raise ValueError(f"{name}.anti must be true or false, got {self.anti!r}")
         if not isinstance(self.relevance_key, str) or not self.relevance_key:
-            raise ValueError(f"{name}.relevance_key must be a non-empty batch key, got {self.relevance_key!r}")
+            raise ValueError(
+                f"{name}.relevance_key must be a non-empty batch key, got {self.relevance_key!r}"
+            )
 
 
 class RerankCurriculum(Plugin):
@@ -169,7 +179,9 @@ class RerankCurriculum(Plugin):
         if cfg.mode == "pairwise":
             return F.pairwise_difficulty(h, cfg.anti)
         if h.dim() != 1:
-            raise ValueError(f"{F.PLUGIN}: pointwise batch[{key!r}] must have shape [B], got {tuple(h.shape)}")
+            raise ValueError(
+                f"{F.PLUGIN}: pointwise batch[{key!r}] must have shape [B], got {tuple(h.shape)}"
+            )
         relevant = batch[cfg.relevance_key].reshape(h.shape) > 0
         return F.pointwise_difficulty(h, relevant, cfg.anti)
 

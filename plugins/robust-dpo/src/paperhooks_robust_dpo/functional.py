@@ -50,7 +50,11 @@ def gradient_weight(h: torch.Tensor, beta: float, epsilon: float) -> torch.Tenso
     Every pair is pushed towards its observed label (the weight is positive); pairs the model
     already ranks confidently against their label get up to ``(1 − ε)/(1 − 2ε)`` times β.
     """
-    return beta * ((1.0 - epsilon) * torch.sigmoid(-beta * h) + epsilon * torch.sigmoid(beta * h)) / (1.0 - 2.0 * epsilon)
+    return (
+        beta
+        * ((1.0 - epsilon) * torch.sigmoid(-beta * h) + epsilon * torch.sigmoid(beta * h))
+        / (1.0 - 2.0 * epsilon)
+    )
 
 
 __all__ = ["gradient_weight", "robust_dpo_loss"]

@@ -44,7 +44,12 @@ class RobustDpoConfig:
 
     def __post_init__(self) -> None:
         e = self.epsilon
-        if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e) or not 0.0 <= e < 0.5:
+        if (
+            isinstance(e, bool)
+            or not isinstance(e, int | float)
+            or not math.isfinite(e)
+            or not 0.0 <= e < 0.5
+        ):
             raise ValueError(f"RobustDpoConfig.epsilon must be a number in [0, 0.5), got {e!r}")
 
 

@@ -109,4 +109,12 @@ class Rpo(Plugin):
                 f"data synthetic-preferences); got outputs {sorted(outputs)}"
             )
         c = self.config
-        return {"sft": F.sft_term(outputs["chosen_token_logps"], outputs["chosen_mask"], module.objective.beta, c.eta, c.normalize)}
+        return {
+            "sft": F.sft_term(
+                outputs["chosen_token_logps"],
+                outputs["chosen_mask"],
+                module.objective.beta,
+                c.eta,
+                c.normalize,
+            )
+        }

@@ -9,4 +9,12 @@ from paperhooks_sara.functional import (
 )
 from paperhooks_sara.plugin import Sara, SaraConfig
 
-__all__ = ["Sara", "SaraConfig", "SparseUpdate", "ineffective", "lr_rule", "nuclear_norm", "quantile_threshold"]
+__all__ = [
+    "Sara",
+    "SaraConfig",
+    "SparseUpdate",
+    "ineffective",
+    "lr_rule",
+    "nuclear_norm",
+    "quantile_threshold",
+]

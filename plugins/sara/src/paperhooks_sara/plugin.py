@@ -37,7 +37,9 @@ BIBTEX = """\
 def _number(owner: str, name: str, value: object, low: float, *, strict: bool) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (strict and value == low):
-        raise ValueError(f"{owner}.{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+        raise ValueError(
+            f"{owner}.{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}"
+        )
 
 
 def _count(owner: str, name: str, value: object, low: int) -> None:
@@ -78,7 +80,9 @@ class SaraConfig:
     rank_min_dim: int = 64
     rank_min_entries: int = 100
     freeze_others: bool = True
-    layers: Layers = Layers(types=("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding"), skip_head=False)
+    layers: Layers = Layers(
+        types=("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding"), skip_head=False
+    )
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -92,7 +96,9 @@ class SaraConfig:
         _count(owner, "rank_min_dim", self.rank_min_dim, 0)
         _count(owner, "rank_min_entries", self.rank_min_entries, 0)
         if not isinstance(self.freeze_others, bool):
-            raise ValueError(f"{owner}.freeze_others must be true or false, got {self.freeze_others!r}")
+            raise ValueError(
+                f"{owner}.freeze_others must be true or false, got {self.freeze_others!r}"
+            )
 
 
 class Sara(Plugin):
@@ -117,7 +123,14 @@ class Sara(Plugin):
     extra_families: ClassVar[tuple[str, ...]] = ("objective",)
     paper: ClassVar[Paper] = Paper(
         title="SaRA: High-Efficient Diffusion Model Fine-tuning with Progressive Sparse Low-Rank Adaptation",
-        authors=("Teng Hu", "Jiangning Zhang", "Ran Yi", "Hongrui Huang", "Yabiao Wang", "Lizhuang Ma"),
+        authors=(
+            "Teng Hu",
+            "Jiangning Zhang",
+            "Ran Yi",
+            "Hongrui Huang",
+            "Yabiao Wang",
+            "Lizhuang Ma",
+        ),
         year=2025,
         venue="ICLR 2025",
         arxiv="2409.06633",
@@ -167,13 +180,22 @@ class Sara(Plugin):
         cfg = self.config
         model = module.model
         layers = select_layers(model, cfg.layers, plugin=self.name)
-        tensors = [(layer, t) for _, layer in layers for t in ("weight", "bias") if getattr(layer, t, None) is not None]
-        with torch.no_grad():  # rank 0's values, as DDP will sync them: ε, M and P₀ agree on every rank
+        tensors = [
+            (layer, t)
+            for _, layer in layers
+            for t in ("weight", "bias")
+            if getattr(layer, t, None) is not None
+        ]
+        with (
+            torch.no_grad()
+        ):  # rank 0's values, as DDP will sync them: ε, M and P₀ agree on every rank
             for layer, t in tensors:
                 dist.broadcast(getattr(layer, t).detach())
         if self.threshold is None:
             if cfg.trainable_fraction is not None:
-                self.threshold = F.quantile_threshold([getattr(m, t) for m, t in tensors], cfg.trainable_fraction)
+                self.threshold = F.quantile_threshold(
+                    [getattr(m, t) for m, t in tensors], cfg.trainable_fraction
+                )
             else:
                 self.threshold = cfg.threshold
         self._parts = []
@@ -198,18 +220,27 @@ class Sara(Plugin):
 
     def trainable(self) -> tuple[int, int]:
         """(entries that train, entries of the selected tensors)."""
-        return sum(int(p.mask.sum()) for *_, p in self._parts), sum(p.mask.numel() for *_, p in self._parts)
+        return sum(int(p.mask.sum()) for *_, p in self._parts), sum(
+            p.mask.numel() for *_, p in self._parts
+        )
 
     # -- the low-rank constraint ----------------------------------------------------------------
     def candidates(self) -> list[tuple[nn.Module, F.SparseUpdate]]:
         """2-D weights with both dimensions above ``rank_min_dim`` (``low_rank_ids``)."""
         return [
-            (layer, p) for layer, t, p in self._parts
+            (layer, p)
+            for layer, t, p in self._parts
             if t == "weight" and p.mask.dim() == 2 and min(p.mask.shape) > self.config.rank_min_dim
         ]
 
     @hookimpl
-    def objective_terms(self, module: Any, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], ctx: StepContext) -> Mapping[str, torch.Tensor] | None:
+    def objective_terms(
+        self,
+        module: Any,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        ctx: StepContext,
+    ) -> Mapping[str, torch.Tensor] | None:
         """λ_rank · ‖P_l ⊙ M_l‖_* for the step's random l, as the same value for every sample
         (its global-batch mean is the penalty itself)."""
         cfg = self.config
@@ -228,7 +259,11 @@ class Sara(Plugin):
     @hookimpl
     def reparam_after_step(self, module: Any, ctx: StepContext) -> None:
         """After T steps, keep training only the entries still below ε (``update_mask``)."""
-        if self.config.progressive_iter < 0 or ctx.step != self.config.progressive_iter or self.reselected:
+        if (
+            self.config.progressive_iter < 0
+            or ctx.step != self.config.progressive_iter
+            or self.reselected
+        ):
             return
         with torch.no_grad():
             for layer, t, part in self._parts:
@@ -249,5 +284,7 @@ class Sara(Plugin):
         self.reselected = bool(state["reselected"])
         saved = float(state["threshold"])
         if self.threshold is not None and saved != self.threshold:
-            raise ValueError(f"plugin {self.name!r}: the checkpoint was trained with ε = {saved}, this run selects ε = {self.threshold}")
+            raise ValueError(
+                f"plugin {self.name!r}: the checkpoint was trained with ε = {saved}, this run selects ε = {self.threshold}"
+            )
         self.threshold = saved

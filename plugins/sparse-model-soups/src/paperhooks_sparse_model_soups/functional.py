@@ -72,4 +72,10 @@ def llr_factor(t: int, total: int, warmup_fraction: float = 0.1) -> float:
     return (total - t) / (total - w)
 
 
-__all__ = ["llr_factor", "per_phase_fraction", "phase_sparsity", "pruned_after_phase", "pruned_counts"]
+__all__ = [
+    "llr_factor",
+    "per_phase_fraction",
+    "phase_sparsity",
+    "pruned_after_phase",
+    "pruned_counts",
+]

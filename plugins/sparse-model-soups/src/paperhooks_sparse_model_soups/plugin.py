@@ -54,18 +54,26 @@ class SparseModelSoupsConfig:
     def __post_init__(self) -> None:
         s = self.goal_sparsity
         if isinstance(s, bool) or not isinstance(s, int | float) or not 0 <= s < 1:
-            raise ValueError(f"SparseModelSoupsConfig.goal_sparsity must be a number in [0, 1), got {s!r}")
+            raise ValueError(
+                f"SparseModelSoupsConfig.goal_sparsity must be a number in [0, 1), got {s!r}"
+            )
         for key in ("n_phases", "phase"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"SparseModelSoupsConfig.{key} must be an integer >= 1, got {v!r}")
         if self.phase > self.n_phases:
-            raise ValueError(f"SparseModelSoupsConfig.phase ({self.phase}) must be <= n_phases ({self.n_phases})")
+            raise ValueError(
+                f"SparseModelSoupsConfig.phase ({self.phase}) must be <= n_phases ({self.n_phases})"
+            )
         if self.retrain_schedule not in ("llr", "none"):
-            raise ValueError(f"SparseModelSoupsConfig.retrain_schedule must be 'llr' or 'none', got {self.retrain_schedule!r}")
+            raise ValueError(
+                f"SparseModelSoupsConfig.retrain_schedule must be 'llr' or 'none', got {self.retrain_schedule!r}"
+            )
         w = self.warmup_fraction
         if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < 1:
-            raise ValueError(f"SparseModelSoupsConfig.warmup_fraction must be a number in [0, 1), got {w!r}")
+            raise ValueError(
+                f"SparseModelSoupsConfig.warmup_fraction must be a number in [0, 1), got {w!r}"
+            )
 
 
 class SparseModelSoups(Plugin):

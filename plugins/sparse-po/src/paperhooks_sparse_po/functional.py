@@ -117,7 +117,9 @@ def derived_mask(hidden_states: Sequence[torch.Tensor], response: torch.Tensor) 
         hi = torch.where(keep, z, torch.full_like(z, -math.inf)).amax(1, keepdim=True)
         spread = hi - lo
         flat = (n < 2) | ~(spread > 0)
-        m = torch.where(flat, torch.ones_like(z), (z - lo) / torch.where(flat, torch.ones_like(spread), spread))
+        m = torch.where(
+            flat, torch.ones_like(z), (z - lo) / torch.where(flat, torch.ones_like(spread), spread)
+        )
         out.append(m * keep)
     return torch.stack(out, 0).mean(0)
 
@@ -155,7 +157,10 @@ class MaskNet(nn.Module):
         self.mixer.weight.fill_(1.0 / self.mixer.weight.shape[1])
 
     def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        a = [self.drop(F.relu(lin(self.norm(h)))) for lin, h in zip(self.per_layer, hidden_states, strict=True)]
+        a = [
+            self.drop(F.relu(lin(self.norm(h))))
+            for lin, h in zip(self.per_layer, hidden_states, strict=True)
+        ]
         return self.drop(F.relu(self.mixer(torch.cat(a, -1)))).squeeze(-1)
 
 

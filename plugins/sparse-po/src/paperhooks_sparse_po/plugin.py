@@ -61,16 +61,25 @@ class SparsePoConfig:
 
     def __post_init__(self) -> None:
         if self.mask not in ("learned", "derived", "ones"):
-            raise ValueError(f"SparsePoConfig.mask must be 'learned', 'derived' or 'ones', got {self.mask!r}")
+            raise ValueError(
+                f"SparsePoConfig.mask must be 'learned', 'derived' or 'ones', got {self.mask!r}"
+            )
         for name in ("l1_reward", "l1_kl", "init_std"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise ValueError(f"SparsePoConfig.{name} must be a finite number >= 0, got {v!r}")
         d = self.dropout
         if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1:
             raise ValueError(f"SparsePoConfig.dropout must be in [0, 1), got {d!r}")
         if self.independent and self.mask != "learned":
-            raise ValueError(f"SparsePoConfig.independent needs mask 'learned' (got mask {self.mask!r})")
+            raise ValueError(
+                f"SparsePoConfig.independent needs mask 'learned' (got mask {self.mask!r})"
+            )
 
 
 class SparsePo(Plugin):
@@ -141,7 +150,11 @@ class SparsePo(Plugin):
         if self.config.mask != "learned":
             return
         cfg = lm.config
-        eps = getattr(cfg, "layer_norm_epsilon", None) or getattr(cfg, "layer_norm_eps", None) or getattr(cfg, "rms_norm_eps", 1e-5)
+        eps = (
+            getattr(cfg, "layer_norm_epsilon", None)
+            or getattr(cfg, "layer_norm_eps", None)
+            or getattr(cfg, "rms_norm_eps", 1e-5)
+        )
         from paperhooks.tasks.sampler import generator
 
         device = next(module.model.parameters()).device
@@ -167,7 +180,11 @@ class SparsePo(Plugin):
             m = F.derived_mask(hidden_states, response)
             return (m if c.mask_reward else ones), (m if c.mask_kl else ones)
         first = F.shift_to_tokens(getattr(module, self.NETS[0])(hidden_states)) * response
-        second = F.shift_to_tokens(getattr(module, self.NETS[1])(hidden_states)) * response if c.independent else first
+        second = (
+            F.shift_to_tokens(getattr(module, self.NETS[1])(hidden_states)) * response
+            if c.independent
+            else first
+        )
         return (first if c.mask_reward else ones), (second if c.mask_kl else ones)
 
     # -- the loss ---------------------------------------------------------------------------
@@ -192,9 +209,14 @@ class SparsePo(Plugin):
         b = batch["chosen_ids"].shape[0]
         with torch.no_grad():
             ref = module.reference_model.lm(
-                input_ids=ids, attention_mask=attention, output_hidden_states=c.mask != "ones", use_cache=False
+                input_ids=ids,
+                attention_mask=attention,
+                output_hidden_states=c.mask != "ones",
+                use_cache=False,
             )
-        policy_logits = module.model.lm(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        policy_logits = module.model.lm(
+            input_ids=ids, attention_mask=attention, use_cache=False
+        ).logits
         k = F.token_kl_terms(policy_logits, ref.logits)
         r_w = outputs["chosen_token_logps"] - outputs["ref_chosen_token_logps"]
         r_l = outputs["rejected_token_logps"] - outputs["ref_rejected_token_logps"]

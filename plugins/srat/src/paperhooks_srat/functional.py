@@ -32,7 +32,9 @@ Scheme = Literal["inverse", "effective"]
 SCHEMES = ("inverse", "effective")
 
 
-def class_weights(counts: torch.Tensor, scheme: Scheme = "inverse", beta: float = 0.9999) -> torch.Tensor:
+def class_weights(
+    counts: torch.Tensor, scheme: Scheme = "inverse", beta: float = 0.9999
+) -> torch.Tensor:
     """w_c, the class weights, normalized so that Σ_c w_c = C (the LDAM-DRW convention).
 
     :param counts: n_c, shape ``[C]``: training samples of each class (global, all ranks).
@@ -69,7 +71,9 @@ def pairwise_distances(z: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     return (sq[:, None] + sq[None, :] - 2.0 * z @ z.T).clamp_min(0.0)
 
 
-def batch_hard_triplet(z: torch.Tensor, y: torch.Tensor, margin: float = 0.2, normalize: bool = True) -> torch.Tensor:
+def batch_hard_triplet(
+    z: torch.Tensor, y: torch.Tensor, margin: float = 0.2, normalize: bool = True
+) -> torch.Tensor:
     """ℓ_i, the batch-hard triplet loss of every anchor (Hermans et al. 2017), shape ``[N]``.
 
     :param z: features, shape ``[N, D]`` (the whole global batch).

@@ -59,9 +59,13 @@ class SRATConfig:
 
     def __post_init__(self) -> None:
         if self.weighting not in F.SCHEMES:
-            raise ValueError(f"SRATConfig.weighting must be one of {', '.join(F.SCHEMES)}, got {self.weighting!r}")
+            raise ValueError(
+                f"SRATConfig.weighting must be one of {', '.join(F.SCHEMES)}, got {self.weighting!r}"
+            )
         if self.switch_unit not in ("epoch", "step"):
-            raise ValueError(f"SRATConfig.switch_unit must be one of epoch, step, got {self.switch_unit!r}")
+            raise ValueError(
+                f"SRATConfig.switch_unit must be one of epoch, step, got {self.switch_unit!r}"
+            )
         _number(self.beta, "beta", lambda v: 0 <= v < 1, "in [0, 1)")
         _number(self.sep_weight, "sep_weight", lambda v: v >= 0, ">= 0")
         _number(self.margin, "margin", lambda v: v >= 0, ">= 0")
@@ -73,7 +77,12 @@ class SRATConfig:
 
 
 def _number(value: Any, name: str, ok: Any, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
         raise ValueError(f"SRATConfig.{name} must be a finite number {allowed}, got {value!r}")
 
 
@@ -106,7 +115,14 @@ class SRAT(Plugin):
     extra_families: ClassVar[tuple[str, ...]] = ("objective",)
     paper: ClassVar[Paper] = Paper(
         title="Imbalanced Adversarial Training with Reweighting",
-        authors=("Wentao Wang", "Han Xu", "Xiaorui Liu", "Yaxin Li", "Bhavani Thuraisingham", "Jiliang Tang"),
+        authors=(
+            "Wentao Wang",
+            "Han Xu",
+            "Xiaorui Liu",
+            "Yaxin Li",
+            "Bhavani Thuraisingham",
+            "Jiliang Tang",
+        ),
         year=2021,
         venue="arXiv preprint (ICLR 2022 submission)",
         arxiv="2107.13639",
@@ -172,7 +188,9 @@ class SRAT(Plugin):
         # class histogram and the number of non-finite losses, so that every rank raises
         # together instead of the others waiting in the next collective (collectives run on
         # the batch's device: NCCL reduces CUDA tensors only)
-        size = torch.tensor([max(self.counts.numel(), int(y.max()) + 1 if y.numel() else 0)], device=y.device)
+        size = torch.tensor(
+            [max(self.counts.numel(), int(y.max()) + 1 if y.numel() else 0)], device=y.device
+        )
         size = int(dist.all_reduce_max(size).item())
         local = torch.zeros(size + 1, dtype=torch.float64, device=y.device)
         local[:size] = torch.bincount(y, minlength=size).to(torch.float64)
@@ -182,7 +200,9 @@ class SRAT(Plugin):
             raise ValueError(
                 f"{F.PLUGIN}: {int(both[size])} per-sample losses of the global batch are NaN or inf"
             )
-        w = self.weights_for(y).to(losses.dtype) if self.active(ctx) else None  # counts before this step
+        w = (
+            self.weights_for(y).to(losses.dtype) if self.active(ctx) else None
+        )  # counts before this step
         if ctx.epoch == 0:
             grown = torch.zeros(size, dtype=torch.float64)
             grown[: self.counts.numel()] = self.counts
@@ -220,7 +240,11 @@ class SRAT(Plugin):
 
     @hookimpl
     def objective_terms(
-        self, module: Any, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], ctx: StepContext
+        self,
+        module: Any,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        ctx: StepContext,
     ) -> dict[str, torch.Tensor] | None:
         """λ·ℓ_i over the global batch, as per-sample terms with the exact gradient of each rank's rows."""
         cfg = self.config
@@ -242,7 +266,11 @@ class SRAT(Plugin):
         return {TERM: cfg.sep_weight * term}
 
     def _take_features(
-        self, module: Any, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], n: int
+        self,
+        module: Any,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        n: int,
     ) -> torch.Tensor:
         if "features" in outputs:
             z = outputs["features"]
@@ -261,7 +289,9 @@ class SRAT(Plugin):
                 module.outputs(batch)
                 z = self._features.pop(id(model))
         if z.shape[0] != n:
-            raise ValueError(f"{F.PLUGIN}: features have {z.shape[0]} rows but the batch has {n} samples")
+            raise ValueError(
+                f"{F.PLUGIN}: features have {z.shape[0]} rows but the batch has {n} samples"
+            )
         return z
 
 

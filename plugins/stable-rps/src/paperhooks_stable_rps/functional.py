@@ -120,12 +120,18 @@ def shared_weight(
     return scale * sign * z[index]
 
 
-def project(weight: torch.Tensor, index: torch.Tensor, sign: torch.Tensor, scale: float, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def project(
+    weight: torch.Tensor, index: torch.Tensor, sign: torch.Tensor, scale: float, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_{ℓ→k} g_ℓ W_ℓ/λ and the counts c_k, both ``[m]``: their ratio is the z whose weights are
     closest to W in least squares (one layer's share; the plugin sums the layers')."""
     flat_i = index.reshape(-1)
-    total = torch.zeros(m, dtype=torch.float64).index_add_(0, flat_i, (sign * weight).reshape(-1).double() / scale)
-    count = torch.zeros(m, dtype=torch.float64).index_add_(0, flat_i, torch.ones(flat_i.numel(), dtype=torch.float64))
+    total = torch.zeros(m, dtype=torch.float64).index_add_(
+        0, flat_i, (sign * weight).reshape(-1).double() / scale
+    )
+    count = torch.zeros(m, dtype=torch.float64).index_add_(
+        0, flat_i, torch.ones(flat_i.numel(), dtype=torch.float64)
+    )
     return total, count
 
 
@@ -138,7 +144,15 @@ class SharedWeight(nn.Module):
     non-persistent buffers rebuilt from the hash seed; λ is kept as a plain float.
     """
 
-    def __init__(self, owner: nn.Module, attr: str, index: torch.Tensor, sign: torch.Tensor, scale: float, grad_factor: torch.Tensor) -> None:
+    def __init__(
+        self,
+        owner: nn.Module,
+        attr: str,
+        index: torch.Tensor,
+        sign: torch.Tensor,
+        scale: float,
+        grad_factor: torch.Tensor,
+    ) -> None:
         super().__init__()
         object.__setattr__(self, "_owner", owner)  # not a submodule: the owner holds this module
         self.attr = attr

@@ -71,11 +71,17 @@ class StableRpsConfig:
         if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
             raise ValueError(f"{owner}.init_std must be a finite number > 0, got {s!r}")
         if self.mapping not in F.MAPPINGS:
-            raise ValueError(f"{owner}.mapping must be one of {list(F.MAPPINGS)}, got {self.mapping!r}")
+            raise ValueError(
+                f"{owner}.mapping must be one of {list(F.MAPPINGS)}, got {self.mapping!r}"
+            )
         if self.grad_scaler not in F.SCALERS:
-            raise ValueError(f"{owner}.grad_scaler must be one of {list(F.SCALERS)}, got {self.grad_scaler!r}")
+            raise ValueError(
+                f"{owner}.grad_scaler must be one of {list(F.SCALERS)}, got {self.grad_scaler!r}"
+            )
         if self.init not in ("random", "project"):
-            raise ValueError(f"{owner}.init must be one of ['random', 'project'], got {self.init!r}")
+            raise ValueError(
+                f"{owner}.init must be one of ['random', 'project'], got {self.init!r}"
+            )
         h = self.hash_seed
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 0):
             raise ValueError(f"{owner}.hash_seed must be an integer >= 0 or null, got {h!r}")
@@ -149,22 +155,39 @@ class StableRps(Plugin):
         return f"{(self.name or NAME).replace('-', '_')}_z"
 
     # -- the map ------------------------------------------------------------------------------
-    def _maps(self, seed: int, shapes: list[torch.Size], m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _maps(
+        self, seed: int, shapes: list[torch.Size], m: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(index h, sign g) of every layer, from the global positions laid end to end."""
         a = F.hash_coefficients(dist.step_generator(seed, 0, f"{NAME}/hash"))
         n = sum(s.numel() for s in shapes)
-        signs = 2.0 * torch.randint(0, 2, (n,), generator=dist.step_generator(seed, 0, f"{NAME}/sign")) - 1.0
+        signs = (
+            2.0 * torch.randint(0, 2, (n,), generator=dist.step_generator(seed, 0, f"{NAME}/sign"))
+            - 1.0
+        )
         out, offset = [], 0
         for shape in shapes:
             k = shape.numel()
             positions = torch.arange(offset, offset + k, dtype=torch.int64)
-            out.append((F.INDEX[self.config.mapping](positions, m, a).view(shape), signs[offset : offset + k].view(shape)))
+            out.append(
+                (
+                    F.INDEX[self.config.mapping](positions, m, a).view(shape),
+                    signs[offset : offset + k].view(shape),
+                )
+            )
             offset += k
         return out
 
-    def _grad_factors(self, maps: list[tuple[torch.Tensor, torch.Tensor]], scales: torch.Tensor, m: int) -> torch.Tensor:
+    def _grad_factors(
+        self, maps: list[tuple[torch.Tensor, torch.Tensor]], scales: torch.Tensor, m: int
+    ) -> torch.Tensor:
         index = torch.cat([h.reshape(-1) for h, _ in maps])
-        lam = torch.cat([torch.full((h.numel(),), float(s), dtype=torch.float64) for (h, _), s in zip(maps, scales, strict=True)])
+        lam = torch.cat(
+            [
+                torch.full((h.numel(),), float(s), dtype=torch.float64)
+                for (h, _), s in zip(maps, scales, strict=True)
+            ]
+        )
         self._counts, a, b = F.slot_statistics(index, lam, m)
         return 1.0 / F.grad_divisor(self._counts, a, b, self.config.grad_scaler)
 
@@ -179,7 +202,9 @@ class StableRps(Plugin):
         cfg = self.config
         model = module.model
         if hasattr(model, self.attr):
-            raise ValueError(f"plugin {self.name!r}: the model already has an attribute {self.attr!r} (one {NAME} per model)")
+            raise ValueError(
+                f"plugin {self.name!r}: the model already has an attribute {self.attr!r} (one {NAME} per model)"
+            )
         layers = [m for _, m in select_layers(model, cfg.layers, plugin=self.name)]
         for layer in layers:
             if parametrize.is_parametrized(layer, "weight"):
@@ -193,7 +218,9 @@ class StableRps(Plugin):
         seed = cfg.hash_seed if cfg.hash_seed is not None else ctx.seed
         # λ from rank 0's weights: the map must agree with the z that DDP syncs from rank 0,
         # even where ranks initialized their models differently
-        scales = dist.broadcast(torch.tensor([_scale(w, cfg.init_std) for w in weights], dtype=torch.float64))
+        scales = dist.broadcast(
+            torch.tensor([_scale(w, cfg.init_std) for w in weights], dtype=torch.float64)
+        )
         maps = self._maps(seed, [w.shape for w in weights], m)
         factors = self._grad_factors(maps, scales, m)
         dtype, device = weights[0].dtype, weights[0].device
@@ -203,11 +230,25 @@ class StableRps(Plugin):
                 total += F.project(w.cpu(), h, g.to(w.dtype), float(s), m)[0]
             z0 = total / self._counts.clamp_min(1.0)
         else:
-            z0 = torch.randn(m, generator=dist.step_generator(ctx.seed, 0, f"{NAME}/init"), dtype=torch.float64) * cfg.init_std
+            z0 = (
+                torch.randn(
+                    m,
+                    generator=dist.step_generator(ctx.seed, 0, f"{NAME}/init"),
+                    dtype=torch.float64,
+                )
+                * cfg.init_std
+            )
         model.register_parameter(self.attr, nn.Parameter(z0.to(device, dtype)))
         self._parts = []
         for layer, (h, g), s in zip(layers, maps, scales, strict=True):
-            part = F.SharedWeight(model, self.attr, h.to(device), g.to(device, dtype), float(s), factors.to(device, dtype))
+            part = F.SharedWeight(
+                model,
+                self.attr,
+                h.to(device),
+                g.to(device, dtype),
+                float(s),
+                factors.to(device, dtype),
+            )
             parametrize.register_parametrization(layer, "weight", part, unsafe=True)
             layer.parametrizations.weight.original.requires_grad_(False)  # empty; z trains instead
             self._parts.append(part)
@@ -227,7 +268,8 @@ class StableRps(Plugin):
     def reparam_merge(self, model: Any) -> None:
         """Fold W = λ·g⊙z[h] (and anything stacked on it) into plain weights, then drop z."""
         owned = [
-            m for m in model.modules()
+            m
+            for m in model.modules()
             if parametrize.is_parametrized(m, "weight")
             and isinstance(m.parametrizations.weight[0], F.SharedWeight)
             and m.parametrizations.weight[0]._owner is model
@@ -257,7 +299,11 @@ class StableRps(Plugin):
             return
         if not self._parts:
             raise ValueError(f"plugin {self.name!r}: load_state_dict before reparam_setup")
-        if (state["array_size"], state["mapped"], state["mapping"]) != (self.array_size, self.mapped, self.config.mapping):
+        if (state["array_size"], state["mapped"], state["mapping"]) != (
+            self.array_size,
+            self.mapped,
+            self.config.mapping,
+        ):
             raise ValueError(
                 f"plugin {self.name!r}: the checkpoint shares {state['mapped']} weights in {state['array_size']} slots "
                 f"({state['mapping']}), this model {self.mapped} in {self.array_size} ({self.config.mapping})"

@@ -34,7 +34,9 @@ def compand(v: torch.Tensor, a: float | torch.Tensor, b: float | torch.Tensor) -
     return a * torch.atan(v / b)
 
 
-def compand_slope(v: torch.Tensor, a: float | torch.Tensor, b: float | torch.Tensor) -> torch.Tensor:
+def compand_slope(
+    v: torch.Tensor, a: float | torch.Tensor, b: float | torch.Tensor
+) -> torch.Tensor:
     """Ψ'(v) = a / (b·(1 + v²/b²)), elementwise (Eq. 3); always > 0 for a, b > 0."""
     return a / (b * (1.0 + (v / b) ** 2))
 
@@ -103,7 +105,9 @@ class Compander(nn.Module):
         return "learnable" if self.learnable else f"a={self.a:g}, b={self.b:g}"
 
 
-def decay_term(vs: Iterable[torch.Tensor], companders: Iterable[Compander], weight_decay: float) -> torch.Tensor:
+def decay_term(
+    vs: Iterable[torch.Tensor], companders: Iterable[Compander], weight_decay: float
+) -> torch.Tensor:
     """The weight-decay term of one network: (λ/2)·Σ‖Ψ(v)‖² (fixed) or (λ/2)·Σ‖v‖² (learnable).
 
     Eq. 5 decays w = Ψ(v) in the fixed version; the learnable version decays v and never a, b.
@@ -146,7 +150,9 @@ class CompanderAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
         self._ab = {id(v): (float(a), float(b)) for v, a, b in companded}
 
     @torch.no_grad()

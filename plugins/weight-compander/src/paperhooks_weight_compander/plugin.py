@@ -74,12 +74,23 @@ class WeightCompanderConfig:
         for name in ("a", "b", "init_a", "init_b"):
             _positive(name, getattr(self, name))
         wd = self.weight_decay
-        if isinstance(wd, bool) or not isinstance(wd, int | float) or not math.isfinite(wd) or wd < 0:
-            raise ValueError(f"WeightCompanderConfig.weight_decay must be a finite number >= 0, got {wd!r}")
+        if (
+            isinstance(wd, bool)
+            or not isinstance(wd, int | float)
+            or not math.isfinite(wd)
+            or wd < 0
+        ):
+            raise ValueError(
+                f"WeightCompanderConfig.weight_decay must be a finite number >= 0, got {wd!r}"
+            )
         if not isinstance(self.learnable, bool):
-            raise ValueError(f"WeightCompanderConfig.learnable must be true or false, got {self.learnable!r}")
+            raise ValueError(
+                f"WeightCompanderConfig.learnable must be true or false, got {self.learnable!r}"
+            )
         if "Embedding" in self.layers.types:
-            raise ValueError("WeightCompanderConfig.layers.types: the paper companders conv and linear weights, not Embedding")
+            raise ValueError(
+                "WeightCompanderConfig.layers.types: the paper companders conv and linear weights, not Embedding"
+            )
 
 
 class WeightCompander(Plugin):
@@ -137,7 +148,9 @@ class WeightCompander(Plugin):
         self._warn_about_optimizer(getattr(module, "optimizer_config", None))
         a, b = (cfg.init_a, cfg.init_b) if cfg.learnable else (cfg.a, cfg.b)
         for _, layer in select_layers(module.model, cfg.layers, plugin=self.name):
-            parametrize.register_parametrization(layer, "weight", F.Compander(a, b, learnable=cfg.learnable))
+            parametrize.register_parametrization(
+                layer, "weight", F.Compander(a, b, learnable=cfg.learnable)
+            )
         self._found = None  # the companders are looked up again on the next step
 
     def _warn_about_optimizer(self, opt: Any) -> None:
@@ -158,7 +171,11 @@ class WeightCompander(Plugin):
 
     @hookimpl
     def objective_terms(
-        self, module: Any, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor], ctx: StepContext
+        self,
+        module: Any,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        ctx: StepContext,
     ) -> Mapping[str, torch.Tensor] | None:
         """``weight_decay``: the Eq. 5 term, the same for every sample (shape ``[B]``)."""
         n = batch["target"].shape[0]
@@ -170,7 +187,11 @@ class WeightCompander(Plugin):
             return None
         if not companders:  # nothing reparameterized: nothing to decay
             return {"weight_decay": batch["target"].new_zeros(n, dtype=torch.float32)}
-        total = 0.5 * self.config.weight_decay * sum((x * x).sum() for x in _decayed(companders, seen, module.model))
+        total = (
+            0.5
+            * self.config.weight_decay
+            * sum((x * x).sum() for x in _decayed(companders, seen, module.model))
+        )
         return {"weight_decay": total.expand(n)}
 
     def _companders(self, model: torch.nn.Module) -> list[F.Compander]:
@@ -187,15 +208,23 @@ class WeightCompander(Plugin):
         the trainer writes logs only (``ctx.logging_step``)."""
         ws = [s[1] for s in seen if s is not None]
         if ws:
-            near = torch.stack([(w.abs() < NEAR_ZERO).sum() for w in ws]).sum() / sum(w.numel() for w in ws)
+            near = torch.stack([(w.abs() < NEAR_ZERO).sum() for w in ws]).sum() / sum(
+                w.numel() for w in ws
+            )
             ctx.log("compander/near_zero_fraction", near)
             ctx.log("compander/max_abs_weight", torch.stack([w.abs().max() for w in ws]).max())
         if self.config.learnable:
-            ctx.log("compander/mean_a", torch.stack([c.a.detach().mean() for c in companders]).mean())
-            ctx.log("compander/mean_b", torch.stack([c.b.detach().mean() for c in companders]).mean())
+            ctx.log(
+                "compander/mean_a", torch.stack([c.a.detach().mean() for c in companders]).mean()
+            )
+            ctx.log(
+                "compander/mean_b", torch.stack([c.b.detach().mean() for c in companders]).mean()
+            )
 
 
-def _decayed(companders: list[F.Compander], seen: list[Any], model: torch.nn.Module) -> list[torch.Tensor]:
+def _decayed(
+    companders: list[F.Compander], seen: list[Any], model: torch.nn.Module
+) -> list[torch.Tensor]:
     """What Eq. 5 decays, per compander: Ψ(v) (fixed) or v (learnable), from this step's forward.
 
     A compander whose forward did not run with gradients since the last step (no training
