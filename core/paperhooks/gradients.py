@@ -169,7 +169,7 @@ class GradientSet:
     def dot(self, vector: torch.Tensor | Direction) -> torch.Tensor:
         """``[K]`` inner products ``⟨g_k, v⟩`` with a vector in the same columns (float64)."""
         v = vector.vector if isinstance(vector, Direction) else vector
-        return self._sum_columns((self.rows @ v.to(self.rows.dtype)).double())
+        return self._sum_columns(_products(self.rows, v.to(self.rows.dtype)))
 
     # -- building new sets and directions -----------------------------------------------------
     def combine(self, weights: torch.Tensor | Sequence[float]) -> Direction:
@@ -639,14 +639,20 @@ def _gram(rows: torch.Tensor) -> torch.Tensor:
     half the time (~100 against ~220 ms on one thread). Other devices take one product (cuBLAS
     splits long products itself).
     """
-    k, p = rows.shape
+    return _products(rows, rows.T)
+
+
+def _products(rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``rows @ other`` as float64, ``other`` being ``[P]`` or ``[P, J]`` (``rows.T`` for the Gram
+    matrix), in column blocks of :data:`GRAM_BLOCK` on CPU (see :func:`_gram`)."""
+    p = rows.shape[1]
     if rows.device.type != "cpu" or p <= GRAM_BLOCK:
-        return (rows @ rows.T).double()
-    g = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+        return (rows @ other).double()
+    out = None
     for start in range(0, p, GRAM_BLOCK):
-        block = rows[:, start : start + GRAM_BLOCK]
-        g += (block @ block.T).double()
-    return g
+        part = (rows[:, start : start + GRAM_BLOCK] @ other[start : start + GRAM_BLOCK]).double()
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def _sole_owner(rows: torch.Tensor) -> bool:
