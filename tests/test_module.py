@@ -508,3 +508,46 @@ def test_a_value_logged_between_logging_steps_is_written_with_the_next_one(tmp_p
     with open(tmp_path / "metrics.csv") as f:
         rows = [(int(r["step"]), r.get("probe/one_off")) for r in csv.DictReader(f)]
     assert [(k, v) for k, v in rows if v] == [(2, "42.0")]
+
+
+class AddsDiscriminator(Plugin):
+    """A plugin that trains a module of its own beside the model (as pareto-da does)."""
+
+    family = "objective"
+
+    def __init__(self, trainable: bool = True) -> None:
+        super().__init__()
+        self.trainable = trainable
+
+    @hookimpl
+    def lifecycle_setup(self, module):
+        module.add_module("critic", nn.Linear(3, 1).requires_grad_(self.trainable))
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp2"])
+def test_a_trainable_module_added_beside_the_model_is_refused_under_fsdp2_only(strategy):
+    """FSDP2 shards and reduce-scatters only ``module.model``: a plugin's own trainable module
+    would train separately on each rank. It is refused before training, naming the plugin and
+    the module; DDP (which synchronizes every parameter) and one process accept it, and so does
+    FSDP2 when the added module is frozen."""
+    module = HookedModule(
+        nn.Linear(4, 3), [named(AddsDiscriminator(), "critic-plugin")], strategy=strategy
+    )
+    if strategy != "fsdp2":
+        module.configure_model()
+        assert isinstance(module.critic, nn.Linear)
+        return
+    with pytest.raises(ValueError) as exc:
+        module.configure_model()
+    message = str(exc.value)
+    assert "'critic-plugin'" in message and "['critic']" in message and "'ddp'" in message
+    frozen = HookedModule(
+        nn.Linear(4, 3),
+        [named(AddsDiscriminator(trainable=False), "critic-plugin")],
+        strategy=strategy,
+    )
+    frozen.hooks.ctx.strategy = "fsdp2"
+    # the refusal is checked before sharding; sharding itself needs a process group, so stop there
+    frozen._shard = lambda: None
+    frozen.configure_model()
+    assert not any(p.requires_grad for p in frozen.critic.parameters())

@@ -91,7 +91,10 @@ class HookedModule(L.LightningModule):
         if self.hooks.plugins.has("pruning_schedule"):
             self.masks = pruning.add_masks(self.model)
         for f in self.hooks.plugins.calls["lifecycle_setup"]:
+            before = {name for name, _ in self.named_children()}
             f(module=self, ctx=ctx)
+            if ctx.strategy == "fsdp2":
+                _refuse_unsharded_modules(self, before, getattr(f, "plugin", None))
         metrics: dict[str, nn.Module] = {}
         for f in self.hooks.plugins.calls["metric_build"]:
             for name, metric in (f(module=self, ctx=ctx) or {}).items():
@@ -368,6 +371,26 @@ class HookedModule(L.LightningModule):
         self.hooks.plugins.load_state_dict(state["plugins"])
         self.sparsity = state["sparsity"]
         self._pending_rng = state["rng"]
+
+
+def _refuse_unsharded_modules(module: HookedModule, before: set[str], plugin: Any) -> None:
+    """Under FSDP2 only ``module.model`` is sharded, and its gradients reduce-scattered. A
+    trainable module a plugin adds beside it would be neither: each rank would train its own
+    copy on its own batch, silently. Refuse it before training, naming the plugin and the module.
+    """
+    added = [
+        name
+        for name, m in module.named_children()
+        if name not in before and any(p.requires_grad for p in m.parameters())
+    ]
+    if added:
+        name = getattr(plugin, "name", None) or type(plugin).__name__
+        raise ValueError(
+            f"plugin {name!r} adds trainable module(s) {added} beside the model; under "
+            f"strategy 'fsdp2' paperhooks shards and synchronizes only the model, so these would "
+            f"train separately on each rank. Use strategy 'ddp' (which synchronizes every "
+            f"parameter), or have the plugin put its parameters inside the model"
+        )
 
 
 def _steps_per_epoch(trainer: L.Trainer) -> int | None:
