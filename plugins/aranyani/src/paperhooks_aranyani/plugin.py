@@ -130,6 +130,7 @@ class Aranyani(Plugin):
     strategies: ClassVar[Mapping[str, Support]] = {
         "single": "tested",
         "ddp": "tested",
+        # FSDP2 gives each rank a shard of each parameter's gradient; grads.view needs them whole
         "fsdp2": "unsupported",
         "fsdp": "unsupported",
         "deepspeed": "unsupported",

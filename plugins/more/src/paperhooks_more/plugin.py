@@ -142,7 +142,8 @@ class More(Plugin):
     strategies: ClassVar[Mapping[str, Support]] = {
         "single": "tested",
         "ddp": "tested",
-        # the core's per-objective gradient engine does not run under FSDP2 yet
+        # FSDP2 gives each rank a shard of the gradients; the EMA of whole gradient vectors
+        # in this plugin's state needs the full layout (columns_ok = False)
         "fsdp2": "unsupported",
         "fsdp": "unsupported",
         "deepspeed": "unsupported",

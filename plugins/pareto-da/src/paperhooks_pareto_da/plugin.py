@@ -97,6 +97,8 @@ class ParetoDA(Plugin):
     strategies: ClassVar[Mapping[str, Support]] = {
         "single": "tested",
         "ddp": "tested",
+        # its discriminators are a trainable module beside the model (refused under FSDP2), and
+        # h and D are held fixed through functional_call on detached parameters (see the card)
         "fsdp2": "unsupported",
         "fsdp": "unsupported",
         "deepspeed": "unsupported",
