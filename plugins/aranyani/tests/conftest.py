@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import paperhooks_aranyani  # noqa: F401  (registers oblique-forest and online-fair-stream)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One intra-op thread, here and in subprocesses: every tensor in these tests is tiny."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    names = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
+from paperhooks.testing.fixtures import one_thread, quiet_lightning  # noqa: F401
 
 
 def stream_recipe(

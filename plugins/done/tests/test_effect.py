@@ -15,20 +15,11 @@ import torch
 
 from paperhooks import HookedModule, Hooks
 from paperhooks.tasks import DigitsConfig, MLPConfig, build_datamodule, build_model
+from paperhooks.testing.fixtures import one_thread, quiet_lightning  # noqa: F401
 from paperhooks_done import DONE, DONEConfig
 from paperhooks_pgd import PGD, PGDConfig, class_means, linf_pgd, task_losses
 
 EPS, SEEDS = 0.1, range(6)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: faster for these tiny MLPs than 2 contending threads, and the
-    measured numbers below were taken so (summation order can differ between thread counts)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train(

@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import paperhooks_kernel_balancing  # noqa: F401  (registers synthetic-recsys and mf)
+from paperhooks.testing.fixtures import one_thread, quiet_lightning  # noqa: F401
 
 # The fit is the plugin's only cost; these settings keep it to a fraction of a second.
 FAST = {"feature_steps": 30, "fit_steps": 30, "num_centers": 16}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One intra-op thread, here and in subprocesses: every tensor in these tests is tiny, and
-    several threads on a busy machine make small ops many times slower (measured 10×)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    loggers = [
-        logging.getLogger(n)
-        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
 
 
 def recsys_recipe(

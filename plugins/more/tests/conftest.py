@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import paperhooks_more  # noqa: F401  (registers diverse-preferences and reward-mlp)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One intra-op thread, here and in subprocesses: every tensor in these tests is tiny."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    loggers = [
-        logging.getLogger(n)
-        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
+from paperhooks.testing.fixtures import one_thread, quiet_lightning  # noqa: F401
 
 
 def preference_recipe(

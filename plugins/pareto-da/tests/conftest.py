@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import paperhooks_pareto_da  # noqa: F401  (registers rotated-blobs and da-mlp)
+from paperhooks.testing.fixtures import one_thread, quiet_lightning  # noqa: F401
 
 #: plugin settings for the toy: small discriminators, a short gradient-reversal warm-up
 TOY = {"discriminator_hidden": 16, "grl_max_steps": 50}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One intra-op thread, here and in subprocesses: every tensor in these tests is tiny."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    names = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
 
 
 def blobs_recipe(

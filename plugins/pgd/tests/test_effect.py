@@ -9,24 +9,14 @@ split under a stronger attack than the training one (K = 20 vs 3, random start),
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from paperhooks import HookedModule, Hooks
 from paperhooks.tasks import DigitsConfig, MLPConfig, build_datamodule, build_model
+from paperhooks.testing.fixtures import one_thread, quiet_lightning  # noqa: F401
 from paperhooks_pgd import PGD, PGDConfig, class_means, linf_pgd, task_losses
 
 EPS = 0.2  # ≈ 3 of the 16 grey levels of a digit pixel
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: faster for these tiny MLPs than 2 contending threads, and the
-    measured numbers below were taken so (summation order can differ between thread counts)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
@@ -17,36 +16,13 @@ from paperhooks.run import fit
 from paperhooks.tasks import build_datamodule
 from paperhooks.testing import load_checkpoint
 from paperhooks.testing.conformance import PluginConformance, check_resume, tiny_recipe
+from paperhooks.testing.fixtures import one_thread, quiet_lightning  # noqa: F401
 from paperhooks_sara import Sara, SaraConfig
 
 #: acts within the kit's runs: ε is a 10% quantile, the re-selection comes after step 4 (inside
 #: the 6-step DDP run and before the resume check's stop at 13), and the penalty reaches the
 #: kit's 16 × 64 and 10 × 16 weights
 KIT = {"trainable_fraction": 0.1, "progressive_iter": 4, "rank_min_dim": 4, "rank_min_entries": 0}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One intra-op thread here and in subprocesses: the tensors are tiny."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    loggers = [
-        logging.getLogger(n)
-        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
 
 
 class TestConformance(PluginConformance):

@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from paperhooks import recipe as R
 from paperhooks.run import fit
 from paperhooks.testing import load_checkpoint
 from paperhooks.testing.conformance import PluginConformance, check_ddp_equals_single, tiny_recipe
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One intra-op thread here and in subprocesses: the tensors are tiny."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    loggers = [
-        logging.getLogger(n)
-        for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
+from paperhooks.testing.fixtures import one_thread, quiet_lightning  # noqa: F401
 
 
 class TestConformance(PluginConformance):
