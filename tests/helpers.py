@@ -17,6 +17,7 @@ TEST_PLUGINS = {
     "mgda-surgery": "paperhooks_testplugins:MgdaSurgery",
     "mgda-surgery-full": "paperhooks_testplugins:MgdaSurgeryFull",
     "logit-penalty": "paperhooks_testplugins:LogitPenalty",
+    "critic": "paperhooks_testplugins:Critic",
     "mask-probe": "paperhooks_testplugins:MaskProbe",
     # deliberately bad, for the conformance kit's own tests
     "bad-forgetful": "paperhooks_testplugins:ForgetfulCounter",

@@ -84,6 +84,34 @@ def test_gradient_surgery_on_two_processes_equals_one_process(tmp_path, test_plu
         assert_states_close(one, final_state(run), atol=1e-6, rtol=1e-5)
 
 
+def test_a_plugins_own_module_is_replicated_under_fsdp2_and_ends_where_one_process_ends(
+    tmp_path, test_plugins
+):
+    """A plugin that trains a module beside the model (``critic``): FSDP2 shards the model, and
+    the core keeps the critic whole on every rank, averaging its gradients before each step.
+    Both with the plain step (automatic optimization) and with surgery (the critic's gradient
+    is then part of the direction's unsharded rest)."""
+    import torch
+
+    recipe = write_recipe(tmp_path / "c.yaml", SURGERY)
+    cases = {
+        "plain": "plugins=[{name: critic}]",
+        "surgery": "plugins=[{name: logit-penalty}, {name: critic}, {name: mgda-surgery}]",
+    }
+    for case, plugins in cases.items():
+        one = final_state(fit_here(recipe, [f"name={case}-one", plugins], tmp_path))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3 + 1)  # the critic's initialization (seed + 1)
+            init = torch.nn.Linear(10, 1).weight
+        assert (one["critic.weight"] - init).abs().max() > 1e-4, case  # the critic trained
+        run = fit_cli(
+            recipe,
+            [f"name={case}-fsdp2", "trainer.devices=2", "trainer.strategy=fsdp2", plugins],
+            cwd=tmp_path,
+        )
+        assert_states_close(one, final_state(run), atol=1e-6, rtol=1e-5)
+
+
 def test_preference_objective_with_pair_weights_on_two_processes_equals_one(tmp_path):
     """DPO with a frozen reference model (replicated under DDP, sharded under FSDP2) and
     per-pair loss-based weights, from ``recipes/compose-dpo-reweighting.yaml``."""

@@ -525,29 +525,29 @@ class AddsDiscriminator(Plugin):
 
 
 @pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp2"])
-def test_a_trainable_module_added_beside_the_model_is_refused_under_fsdp2_only(strategy):
-    """FSDP2 shards and reduce-scatters only ``module.model``: a plugin's own trainable module
-    would train separately on each rank. It is refused before training, naming the plugin and
-    the module; DDP (which synchronizes every parameter) and one process accept it, and so does
-    FSDP2 when the added module is frozen."""
+def test_a_trainable_module_added_beside_the_model_is_kept_whole_and_listed(strategy):
+    """A plugin's own trainable module (added in lifecycle_setup) is listed as replicated: FSDP2
+    shards only the model, and the core averages these gradients itself. Under FSDP2 the
+    optimizer gets them in a group of their own (same settings); elsewhere one group, as before.
+    A frozen added module is not listed. (2 processes against 1: tests/test_distributed.py.)"""
     module = HookedModule(
         nn.Linear(4, 3), [named(AddsDiscriminator(), "critic-plugin")], strategy=strategy
     )
-    if strategy != "fsdp2":
-        module.configure_model()
-        assert isinstance(module.critic, nn.Linear)
-        return
-    with pytest.raises(ValueError) as exc:
-        module.configure_model()
-    message = str(exc.value)
-    assert "'critic-plugin'" in message and "['critic']" in message and "'ddp'" in message
+    module._shard = lambda: None  # sharding needs a process group; what is checked comes before
+    module.configure_model()
+    assert module._replicated == list(module.critic.parameters())
+    groups = module.configure_optimizers().param_groups
+    if strategy == "fsdp2":
+        assert [len(g["params"]) for g in groups] == [2, 2]
+        assert groups[1]["params"] == list(module.critic.parameters())
+        assert groups[0]["lr"] == groups[1]["lr"]
+    else:
+        assert [len(g["params"]) for g in groups] == [4]
     frozen = HookedModule(
         nn.Linear(4, 3),
         [named(AddsDiscriminator(trainable=False), "critic-plugin")],
         strategy=strategy,
     )
-    frozen.hooks.ctx.strategy = "fsdp2"
-    # the refusal is checked before sharding; sharding itself needs a process group, so stop there
     frozen._shard = lambda: None
     frozen.configure_model()
-    assert not any(p.requires_grad for p in frozen.critic.parameters())
+    assert frozen._replicated == []

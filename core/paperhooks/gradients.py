@@ -547,12 +547,29 @@ class Engine:
             for (name, _), t in zip(named_params, locals_, strict=True)
             if name in surgery_names
         )
-        gset = GradientSet(local[:, :ps], names, losses, layout="columns")
+        # Parameters FSDP2 does not shard (a plugin's own module, kept whole on every rank):
+        # their rows hold this rank's gradients. Averaged over ranks, they are the global ones;
+        # in the set only rank 0 keeps them (the others hold zeros), so the inner products
+        # summed over ranks count them once, and rank 0's direction for them is broadcast.
+        whole = (
+            _replicated_columns(params, locals_, local.device) if dist.is_distributed() else None
+        )
+        if whole is not None:
+            local[:, whole] = dist.all_reduce_sum(local[:, whole]) / dist.world_size()
+        s_rows = local[:, :ps]
+        whole_s = None if whole is None else whole[:ps]
+        if whole_s is not None and bool(whole_s.any()) and dist.rank() != 0:
+            s_rows = s_rows.clone()
+            s_rows[:, whole_s] = 0
+        gset = GradientSet(s_rows, names, losses, layout="columns")
         direction = _chain(gset, chain, ctx, names)
         weights = direction.weights
         if weights is not None and bool(torch.isnan(weights).any()):
             weights = None
         full = direction.vector
+        if whole_s is not None and bool(whole_s.any()):
+            full = full.clone()
+            full[whole_s] = dist.broadcast(full[whole_s].contiguous(), src=0)
         if ps < local.shape[1]:
             w = (
                 weights
@@ -662,6 +679,22 @@ def _sole_owner(rows: torch.Tensor) -> bool:
     return (
         sys.getrefcount(rows) <= 3
         and torch._C._storage_Use_Count(rows.untyped_storage()._cdata) <= 2
+    )
+
+
+def _replicated_columns(
+    params: Sequence[torch.nn.Parameter], locals_: Sequence[torch.Tensor], device: torch.device
+) -> torch.Tensor | None:
+    """Under FSDP2, a boolean mask over the local columns of the parameters that are not
+    sharded (plain tensors, not DTensors); None when every parameter is sharded."""
+    flags = [not callable(getattr(p, "to_local", None)) for p in params]
+    if not any(flags):
+        return None
+    return torch.cat(
+        [
+            torch.full((t.numel(),), flag, dtype=torch.bool, device=device)
+            for flag, t in zip(flags, locals_, strict=True)
+        ]
     )
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paperhooks import pruning
+from paperhooks import dist, pruning
 from paperhooks.functional import Hooks, summed
 from paperhooks.plugin import Plugin
 from paperhooks.recipe import OptimizerSection
@@ -57,6 +57,7 @@ class HookedModule(L.LightningModule):
         self._layer_sparsity: dict[str, float] | None = None
         self._prunable: dict[str, torch.nn.Module] | None = None
         self._configured = False
+        self._replicated: list[nn.Parameter] = []
         self._pending_rng: dict[str, Any] | None = None
         self._sync_off: Any = None
         self._rng_at_step_start: torch.Tensor | None = None
@@ -90,11 +91,22 @@ class HookedModule(L.LightningModule):
             f(module=self, ctx=ctx)
         if self.hooks.plugins.has("pruning_schedule"):
             self.masks = pruning.add_masks(self.model)
+        before = {name for name, _ in self.named_children()}
         for f in self.hooks.plugins.calls["lifecycle_setup"]:
-            before = {name for name, _ in self.named_children()}
             f(module=self, ctx=ctx)
-            if ctx.strategy == "fsdp2":
-                _refuse_unsharded_modules(self, before, getattr(f, "plugin", None))
+        #: trainable modules plugins added beside the model (a discriminator, a critic). Under
+        #: FSDP2 they stay whole on every rank (replicated, as DDP keeps every parameter):
+        #: rank 0's values are broadcast here and their gradients averaged before each step.
+        self._replicated = [
+            p
+            for name, m in self.named_children()
+            if name not in before
+            for p in m.parameters()
+            if p.requires_grad
+        ]
+        if ctx.strategy == "fsdp2":
+            for p in self._replicated:
+                dist.broadcast(p.data)
         metrics: dict[str, nn.Module] = {}
         for f in self.hooks.plugins.calls["metric_build"]:
             for name, metric in (f(module=self, ctx=ctx) or {}).items():
@@ -187,12 +199,30 @@ class HookedModule(L.LightningModule):
             return hooks.total(reduced)  # 7. objective weighting; Lightning runs backward
         opt = self.optimizers()
         opt.zero_grad()
-        hooks.surgery_gradients(reduced, self)  # 7'. surgery
+        hooks.surgery_gradients(reduced, self)  # 7'. surgery (averages replicated gradients)
         if self.manual_clip:
             self.clip_gradients(opt, gradient_clip_val=self.manual_clip)
         opt.step()
         self._after_optimizer_step()
         return None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.automatic_optimization:  # under surgery the engine averages them itself
+            self._average_replicated_grads()
+
+    def _average_replicated_grads(self) -> None:
+        """Under FSDP2, the mean over ranks of the gradients of plugin-added modules (FSDP2
+        reduce-scatters only the model's): one all-reduce of their concatenation."""
+        if self.hooks.ctx.strategy != "fsdp2" or not self._replicated or not dist.is_distributed():
+            return
+        grads = [p.grad for p in self._replicated if p.grad is not None]
+        if not grads:
+            return
+        flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / dist.world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -340,6 +370,14 @@ class HookedModule(L.LightningModule):
         cfg = self.optimizer_config
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+        if self.hooks.ctx.strategy == "fsdp2" and self._replicated:
+            # sharded (DTensor) and replicated (plain) parameters in separate groups, with the
+            # same settings: an optimizer's multi-tensor kernels take one kind per group
+            mine = {id(p) for p in self._replicated}
+            groups = [
+                {**groups[0], "params": [p for p in params if id(p) not in mine]},
+                {**groups[0], "params": [p for p in params if id(p) in mine]},
+            ]
         owner = self.hooks.plugins.owner("optimizer_build")
         if owner is not None:
             opt = owner(param_groups=groups, ctx=self.hooks.ctx)
@@ -371,26 +409,6 @@ class HookedModule(L.LightningModule):
         self.hooks.plugins.load_state_dict(state["plugins"])
         self.sparsity = state["sparsity"]
         self._pending_rng = state["rng"]
-
-
-def _refuse_unsharded_modules(module: HookedModule, before: set[str], plugin: Any) -> None:
-    """Under FSDP2 only ``module.model`` is sharded, and its gradients reduce-scattered. A
-    trainable module a plugin adds beside it would be neither: each rank would train its own
-    copy on its own batch, silently. Refuse it before training, naming the plugin and the module.
-    """
-    added = [
-        name
-        for name, m in module.named_children()
-        if name not in before and any(p.requires_grad for p in m.parameters())
-    ]
-    if added:
-        name = getattr(plugin, "name", None) or type(plugin).__name__
-        raise ValueError(
-            f"plugin {name!r} adds trainable module(s) {added} beside the model; under "
-            f"strategy 'fsdp2' paperhooks shards and synchronizes only the model, so these would "
-            f"train separately on each rank. Use strategy 'ddp' (which synchronizes every "
-            f"parameter), or have the plugin put its parameters inside the model"
-        )
 
 
 def _steps_per_epoch(trainer: L.Trainer) -> int | None:

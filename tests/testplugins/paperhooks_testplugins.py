@@ -180,6 +180,26 @@ class LogitPenalty(Plugin):
         return {"l2": 0.05 * outputs["logits"].pow(2).sum(dim=1)}
 
 
+class Critic(Plugin):
+    """Trains a module of its own beside the model: ``critic = Linear(10, 1)`` on the logits,
+    objective ``0.1 · critic(logits)²`` per sample (gradients reach the model and the critic).
+    Under FSDP2 the core keeps the critic whole on every rank and averages its gradients."""
+
+    family = "objective"
+    paper = PAPER
+    strategies = ALL_STRATEGIES
+
+    @hookimpl
+    def lifecycle_setup(self, module, ctx):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed + 1)
+            module.add_module("critic", torch.nn.Linear(10, 1))
+
+    @hookimpl
+    def objective_terms(self, module, batch, outputs, ctx):
+        return {"critic": 0.1 * module.critic(outputs["logits"]).squeeze(-1).pow(2)}
+
+
 class Broken(Plugin):
     family = "sample-weighting"
 
