@@ -96,7 +96,7 @@ def test_entry_point_metadata_and_recipe_round_trip_pass_the_conformance_kit():
         "epo_lp_dna.py" in cls.paper.checked_against and "TCM_loss.py" in cls.paper.checked_against
     )
     assert cls.columns_ok and cls.replaces_task_loss and cls.extra_families == ("objective",)
-    assert cls.strategies["fsdp2"] == "unsupported" and cls.strategies["ddp"] == "tested"
+    assert cls.strategies["fsdp2"] == "tested" and cls.strategies["ddp"] == "tested"
 
 
 def test_family_checks_surgery_holds_and_the_generic_objective_check_is_refused_clearly():

@@ -52,13 +52,21 @@ def test_resume_from_a_mid_run_step_is_bit_identical(tmp_path, make_recipe):
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_equal_one_process_on_the_global_batch(tmp_path, make_recipe):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, make_recipe, strategy):
+    """DDP, and FSDP2 (the model sharded, the discriminators replicated by the core, h held
+    fixed through an unsharded copy): the LP sees the same Gram matrix on every rank, and the
+    weights of model and discriminators and the plugin state equal 1 process."""
     raw = make_recipe(tmp_path / "runs", trainer={"max_steps": 6})
     path = tmp_path / "recipe.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
     one = load_checkpoint(fit_cli(path, ["name=one"], cwd=tmp_path))
     many = load_checkpoint(
-        fit_cli(path, ["name=ddp", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+        fit_cli(
+            path,
+            [f"name={strategy}", "trainer.devices=2", f"trainer.strategy={strategy}"],
+            cwd=tmp_path,
+        )
     )
     assert one["global_step"] == many["global_step"] == 6
     assert_states_close(one["state_dict"], many["state_dict"], atol=1e-6, rtol=1e-5)

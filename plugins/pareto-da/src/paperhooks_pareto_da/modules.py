@@ -78,18 +78,38 @@ class Discriminators(nn.Module):
         return self.classes(f)
 
 
-def frozen(module: nn.Module) -> Callable[..., torch.Tensor]:
+def frozen(module: nn.Module, template: nn.Module | None = None) -> Callable[..., torch.Tensor]:
     """``module``'s forward with its parameters detached: gradients reach the inputs only.
 
     An objective computed through it moves the shared features but not ``module``; the
     official code gets the same by zeroing the head's and the discriminator's gradients of the
     weighted sum before it adds their own losses.
+
+    Under FSDP2 ``module``'s parameters are shards (DTensors), and calling the module runs
+    FSDP2's pre-forward hook, which puts its own unsharded, trainable parameters back in place
+    of the detached ones. So sharded parameters are gathered whole (``full_tensor``; every rank
+    calls this alike) and the forward runs on ``template``, an unsharded copy of the module
+    made before sharding, which has no such hook. Unsharded modules run as themselves.
     """
-    params = {k: v.detach() for k, v in module.named_parameters()}
-    buffers = dict(module.named_buffers())
+    from torch.distributed.tensor import DTensor
+
+    params = {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach()
+        for k, v in module.named_parameters()
+    }
+    buffers = {
+        k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in module.named_buffers()
+    }
+    sharded = any(isinstance(v, DTensor) for v in module.parameters())
+    if sharded and template is None:
+        raise ValueError(
+            "frozen: the module's parameters are sharded (FSDP2); pass an unsharded copy of it "
+            "as template"
+        )
+    target = template if sharded else module
 
     def call(*args: torch.Tensor) -> torch.Tensor:
-        return functional_call(module, {**params, **buffers}, args)
+        return functional_call(target, {**params, **buffers}, args)
 
     return call
 

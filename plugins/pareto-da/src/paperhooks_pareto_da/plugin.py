@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -97,9 +98,9 @@ class ParetoDA(Plugin):
     strategies: ClassVar[Mapping[str, Support]] = {
         "single": "tested",
         "ddp": "tested",
-        # its discriminators are a trainable module beside the model (refused under FSDP2), and
-        # h and D are held fixed through functional_call on detached parameters (see the card)
-        "fsdp2": "unsupported",
+        # the core keeps the discriminators whole and averages them; frozen(h) runs h's
+        # gathered weights on an unsharded copy (see modules.frozen)
+        "fsdp2": "tested",
         "fsdp": "unsupported",
         "deepspeed": "unsupported",
     }
@@ -110,6 +111,8 @@ class ParetoDA(Plugin):
         super().__init__(config)
         #: optimizer steps taken in each LP branch (and with fixed weights)
         self.counts = {"balance": 0, "dominance": 0, "fallback": 0, "linear": 0}
+        #: under FSDP2, an unsharded copy of the classifier h for frozen(h)
+        self._head_template: nn.Module | None = None
 
     # -- set-up --------------------------------------------------------------------------------
     def _parts(self, module: Any) -> tuple[nn.Module, nn.Module]:
@@ -141,6 +144,10 @@ class ParetoDA(Plugin):
             discs = Discriminators(dim, classes, self.config.discriminator_hidden)
         ref = next(head.parameters())
         module.add_module(ATTR, discs.to(device=ref.device, dtype=ref.dtype))
+        if ctx.strategy == "fsdp2":
+            # set-up runs before the core shards the model: an unsharded copy of h, for
+            # frozen(h) (see modules.frozen). Its own values are never used.
+            self._head_template = copy.deepcopy(head)
 
     def _discriminators(self, module: Any) -> Discriminators:
         discs = getattr(module, ATTR, None)
@@ -177,7 +184,7 @@ class ParetoDA(Plugin):
         d_class = torch.sigmoid(s_class[n:].detach())  # D_k(f): held fixed, as in official rho_pred
 
         # L_S, L_D, L_T, L_v: gradients reach the feature extractor only
-        logits = frozen(head)(f)  # [3B, C]
+        logits = frozen(head, self._head_template)(f)  # [3B, C]
         source = TF.cross_entropy(logits[:n], y, reduction="none")
         lam = F.grl_coefficient(ctx.step, self.config.grl_max_steps, hi=self.config.grl_hi)
         d = frozen(discs.domain)(F.reverse_gradient(f[: 2 * n], lam)).squeeze(-1)
