@@ -121,7 +121,7 @@ class SparsePo(Plugin):
     strategies: ClassVar[Mapping[str, Support]] = {
         "single": "tested",
         "ddp": "tested",
-        "fsdp2": "unsupported",
+        "fsdp2": "tested",
         "fsdp": "untested",
         "deepspeed": "untested",
     }
