@@ -71,6 +71,13 @@ class TestConformance(PluginConformance):
         task = {**TASK, "optimizer": {"name": "sgd", "lr": 0.01}}
         check_ddp_equals_single(self.name, self.plugin_config, tmp_path, task=task)
 
+    @pytest.mark.slow
+    def test_two_fsdp2_processes_equal_one(self, tmp_path: Path) -> None:
+        # the same under FSDP2: the rollouts call policy.lm directly, past the root module's
+        # hooks; each sharded layer still gathers its own weights
+        task = {**TASK, "optimizer": {"name": "sgd", "lr": 0.01}}
+        check_ddp_equals_single(self.name, self.plugin_config, tmp_path, "fsdp2", task=task)
+
 
 def test_recipe_file_validates():
     recipe = load_recipe(RECIPE)

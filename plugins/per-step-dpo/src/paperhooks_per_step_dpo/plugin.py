@@ -113,7 +113,7 @@ class PerStepDpo(Plugin):
     strategies: ClassVar[Mapping[str, Support]] = {
         "single": "tested",
         "ddp": "tested",
-        "fsdp2": "unsupported",
+        "fsdp2": "tested",
         "fsdp": "untested",
         "deepspeed": "untested",
     }
