@@ -61,6 +61,13 @@ class TestConformance(PluginConformance):
         task = {**PREFERENCE_TASK, "optimizer": {"name": "sgd", "lr": 0.001}}
         check_ddp_equals_single(self.name, self.plugin_config, tmp_path, task=task)
 
+    @pytest.mark.slow
+    def test_two_fsdp2_processes_equal_one(self, tmp_path: Path) -> None:
+        # the same under FSDP2, with a snapshot (step 4 of 6): policy and π_t are sharded alike,
+        # so snapshot_reference copies shard to shard; the π_ref copy stays whole on each rank
+        task = {**PREFERENCE_TASK, "optimizer": {"name": "sgd", "lr": 0.001}}
+        check_ddp_equals_single(self.name, self.plugin_config, tmp_path, "fsdp2", task=task)
+
 
 def test_recipe_file_validates():
     recipe = load_recipe(RECIPE)

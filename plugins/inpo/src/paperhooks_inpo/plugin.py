@@ -131,16 +131,10 @@ class Inpo(Plugin):
     strategies: ClassVar[Mapping[str, Support]] = {
         "single": "tested",
         "ddp": "tested",
-        "fsdp2": "unsupported",
+        "fsdp2": "tested",
         "fsdp": "unsupported",
         "deepspeed": "unsupported",
     }
-    #: why sharded strategies are refused
-    unsupported_reason: ClassVar[str] = (
-        "the plugin's frozen copy of π_ref is a plain module outside the sharded model, and "
-        "snapshot_reference copies whole parameters"
-    )
-
     config: InpoConfig
 
     def __init__(self, config: InpoConfig | None = None) -> None:
