@@ -690,12 +690,8 @@ def _replicated_columns(
     flags = [not callable(getattr(p, "to_local", None)) for p in params]
     if not any(flags):
         return None
-    return torch.cat(
-        [
-            torch.full((t.numel(),), flag, dtype=torch.bool, device=device)
-            for flag, t in zip(flags, locals_, strict=True)
-        ]
-    )
+    sizes = torch.tensor([t.numel() for t in locals_], device=device)
+    return torch.tensor(flags, device=device).repeat_interleave(sizes)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from paperhooks import dist, pruning
 from paperhooks.functional import Hooks, summed
+from paperhooks.gradients import write_grads
 from paperhooks.plugin import Plugin
 from paperhooks.recipe import OptimizerSection
 
@@ -215,14 +216,11 @@ class HookedModule(L.LightningModule):
         reduce-scatters only the model's): one all-reduce of their concatenation."""
         if self.hooks.ctx.strategy != "fsdp2" or not self._replicated or not dist.is_distributed():
             return
-        grads = [p.grad for p in self._replicated if p.grad is not None]
-        if not grads:
+        params = [p for p in self._replicated if p.grad is not None]
+        if not params:
             return
-        flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / dist.world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        write_grads(dist.all_reduce_sum(flat) / dist.world_size(), params)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
