@@ -202,7 +202,7 @@ class HookedModule(L.LightningModule):
         opt.zero_grad()
         hooks.surgery_gradients(reduced, self)  # 7'. surgery (averages replicated gradients)
         if self.manual_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.manual_clip)
+            self.configure_gradient_clipping(opt, self.manual_clip, "norm")
         opt.step()
         self._after_optimizer_step()
         return None
@@ -210,6 +210,31 @@ class HookedModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.automatic_optimization:  # under surgery the engine averages them itself
             self._average_replicated_grads()
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except under FSDP2 with plugin-added modules: their gradients are
+        plain tensors beside the model's DTensors, which ``clip_grad_norm_`` cannot take in
+        one call. There the norm is the norm of both kinds together (the replicated gradients,
+        already averaged and equal on every rank, counted once), as one process computes it."""
+        if (
+            self.hooks.ctx.strategy == "fsdp2"
+            and self._replicated
+            and gradient_clip_val
+            and (gradient_clip_algorithm or "norm") == "norm"
+        ):
+            _clip_mixed_grad_norm_(optimizer, float(gradient_clip_val))
+            return
+        if self.automatic_optimization:
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+        elif gradient_clip_val:  # manual optimization: the trainer holds no clip value
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _average_replicated_grads(self) -> None:
         """Under FSDP2, the mean over ranks of the gradients of plugin-added modules (FSDP2
@@ -439,3 +464,28 @@ def _set_rng(state: Mapping[str, Any]) -> None:
         ("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
     )
     random.setstate((3, tuple(state["python"]), None))
+
+
+def _clip_mixed_grad_norm_(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """``clip_grad_norm_`` (2-norm) over gradients that mix sharded DTensors and whole tensors:
+    the total norm is ‖(‖g_sharded‖, ‖g_whole‖)‖ (the DTensor norm is summed over shards), and
+    every gradient is scaled by min(1, max_norm / (total + 1e-6)), torch's coefficient."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [
+        p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    norms = []
+    if sharded:
+        norm = torch.nn.utils.get_total_norm(sharded)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if whole:
+        norms.append(torch.nn.utils.get_total_norm(whole))
+    if not norms:
+        return
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    locals_ = [g.to_local() for g in sharded] + whole
+    torch._foreach_mul_(locals_, coef)
