@@ -90,13 +90,16 @@ def test_a_plugins_own_module_is_replicated_under_fsdp2_and_ends_where_one_proce
     """A plugin that trains a module beside the model (``critic``): FSDP2 shards the model, and
     the core keeps the critic whole on every rank, averaging its gradients before each step.
     Both with the plain step (automatic optimization) and with surgery (the critic's gradient
-    is then part of the direction's unsharded rest)."""
+    is then part of the direction's unsharded rest); and with the critic called on the first
+    half of the global batch only, so that rank 1 has no critic gradient at all (its ranks
+    still reduce the same buffer, as DDP does with unused parameters)."""
     import torch
 
     recipe = write_recipe(tmp_path / "c.yaml", SURGERY)
     cases = {
         "plain": "plugins=[{name: critic}]",
         "surgery": "plugins=[{name: logit-penalty}, {name: critic}, {name: mgda-surgery}]",
+        "rank-0-only": "plugins=[{name: critic, first_rows: 32}]",
     }
     for case, plugins in cases.items():
         one = final_state(fit_here(recipe, [f"name={case}-one", plugins], tmp_path))

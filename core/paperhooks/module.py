@@ -241,11 +241,24 @@ class HookedModule(L.LightningModule):
         reduce-scatters only the model's): one all-reduce of their concatenation."""
         if self.hooks.ctx.strategy != "fsdp2" or not self._replicated or not dist.is_distributed():
             return
-        params = [p for p in self._replicated if p.grad is not None]
-        if not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        write_grads(dist.all_reduce_sum(flat) / dist.world_size(), params)
+        params = self._replicated
+        # A parameter may have a gradient on some ranks and none on others (a module called
+        # on some ranks' rows only): every rank sends every block (zeros where it has none)
+        # and a flag per parameter, so all ranks reduce the same buffer, as DDP does with
+        # unused parameters. Only a parameter that no rank used keeps no gradient.
+        missing = [p.grad is None for p in params]
+        blocks = [
+            torch.zeros_like(p) if m else p.grad for p, m in zip(params, missing, strict=True)
+        ]
+        flags = torch.tensor([float(not m) for m in missing], dtype=blocks[0].dtype).to(
+            blocks[0].device
+        )
+        flat = dist.all_reduce_sum(torch.cat([b.reshape(-1) for b in blocks] + [flags]))
+        write_grads(flat[: -len(params)] / dist.world_size(), params)
+        if any(missing):  # only a rank without some gradient reads the flags back
+            for p, used in zip(params, flat[-len(params) :].tolist(), strict=True):
+                if used == 0:
+                    p.grad = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

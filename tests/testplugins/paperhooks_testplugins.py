@@ -180,11 +180,21 @@ class LogitPenalty(Plugin):
         return {"l2": 0.05 * outputs["logits"].pow(2).sum(dim=1)}
 
 
+@dataclass(frozen=True)
+class CriticConfig:
+    first_rows: int = 0  # > 0: the critic sees only the first rows of the global batch
+
+
 class Critic(Plugin):
     """Trains a module of its own beside the model: ``critic = Linear(10, 1)`` on the logits,
     objective ``0.1 · critic(logits)²`` per sample (gradients reach the model and the critic).
-    Under FSDP2 the core keeps the critic whole on every rank and averages its gradients."""
+    Under FSDP2 the core keeps the critic whole on every rank and averages its gradients.
 
+    With ``first_rows`` = n > 0 the critic is called only on the first n rows of the global
+    batch (the term is 0 elsewhere): on 2 processes with n = half the batch, rank 1 never
+    calls it and has no critic gradient at all."""
+
+    Config = CriticConfig
     family = "objective"
     paper = PAPER
     strategies = ALL_STRATEGIES
@@ -197,7 +207,17 @@ class Critic(Plugin):
 
     @hookimpl
     def objective_terms(self, module, batch, outputs, ctx):
-        return {"critic": 0.1 * module.critic(outputs["logits"]).squeeze(-1).pow(2)}
+        logits = outputs["logits"]
+        n = self.config.first_rows
+        if n <= 0:
+            return {"critic": 0.1 * module.critic(logits).squeeze(-1).pow(2)}
+        # rows are contiguous slices of the global batch, rank by rank (ShardedBatchSampler)
+        position = ctx.rank * logits.shape[0] + torch.arange(logits.shape[0])
+        term = torch.zeros(logits.shape[0])
+        seen = position < n
+        if seen.any():
+            term = term.index_put((seen,), 0.1 * module.critic(logits[seen]).squeeze(-1).pow(2))
+        return {"critic": term}
 
 
 class Broken(Plugin):
