@@ -101,8 +101,9 @@ def test_a_plugins_own_module_is_replicated_under_fsdp2_and_ends_where_one_proce
         "surgery": "plugins=[{name: logit-penalty}, {name: critic}, {name: mgda-surgery}]",
         "rank-0-only": "plugins=[{name: critic, first_rows: 32}]",
     }
+    ones = {}
     for case, plugins in cases.items():
-        one = final_state(fit_here(recipe, [f"name={case}-one", plugins], tmp_path))
+        one = ones[case] = final_state(fit_here(recipe, [f"name={case}-one", plugins], tmp_path))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(3 + 1)  # the critic's initialization (seed + 1)
             init = torch.nn.Linear(10, 1).weight
@@ -113,6 +114,14 @@ def test_a_plugins_own_module_is_replicated_under_fsdp2_and_ends_where_one_proce
             cwd=tmp_path,
         )
         assert_states_close(one, final_state(run), atol=1e-6, rtol=1e-5)
+    # DDP needs trainer.find_unused_parameters when rank 1 never calls the critic
+    run = fit_cli(
+        recipe,
+        ["name=rank-0-only-ddp", "trainer.devices=2", "trainer.strategy=ddp",
+         "trainer.find_unused_parameters=true", cases["rank-0-only"]],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_states_close(ones["rank-0-only"], final_state(run), atol=1e-6, rtol=1e-5)
 
 
 def test_preference_objective_with_pair_weights_on_two_processes_equals_one(tmp_path):

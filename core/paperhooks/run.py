@@ -58,7 +58,10 @@ def _strategy(recipe: Recipe) -> Any:
     if kind == "single":
         return "auto"
     if kind == "ddp":
-        return DDPStrategy(process_group_backend="gloo" if t.accelerator == "cpu" else None)
+        return DDPStrategy(
+            process_group_backend="gloo" if t.accelerator == "cpu" else None,
+            find_unused_parameters=t.find_unused_parameters,
+        )
     if kind == "fsdp2":
         return ModelParallelStrategy(
             data_parallel_size=t.devices, tensor_parallel_size=1, save_distributed_checkpoint=False
