@@ -89,7 +89,7 @@ def test_pareto_da_reaches_a_higher_target_accuracy_than_linear_weighting(tmp_pa
     rotated-blobs (3 classes, std 0.7, target rotated 30°), da-mlp (16, 16), Adam lr 3e-3,
     batch 64, 120 steps; val/acc on 1024 labelled target points. The same data,
     initialization and batches for both arms of a seed. The protocol was chosen on seeds 0-9
-    among 20 and confirmed on fresh seeds 10-29 (ParetoDA ahead on 18 of 20); the method card
+    among 14 and confirmed on fresh seeds 10-29 (ParetoDA ahead on 18 of 20); the method card
     lists the protocols where the gain does not show.
     """
     trainer = {
