@@ -9,6 +9,7 @@ summation order (tolerance 1e-6; observed differences are ~1e-8).
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helpers import fit_here, write_recipe
 from paperhooks.testing import assert_states_close, final_state, fit_cli, load_checkpoint
@@ -154,3 +155,34 @@ def test_preference_objective_with_pair_weights_on_two_processes_equals_one(tmp_
         recipe, [*pre, "name=ddp-pre", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path
     )
     assert_states_close(one_pre, final_state(ddp_pre), atol=1e-6, rtol=1e-5)
+
+
+def test_a_crash_on_one_rank_ends_the_run_instead_of_hanging(tmp_path, test_plugins):
+    """An exception on one rank only leaves the other ranks inside a collective; the run must
+    still end, with the error, and keep what can be kept. DDP: rank 0 writes
+    ``on_exception.ckpt`` once rank 1 has exited (every rank holds the whole state). FSDP2:
+    saving gathers shards, so with a crash on one rank no file is written (said on stderr);
+    with a crash on every rank the file is written, at the step reached."""
+    from pathlib import Path
+
+    from paperhooks.testing import paperhooks_cli
+
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE)
+
+    def crash(name: str, strategy: str, rank: int):
+        plugins = f"plugins=[{{name: loss-rank, crash_at: 3, crash_rank: {rank}}}]"
+        proc = paperhooks_cli(
+            "fit", str(recipe), f"name={name}", "trainer.devices=2",
+            f"trainer.strategy={strategy}", plugins, cwd=tmp_path, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode != 0, name
+        assert "crash at step 3" in proc.stdout + proc.stderr, name
+        (run,) = sorted(Path(tmp_path, "runs", name).glob("version_*"))
+        return proc, run / "checkpoints" / "on_exception.ckpt"
+
+    _, saved = crash("ddp-rank1", "ddp", 1)
+    assert torch.load(saved, map_location="cpu", weights_only=True)["global_step"] == 3
+    proc, saved = crash("fsdp2-rank1", "fsdp2", 1)
+    assert not saved.exists() and "on_exception.ckpt not written" in proc.stderr
+    _, saved = crash("fsdp2-all", "fsdp2", -1)
+    assert torch.load(saved, map_location="cpu", weights_only=True)["global_step"] == 3

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,10 @@ from paperhooks.recipe import Recipe
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "PAPERHOOKS_RUN_DIR"
+#: strategies whose checkpoint gathers shards from every rank
+SHARDED = ("fsdp2", "fsdp", "deepspeed")
+#: how long a rank that stopped on an exception waits for the others before saving shards
+EXCEPTION_WAIT_S = 30
 
 
 @dataclass
@@ -217,8 +223,53 @@ def _checkpoint_callback_cls() -> type:
                 trainer.save_checkpoint(self.directory / "last.ckpt", weights_only=False)
                 self._saved = step
 
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            # Under a sharded strategy, saving gathers the shards: every rank must take part.
+            # A gloo group (on CPU and GPU alike) with a timeout lets on_exception check that.
+            self._group = None
+            if trainer.world_size > 1 and pl_module.hooks.ctx.strategy in SHARDED:
+                import torch.distributed as td
+
+                self._group = td.new_group(
+                    backend="gloo", timeout=timedelta(seconds=EXCEPTION_WAIT_S)
+                )
+
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-            trainer.save_checkpoint(self.directory / "on_exception.ckpt", weights_only=False)
+            """Write ``on_exception.ckpt``, without waiting on ranks that did not stop.
+
+            An exception raised on some ranks only (a crash, an out-of-memory error) leaves
+            the others inside a collective, so a barrier here would wait forever. Under DDP
+            every rank holds the whole state: rank 0 writes it alone, and once a crashed rank
+            has exited, the others' collectives fail and they stop too. Under a sharded
+            strategy the ranks first check, within ``EXCEPTION_WAIT_S`` seconds, that all of
+            them stopped; if not, no file is written and ``last.ckpt`` stays the latest.
+            """
+            path = self.directory / "on_exception.ckpt"
+            if trainer.world_size == 1:
+                trainer.save_checkpoint(path, weights_only=False)
+                return
+            if (
+                getattr(self, "_group", None) is None
+            ):  # ddp: no barrier (Trainer.save_checkpoint has one)
+                if trainer.is_global_zero:
+                    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                    trainer.strategy.save_checkpoint(checkpoint, path)
+                return
+            import torch.distributed as td
+
+            try:
+                td.barrier(group=self._group)  # times out with the group
+            except RuntimeError:
+                print(
+                    f"paperhooks: on_exception.ckpt not written: rank {trainer.global_rank} "
+                    f"stopped on {type(exception).__name__} but not every rank did within "
+                    f"{EXCEPTION_WAIT_S} s (saving a sharded model needs all of them); "
+                    "resume from the latest checkpoint in checkpoints/, if any",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+            trainer.save_checkpoint(path, weights_only=False)
 
     return RunCheckpoints
 

@@ -60,6 +60,7 @@ class ClassWeight(Plugin):
 @dataclass(frozen=True)
 class LossRankConfig:
     crash_at: int = -1  # raise at this step, to test what a crash leaves behind
+    crash_rank: int = -1  # raise on this rank only (-1: on every rank)
 
 
 class LossRank(Plugin):
@@ -76,8 +77,8 @@ class LossRank(Plugin):
 
     @hookimpl
     def weighting_sample_weights(self, losses, batch, ctx):
-        if ctx.step == self.config.crash_at:
-            raise RuntimeError(f"crash at step {ctx.step}")
+        if ctx.step == self.config.crash_at and self.config.crash_rank in (-1, ctx.rank):
+            raise RuntimeError(f"crash at step {ctx.step} on rank {ctx.rank}")
         self.calls += 1
         glob, mine = ctx.dist.all_gather_cat(losses)
         ranks = torch.argsort(torch.argsort(glob, stable=True), stable=True).to(losses.dtype)
