@@ -250,8 +250,8 @@ class HookedModule(L.LightningModule):
         blocks = [
             torch.zeros_like(p) if m else p.grad for p, m in zip(params, missing, strict=True)
         ]
-        flags = torch.tensor([float(not m) for m in missing], dtype=blocks[0].dtype).to(
-            blocks[0].device
+        flags = torch.tensor(
+            [float(not m) for m in missing], dtype=blocks[0].dtype, device=blocks[0].device
         )
         flat = dist.all_reduce_sum(torch.cat([b.reshape(-1) for b in blocks] + [flags]))
         write_grads(flat[: -len(params)] / dist.world_size(), params)

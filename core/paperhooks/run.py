@@ -196,6 +196,7 @@ def _checkpoint_callback_cls() -> type:
         def __init__(self, directory: Path, every: int | None) -> None:
             self.directory = directory
             self.every = every
+            self._group: Any = None  # set under sharded strategies (see setup)
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -248,9 +249,7 @@ def _checkpoint_callback_cls() -> type:
             if trainer.world_size == 1:
                 trainer.save_checkpoint(path, weights_only=False)
                 return
-            if (
-                getattr(self, "_group", None) is None
-            ):  # ddp: no barrier (Trainer.save_checkpoint has one)
+            if self._group is None:  # ddp: no barrier (Trainer.save_checkpoint has one)
                 if trainer.is_global_zero:
                     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
                     trainer.strategy.save_checkpoint(checkpoint, path)

@@ -109,11 +109,16 @@ def test_family_checks_surgery_holds_and_the_generic_objective_check_is_refused_
         check_family("pareto-da")
 
 
-def test_the_example_recipe_and_the_method_card_snippet_validate():
-    R.load(ROOT / "recipes" / "pareto-da.yaml")
+def test_the_example_recipe_and_the_method_card_snippet_validate_and_agree():
+    recipe = R.load(ROOT / "recipes" / "pareto-da.yaml")
     card = (ROOT / "plugins" / "pareto-da" / "README.md").read_text()
     (snippet,) = re.findall(r"## Recipe\n\n```yaml\n(.*?)```", card, re.S)
-    R.validate(yaml.safe_load(snippet))
+    shown = R.validate(yaml.safe_load(snippet))
+    # the card shows the recipe of the measured effect: same toy, optimizer and plugin settings
+    assert shown.model == recipe.model and shown.data == recipe.data
+    assert shown.optimizer == recipe.optimizer
+    assert shown.trainer.max_steps == recipe.trainer.max_steps == 120
+    assert shown.plugins[0].config == recipe.plugins[0].config
 
 
 # -- set-up and objectives ---------------------------------------------------------------------------
