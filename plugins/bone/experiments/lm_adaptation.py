@@ -24,6 +24,10 @@ Setup, per seed (the official scripts' adapter settings, scaled down):
   17,408.
 Printed per run: the loss on the 512 training sequences after the last step (``train``), on
 512 held-out sequences of Q (``eval``) and the mean minibatch loss over the 100 steps (``auc``).
+
+``--one-pass`` trains on 3200 fresh sequences of Q instead, each seen once in order (the
+paper's one epoch; the card's section 1b). Then each minibatch loss is taken before the model
+has seen the batch, so ``auc`` is a loss on unseen data; ``train`` is on the 3200.
 """
 
 from __future__ import annotations
@@ -183,6 +187,7 @@ def adapt(
     held_out: torch.Tensor,
     steps: int = 100,
     batch: int = 32,
+    one_pass: bool = False,
 ) -> dict:
     model = copy.deepcopy(base)
     model.requires_grad_(False)
@@ -205,8 +210,12 @@ def adapt(
     )
     gen = torch.Generator().manual_seed(2000 + seed)
     curve = []
-    for _ in range(steps):
-        loss = lm_loss(model, train[torch.randint(len(train), (batch,), generator=gen)])
+    for step in range(steps):
+        if one_pass:  # every sequence once, in order (len(train) == steps * batch)
+            ids = train[step * batch : (step + 1) * batch]
+        else:
+            ids = train[torch.randint(len(train), (batch,), generator=gen)]
+        loss = lm_loss(model, ids)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -230,6 +239,11 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=8, help="Bone/BAT block size; LoRA gets rank r/2")
     ap.add_argument("--cache", type=Path, default=None, help="folder for the pretrained models")
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run")
+    ap.add_argument(
+        "--one-pass",
+        action="store_true",
+        help="train on 3200 fresh sequences of Q, each seen once (the paper's one epoch)",
+    )
     args = ap.parse_args()
     for seed in args.seeds:
         gen = torch.Generator().manual_seed(seed)
@@ -237,6 +251,8 @@ def main() -> None:
         pre = sample(A, B, 4096, gen)
         A2, B2 = shifted(A, B, gen)
         train, held_out = sample(A2, B2, 512, gen), sample(A2, B2, 512, gen)
+        if args.one_pass:  # drawn after the others, so the 512-sequence runs are unchanged
+            train = sample(A2, B2, 100 * 32, gen)
         path = args.cache / f"tiny_llama_{seed}.pt" if args.cache else None
         if path is not None and path.exists():
             base = TinyLlama()
@@ -253,7 +269,10 @@ def main() -> None:
                     "lr": lr,
                     "method": method,
                     "r": args.r,
-                    **adapt(base, method, args.r, seed, lr, train, held_out),
+                    "one_pass": args.one_pass,
+                    **adapt(
+                        base, method, args.r, seed, lr, train, held_out, one_pass=args.one_pass
+                    ),
                 }
                 print(json.dumps(rec), flush=True)
                 if args.out is not None:
