@@ -186,3 +186,42 @@ def test_a_crash_on_one_rank_ends_the_run_instead_of_hanging(tmp_path, test_plug
     assert not saved.exists() and "on_exception.ckpt not written" in proc.stderr
     _, saved = crash("fsdp2-all", "fsdp2", -1)
     assert torch.load(saved, map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+def test_the_exception_checks_gloo_group_is_freed_at_teardown(tmp_path):
+    """Each fit under a sharded strategy makes a gloo group for ``on_exception``; teardown
+    destroys it, so repeated fits in one process (a script, a sweep) do not pile groups up.
+    In a subprocess: a 1-process gloo world, three setup/teardown cycles of the callback."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import types
+        from pathlib import Path
+
+        import torch.distributed as td
+        from torch.distributed.distributed_c10d import _world
+
+        from paperhooks.run import _checkpoint_callback_cls
+
+        td.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+        before = len(_world.pg_map)
+        cb = _checkpoint_callback_cls()(Path("{tmp_path}"), None)
+        trainer = types.SimpleNamespace(world_size=2)
+        ctx = types.SimpleNamespace(strategy="fsdp2")
+        module = types.SimpleNamespace(hooks=types.SimpleNamespace(ctx=ctx))
+        for _ in range(3):
+            cb.setup(trainer, module, "fit")
+            assert cb._group is not None and len(_world.pg_map) == before + 1
+            cb.teardown(trainer, module, "fit")
+        assert cb._group is None and len(_world.pg_map) == before, len(_world.pg_map)
+        td.destroy_process_group()
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

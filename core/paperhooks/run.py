@@ -235,6 +235,14 @@ def _checkpoint_callback_cls() -> type:
                     backend="gloo", timeout=timedelta(seconds=EXCEPTION_WAIT_S)
                 )
 
+        def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            # Each fit makes its own group (a staged recipe runs several): free it at the end.
+            if self._group is not None:
+                import torch.distributed as td
+
+                td.destroy_process_group(self._group)
+                self._group = None
+
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
             """Write ``on_exception.ckpt``, without waiting on ranks that did not stop.
 
