@@ -1,9 +1,14 @@
-"""The paper's effect, in direction, on 200 training digits: five seeds trained side by side.
+"""The paper's effects, in direction, on small-data digits.
 
-Each seed has its own stratified draw of 20 training digits per class (the other 1597 are the
-test set) and its own initialization; the five models are trained at once as batched tensors
-(``bmm``), which is exactly five independent runs of full-batch SGD (momentum 0.9, 200
-steps) on an MLP 64-32-10, plain or with every weight companded (a = 0.8, b = 0.5). The
+Two training loops. ``_train`` (the first three tests): five seeds side by side, 200 training
+digits, full-batch SGD, for the mechanism (bounded weights, fewer near-zero weights). ``run``
+(the last test and ``_sweep.py``): the paper's minibatch recipe with a step schedule, for the
+generalization claim over 30 seeds; its comment below says how it is set up.
+
+In ``_train``, each seed has its own stratified draw of 20 training digits per class (the
+other 1597 are the test set) and its own initialization; the five models are trained at once
+as batched tensors (``bmm``), which is exactly five independent runs of full-batch SGD
+(momentum 0.9, 200 steps) on an MLP 64-32-10, plain or with every weight companded (a = 0.8, b = 0.5). The
 weight decay of the plain model is (λ/2)‖w‖² (PyTorch's ``weight_decay``); with the compander
 it is the paper's (λ/2)‖Ψ(v)‖² (Eq. 5), or (λ/2)‖v‖² in the learnable version; biases get
 (λ/2)‖b‖² in both.
