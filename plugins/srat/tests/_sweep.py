@@ -15,10 +15,14 @@ frequent ones less; the per-seed differences to ``reweight`` are what the card r
 Run from the repository root (about 3 min on one core)::
 
     OMP_NUM_THREADS=1 .venv/bin/python plugins/srat/tests/_sweep.py
+
+``--seeds 10 29 --arms reweight srat_l0.3`` runs other seeds (first and last) and arms; the
+card's fresh-seed check of λ = 0.3 (session 10) is that command.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 from _at_digits import train_and_eval  # this script's folder is on sys.path
@@ -48,9 +52,14 @@ ARMS: dict[str, Callable[[], list[Plugin]]] = {
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs=2, default=[SEEDS[0], SEEDS[-1]])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    args = ap.parse_args()
+    seeds = range(args.seeds[0], args.seeds[1] + 1)
     runs = {
-        arm: [train_and_eval(seed, build(), epochs=30) for seed in SEEDS]
-        for arm, build in ARMS.items()
+        arm: [train_and_eval(seed, ARMS[arm](), epochs=30) for seed in seeds]
+        for arm in dict.fromkeys(["reweight", *args.arms])
     }
     print("arm          " + "  ".join(f"{m:>11}" for m in METRICS))
     for arm, rows in runs.items():
@@ -58,13 +67,13 @@ def main() -> None:
             f"{arm:<12} "
             + "  ".join(f"{sum(r[m] for r in rows) / len(rows):11.3f}" for m in METRICS)
         )
-    for arm in ("srat", "srat_l0.3"):
+    for arm in [a for a in ("srat", "srat_l0.3") if a in runs]:
         for m in METRICS:
             diff = [a[m] - b[m] for a, b in zip(runs[arm], runs["reweight"], strict=True)]
             wins = sum(d > 0 for d in diff)
             per_seed = ", ".join(f"{d:+.3f}" for d in diff)
             print(
-                f"{arm} − reweight, {m}: mean {sum(diff) / len(diff):+.3f}, ahead on {wins}/10: {per_seed}"
+                f"{arm} − reweight, {m}: mean {sum(diff) / len(diff):+.3f}, ahead on {wins}/{len(diff)}: {per_seed}"
             )
 
 
