@@ -236,7 +236,7 @@ def _checkpoint_callback_cls() -> type:
                 )
 
         def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            # Each fit makes its own group (a staged recipe runs several): free it at the end.
+            # Each fit makes its own group; free it, for scripts that call fit repeatedly.
             if self._group is not None:
                 import torch.distributed as td
 

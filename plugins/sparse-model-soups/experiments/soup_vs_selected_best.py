@@ -9,7 +9,6 @@ functions it imports). One JSON line per (outer seed, phase). Run from the repos
     OMP_NUM_THREADS=1 .venv/bin/python plugins/sparse-model-soups/experiments/soup_vs_selected_best.py 0 1 2 3 4 5 6 7 8 9
 """
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -19,8 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import test_effect as T  # noqa: E402
 
-from paperhooks.stages import Carried, average  # noqa: E402
-
 
 def acc(net, rows):
     net.eval()
@@ -28,32 +25,20 @@ def acc(net, rows):
         return (net(T.X[rows]).argmax(1) == T.Y[rows]).float().mean().item()
 
 
-def run(seed, M=3, epochs=5, phases=2):
+def run(seed):
     torch.set_num_threads(1)
     A, B = T.VAL[: len(T.VAL) // 2], T.VAL[len(T.VAL) // 2 :]
-    start, masks = T._train(T._net(seed), None, seed, 20), None
     out = []
-    for phase in range(phases):
-        masks = T._prune(start, masks)
-        ings = [
-            T._train(copy.deepcopy(start), masks, 100 * seed + 10 * phase + j, epochs)
-            for j in range(M)
-        ]
-        for n in ings:
-            T._recalibrate(n)
-        soup = copy.deepcopy(ings[0])
-        soup.load_state_dict(average([Carried(n.state_dict(), {}) for n in ings]).weights)
-        T._recalibrate(soup)
+    for phase, ings, soup in T.sms_phases(seed):
         rec = {"seed": seed, "phase": phase}
         for sel, ev, tag in ((A, B, "AB"), (B, A, "BA")):
-            i = max(range(M), key=lambda j: acc(ings[j], sel))
+            i = max(range(len(ings)), key=lambda j: acc(ings[j], sel))
             rec[f"best_{tag}"] = acc(ings[i], ev)
             rec[f"soup_{tag}"] = acc(soup, ev)
-            rec[f"mean_{tag}"] = sum(acc(n, ev) for n in ings) / M
+            rec[f"mean_{tag}"] = sum(acc(n, ev) for n in ings) / len(ings)
         rec["soup_all"] = acc(soup, T.VAL)
         rec["best_all"] = max(acc(n, T.VAL) for n in ings)
         out.append(rec)
-        start = soup
     return out
 
 

@@ -112,7 +112,9 @@ def _prune(net, masks):
     return keep
 
 
-def sms_run(seed: int) -> dict[str, float]:
+def sms_phases(seed: int):
+    """SMS as the docstring above says; yields (phase, ingredients, soup) after each phase,
+    every model with its BatchNorm statistics recomputed."""
     start, masks = _train(_net(seed), None, seed, 20), None
     for phase in range(PHASES):
         masks = _prune(start, masks)
@@ -121,16 +123,21 @@ def sms_run(seed: int) -> dict[str, float]:
         ]
         for net in ingredients:
             _recalibrate(net)
-        accs = [_acc(net) for net in ingredients]
         soup = copy.deepcopy(ingredients[0])
         soup.load_state_dict(
             average([Carried(net.state_dict(), {}) for net in ingredients]).weights
         )
         _recalibrate(soup)
+        yield phase, ingredients, soup
         start = soup
-    n = sum(m.weight.numel() for m in _linears(start).values())
-    zeros = sum(int((m.weight == 0).sum()) for m in _linears(start).values())
-    return {"zeros": zeros, "n": n, "soup": _acc(start), "mean": sum(accs) / M, "best": max(accs)}
+
+
+def sms_run(seed: int) -> dict[str, float]:
+    *_, (_, ingredients, soup) = sms_phases(seed)  # the last phase
+    accs = [_acc(net) for net in ingredients]
+    n = sum(m.weight.numel() for m in _linears(soup).values())
+    zeros = sum(int((m.weight == 0).sum()) for m in _linears(soup).values())
+    return {"zeros": zeros, "n": n, "soup": _acc(soup), "mean": sum(accs) / M, "best": max(accs)}
 
 
 def test_soup_beats_the_mean_of_its_ingredients_at_90_percent():
