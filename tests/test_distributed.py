@@ -125,6 +125,28 @@ def test_a_plugins_own_module_is_replicated_under_fsdp2_and_ends_where_one_proce
     assert_states_close(ones["rank-0-only"], final_state(run), atol=1e-6, rtol=1e-5)
 
 
+def test_ddp_without_find_unused_parameters_names_the_recipe_key_instead_of_hanging(
+    tmp_path, test_plugins
+):
+    """The same rank-0-only critic under DDP without ``trainer.find_unused_parameters``: DDP
+    would hang (rank 0 waits in the all-reduce of the critic's bucket, which rank 1 never
+    starts; measured: killed after 150 s). Rank 1 now stops with an error naming the
+    parameters, the plugin that added them and the recipe key, and the run ends."""
+    from paperhooks.testing import paperhooks_cli
+
+    recipe = write_recipe(tmp_path / "c.yaml", SURGERY)
+    proc = paperhooks_cli(
+        "fit", str(recipe), "name=unused", "trainer.devices=2", "trainer.strategy=ddp",
+        "plugins=[{name: critic, first_rows: 32}]", cwd=tmp_path, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert (
+        "paperhooks: error: under strategy 'ddp', parameter(s) critic.weight, critic.bias "
+        "(added by plugin 'critic') got no gradient on rank 1 at step 0"
+    ) in proc.stderr, proc.stderr[-3000:]
+    assert "trainer.find_unused_parameters: true" in proc.stderr
+
+
 def test_preference_objective_with_pair_weights_on_two_processes_equals_one(tmp_path):
     """DPO with a frozen reference model (replicated under DDP, sharded under FSDP2) and
     per-pair loss-based weights, from ``recipes/compose-dpo-reweighting.yaml``."""

@@ -34,6 +34,11 @@ class UnsupportedStrategyError(RecipeError):
     """A plugin (or the core) cannot run under the recipe's strategy."""
 
 
+class UnusedParameterError(PaperhooksError, RuntimeError):
+    """Under DDP, a trainable parameter got no gradient on some rank, and the recipe does not
+    set ``trainer.find_unused_parameters`` (DDP would hang)."""
+
+
 class PluginLoadError(PaperhooksError):
     """An installed plugin failed to import, or two distributions claim one name."""
 

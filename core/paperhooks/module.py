@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paperhooks import dist, pruning
+from paperhooks.errors import UnusedParameterError
 from paperhooks.functional import Hooks, summed
 from paperhooks.gradients import write_grads
 from paperhooks.plugin import Plugin
@@ -59,6 +60,8 @@ class HookedModule(L.LightningModule):
         self._prunable: dict[str, torch.nn.Module] | None = None
         self._configured = False
         self._replicated: list[nn.Parameter] = []
+        #: child module name → the plugin that added it in ``lifecycle_setup``
+        self._added_by: dict[str, str] = {}
         self._pending_rng: dict[str, Any] | None = None
         self._sync_off: Any = None
         self._rng_at_step_start: torch.Tensor | None = None
@@ -94,7 +97,11 @@ class HookedModule(L.LightningModule):
             self.masks = pruning.add_masks(self.model)
         before = {name for name, _ in self.named_children()}
         for f in self.hooks.plugins.calls["lifecycle_setup"]:
+            known = {name for name, _ in self.named_children()}
             f(module=self, ctx=ctx)
+            for name, _ in self.named_children():
+                if name not in known:
+                    self._added_by[name] = f.plugin.name or type(f.plugin).__name__
         #: trainable modules plugins added beside the model (a discriminator, a critic). Under
         #: FSDP2 they stay whole on every rank (replicated, as DDP keeps every parameter):
         #: rank 0's values are broadcast here and their gradients averaged before each step.
@@ -206,6 +213,41 @@ class HookedModule(L.LightningModule):
         opt.step()
         self._after_optimizer_step()
         return None
+
+    def on_after_backward(self) -> None:
+        self._check_ddp_gradients()
+
+    def _check_ddp_gradients(self) -> None:
+        """Under DDP without ``trainer.find_unused_parameters``, a trainable parameter that got
+        no gradient on this rank makes DDP wait forever: the other ranks block in the all-reduce
+        of its bucket, which this rank never starts. Raise here, on the rank that lacks it,
+        naming the parameters, their plugin and the recipe key, instead of hanging. This rank's
+        exit then ends the others' wait. A Python loop over the parameters, once per step."""
+        wrapped = getattr(self.trainer.strategy, "model", None)
+        if (
+            self.hooks.ctx.strategy != "ddp"
+            or not self.automatic_optimization
+            or not getattr(wrapped, "require_backward_grad_sync", False)
+            or getattr(wrapped, "find_unused_parameters", True)
+        ):
+            return
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and p.grad is None]
+        if not missing:
+            return
+        owners = sorted(
+            {self._added_by[n.split(".")[0]] for n in missing if n.split(".")[0] in self._added_by}
+        )
+        by = f" (added by plugin {', '.join(repr(o) for o in owners)})" if owners else ""
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise UnusedParameterError(
+            f"under strategy 'ddp', parameter(s) {shown}{by} got no gradient on rank "
+            f"{self.global_rank} at step {self.global_step}. DDP would wait for it forever on "
+            "the other ranks. Set trainer.find_unused_parameters: true in the recipe when a "
+            "module is not used on every rank in every step (it costs one extra pass over the "
+            "graph per step), or freeze the parameter (requires_grad=False) if it never trains."
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.automatic_optimization:  # under surgery the engine averages them itself

@@ -70,8 +70,9 @@ class TrainerSection:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     #: DDP only: let a parameter get no gradient on some ranks in a step (a module a plugin
-    #: calls on some rows only). Without it DDP's ranks wait on each other forever. FSDP2
-    #: handles plugin modules this way without the setting.
+    #: calls on some rows only). Without it DDP's ranks would wait on each other forever, so
+    #: the rank lacking a gradient stops with an error naming this key. FSDP2 handles plugin
+    #: modules this way without the setting.
     find_unused_parameters: bool = False
     log_every_n_steps: int = 10
     check_val_every_n_epoch: int = 1
