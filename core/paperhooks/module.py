@@ -96,7 +96,6 @@ class HookedModule(L.LightningModule):
             f(module=self, ctx=ctx)
         if self.hooks.plugins.has("pruning_schedule"):
             self.masks = pruning.add_masks(self.model)
-        before = {name for name, _ in self.named_children()}
         for f in self.hooks.plugins.calls["lifecycle_setup"]:
             known = {name for name, _ in self.named_children()}
             f(module=self, ctx=ctx)
@@ -109,7 +108,7 @@ class HookedModule(L.LightningModule):
         self._replicated = [
             p
             for name, m in self.named_children()
-            if name not in before
+            if name in self._added_by
             for p in m.parameters()
             if p.requires_grad
         ]
