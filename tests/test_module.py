@@ -131,6 +131,7 @@ def test_the_set_of_hook_specs_is_pinned():
             "perturb_inputs",
             "transform_after_fit",
             "lifecycle_setup",
+            "lifecycle_before_optimizer_step",
             "lifecycle_step_end",
             "lifecycle_epoch_end",
             "lifecycle_fit_end",
@@ -221,6 +222,10 @@ class RecWeights(Plugin):
         CALLS.append("setup")
 
     @hookimpl
+    def lifecycle_before_optimizer_step(self, module, ctx):
+        CALLS.append("before_optimizer_step")
+
+    @hookimpl
     def lifecycle_step_end(self, module, ctx):
         CALLS.append(f"step_end:{ctx.step}")
 
@@ -301,6 +306,7 @@ def test_families_fire_in_the_documented_order():
         "objective",
         "weights",
         "coefs:aux,loss",
+        "before_optimizer_step",
         "reparam_after_step",
     ]
     assert CALLS == [
@@ -372,7 +378,57 @@ def test_surgery_direction_replaces_the_gradient():
         torch.testing.assert_close(a.detach(), b, atol=1e-6, rtol=1e-5)
 
 
-# -- pruning -----------------------------------------------------------------------------------------------
+# -- before the optimizer step -------------------------------------------------------------------------------
+
+
+class FreezeFirstLayer(Plugin):
+    """Records the gradient norms it sees before the step, then zeroes the first layer's."""
+
+    family = "sample-weighting"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.norms: list[float] = []
+
+    @hookimpl
+    def weighting_sample_weights(self, losses, batch, ctx):
+        return None
+
+    @hookimpl
+    def lifecycle_before_optimizer_step(self, module, ctx):
+        grads = [p.grad for p in module.model.parameters()]
+        self.norms.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+        module.model[0].weight.grad.zero_()
+
+
+@pytest.mark.parametrize("surgery", [False, True])
+def test_before_the_optimizer_step_gradients_are_final_unclipped_and_may_be_changed(surgery):
+    """The hook sees the step's whole gradient before clipping (norms above the clip value),
+    and what it writes into ``p.grad`` is what the optimizer steps with: the zeroed first-layer
+    weight does not move (plain SGD), the other parameters do. Under gradient surgery (manual
+    optimization) the hook runs after the combination, before the manual clip."""
+    torch.manual_seed(0)
+    plugin = FreezeFirstLayer()
+    plugins = [named(plugin, "freeze")] + ([named(SumSurgery(), "sum")] if surgery else [])
+    module = TwoLosses(
+        nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)),
+        plugins,
+        optimizer=OptimizerSection(name="sgd", lr=0.5),
+    )
+    before = [p.detach().clone() for p in module.model.parameters()]
+    t = trainer(3)
+    if surgery:  # the recipe's clip value goes here under manual optimization
+        module.manual_clip = 1e-3
+    else:
+        t.gradient_clip_val = 1e-3
+    t.fit(module, tiny_data())
+    assert module.automatic_optimization is not surgery
+    assert len(plugin.norms) == 3 and min(plugin.norms) > 1e-2  # seen before the 1e-3 clip
+    after = list(module.model.parameters())
+    assert torch.equal(after[0].detach(), before[0])
+    for a, b in zip(after[1:], before[1:], strict=True):
+        moved = float((a.detach() - b).abs().max())
+        assert 0 < moved <= 3 * 0.5 * 1e-3 + 1e-7  # clipped steps: at most lr · clip each
 
 
 def test_pruning_reaches_the_scheduled_sparsity_and_pruned_weights_stay_zero():

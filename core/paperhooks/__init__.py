@@ -15,6 +15,7 @@ recipe order at every point)::
         d = surgery_combine(G) chained; p.grad = d   #      (paperhooks.gradients)
     else:
         backward(Σ_k c_k L_k)                        #    automatic optimization
+    lifecycle_before_optimizer_step()                #    gradients final (reduced over ranks)
     optimizer.step()                                 #    optimizer_build, one owner
     reparam_after_step(); pruning_schedule →         # 8. after the step: reparameterization,
         pruning_scores → pruning_allocate → masks    #    pruning masks,

@@ -17,6 +17,7 @@ STEP_ORDER = (
     ("objweight_coefficients", "6. objective coefficients (one owner)"),
     ("surgery_parameters", "7. gradient surgery: the parameters it acts on (intersection)"),
     ("surgery_combine", "7. gradient surgery (chained; manual optimization)"),
+    ("lifecycle_before_optimizer_step", "7. before the optimizer step (gradients final)"),
     ("optimizer_build", "   optimizer (one owner)"),
     ("reparam_setup", "   set-up: reparameterizations (stacked)"),
     ("lifecycle_setup", "   set-up: lifecycle"),

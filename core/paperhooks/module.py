@@ -208,6 +208,7 @@ class HookedModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         hooks.surgery_gradients(reduced, self)  # 7'. surgery (averages replicated gradients)
+        self._before_optimizer_step()
         if self.manual_clip:
             self.configure_gradient_clipping(opt, self.manual_clip, "norm")
         opt.step()
@@ -254,6 +255,16 @@ class HookedModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.automatic_optimization:  # under surgery the engine averages them itself
             self._average_replicated_grads()
+            self._before_optimizer_step()
+
+    def _before_optimizer_step(self) -> None:
+        """``lifecycle_before_optimizer_step``: the gradients are final, clipping and the step
+        come next (Lightning clips after this hook)."""
+        calls = self.hooks.plugins.calls["lifecycle_before_optimizer_step"]
+        if calls:
+            ctx = self.hooks.ctx
+            for f in calls:
+                f(module=self, ctx=ctx)
 
     def configure_gradient_clipping(
         self,

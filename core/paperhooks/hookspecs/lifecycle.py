@@ -16,6 +16,18 @@ def lifecycle_setup(module: Any, ctx: StepContext) -> None:
 
 
 @hookspec
+def lifecycle_before_optimizer_step(module: Any, ctx: StepContext) -> None:
+    """After backward, before gradient clipping and the optimizer step. Recipe order.
+
+    The gradients in ``p.grad`` are final: averaged over ranks under DDP (and, for
+    plugin-added modules, under FSDP2), combined by gradient surgery under manual
+    optimization. The weights are those the step's forward pass used. A plugin may read
+    the gradients here, or change them in place (the optimizer then steps with the changed
+    gradients, on every rank alike).
+    """
+
+
+@hookspec
 def lifecycle_step_end(module: Any, ctx: StepContext) -> None:
     """After each optimizer step, after reparam and pruning updates. Recipe order."""
 
