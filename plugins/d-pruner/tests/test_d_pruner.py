@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 from paperhooks.context import StepContext
 from paperhooks.module import HookedModule
+from paperhooks.pruning import add_masks, local_weights
 from paperhooks.recipe import load as load_recipe
 from paperhooks.testing import assert_nested_equal, assert_states_close, fit_cli, load_checkpoint
 from paperhooks.testing.conformance import (
@@ -123,11 +124,58 @@ def test_scores_are_the_sum_of_per_batch_increments():
     assert_close(S, expected)
 
 
+def test_training_scores_sum_each_steps_increment_and_the_step_uses_g_tilde():
+    # scores_from: training, 3 SGD steps of a 4-3 Linear model on batches of 2: before each
+    # step S += |g̃θ + (g̃θ)²/2000 + θ³| with θ the weights before the step and g the step's
+    # gradient; the step then moves by −η·g̃. Both recomputed here by hand from a copy.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    ref = nn.Sequential(nn.Linear(4, 3))
+    ref.load_state_dict(model.state_dict())
+    module = HookedModule(model)
+    module.masks = add_masks(model)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    gx = torch.randn(5, 4)
+    plugin = DPruner(DPrunerConfig(scores_from="training", general_size=5, lam=1e5, lr=1.0))
+    plugin.attach(
+        {"input": gx, "target": torch.zeros(5, dtype=torch.long)}, {"input": x, "target": y}
+    )
+    with pytest.raises(ValueError, match="scores_from 'training'.*before any"):
+        plugin.pruning_scores(
+            params=local_weights(model, module.masks), module=module, ctx=StepContext()
+        )
+    G = general_importance(ref[0].weight.detach(), gx.double().T @ gx.double(), 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = torch.zeros(3, 4, dtype=torch.float64)
+    for b in range(3):
+        xb, yb = x[2 * b : 2 * b + 2], y[2 * b : 2 * b + 2]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        plugin.lifecycle_before_optimizer_step(module=module, ctx=StepContext())
+        opt.step()
+        W, bias = ref[0].weight, ref[0].bias
+        g, gb = torch.autograd.grad(nn.functional.cross_entropy(ref(xb), yb), (W, bias))
+        gt = g.double() + 1e5 * 2 * 1.0 * G * g.double() ** 2 / 1000
+        th = W.detach().double()
+        expected += (gt * th + (gt * th) ** 2 / 2000 + th**3).abs()
+        with torch.no_grad():  # the plugin's step: g̃ for the weight, g for the bias
+            W -= 0.1 * gt.float()
+            bias -= 0.1 * gb
+        assert_close(local_weights(model, module.masks)["0"], W.detach())
+    S = plugin.pruning_scores(
+        params=local_weights(model, module.masks), module=module, ctx=StepContext()
+    )
+    assert_close(plugin.last_general["0"], G)
+    assert_close(S["0"], expected)
+    assert plugin.state_dict()["steps"] == 3
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kwargs, field in (
         ({"lam": -1.0}, "lam"),
         ({"batch_size": 0}, "batch_size"),
         ({"general_classes": ["a"]}, "general_classes"),
+        ({"scores_from": "train"}, "scores_from"),
     ):
         with pytest.raises(ValueError, match=f"DPrunerConfig.{field}"):
             DPrunerConfig(**kwargs)
@@ -140,9 +188,9 @@ def test_recipe_file_validates():
 
 
 # -- in fits ----------------------------------------------------------------------------------------------
-def _raw(tmp_path: Path, name: str, **trainer):
+def _raw(tmp_path: Path, name: str, scores_from: str = "calibration", **trainer):
     return tiny_recipe(
-        [SCHEDULE, {"name": "d-pruner", **CAL}],
+        [SCHEDULE, {"name": "d-pruner", **CAL, "scores_from": scores_from}],
         run_dir=tmp_path / "runs",
         name=name,
         trainer={"max_steps": 12, "limit_val_batches": 0, **trainer},
@@ -153,8 +201,10 @@ def _masks(sd):
     return {k: v for k, v in sd.items() if k.endswith(".mask")}
 
 
-def test_exact_sparsity_zeros_and_bit_identical_resume_mid_schedule(tmp_path):
-    raw = _raw(tmp_path, "full", checkpoint_every_n_steps=5)
+@pytest.mark.parametrize("scores_from", ["calibration", "training"])
+def test_exact_sparsity_zeros_and_bit_identical_resume_mid_schedule(tmp_path, scores_from):
+    # training: G, the running S and its step count are in the checkpoint (resume at step 5)
+    raw = _raw(tmp_path, "full", scores_from, checkpoint_every_n_steps=5)
     full, _ = _fit(raw)
     end, mid = load_checkpoint(full.run_dir), load_checkpoint(full.run_dir, "step5.ckpt")
     for sd, s in ((mid["state_dict"], 0.6 * (1 - (1 - 2 / 8) ** 3)), (end["state_dict"], 0.6)):
@@ -172,15 +222,21 @@ def test_exact_sparsity_zeros_and_bit_identical_resume_mid_schedule(tmp_path):
     assert_states_close(end["state_dict"], again["state_dict"], atol=0)
     assert_nested_equal(end["optimizer_states"], again["optimizer_states"], "optimizer_states")
     assert_nested_equal(end["paperhooks"]["sparsity"], again["paperhooks"]["sparsity"], "sparsity")
+    assert_nested_equal(end["paperhooks"]["plugins"], again["paperhooks"]["plugins"], "plugins")
+    if scores_from == "training":
+        (state,) = [p["state"] for p in mid["paperhooks"]["plugins"] if p["name"] == "d-pruner"]
+        assert state["steps"] == 5 and set(state["scores"]) == set(state["general"])
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_with_identical_masks(tmp_path):
+@pytest.mark.parametrize("scores_from", ["calibration", "training"])
+def test_two_processes_equal_one_with_identical_masks(tmp_path, scores_from):
     # SGD (the kit's optimizer): calibration statistics summed over ranks (whole batches per
     # rank), so both ranks hold one process's S and masks. Adam would amplify float noise on
     # parameters whose true gradient is ~0 (see the card); SGD does not, so 1e-6 holds.
+    # training: the hook sees the gradients DDP averaged, so both ranks add the same increments
     raw = tiny_recipe(
-        [SCHEDULE, {"name": "d-pruner", **CAL}],
+        [SCHEDULE, {"name": "d-pruner", **CAL, "scores_from": scores_from}],
         run_dir=tmp_path / "runs",
         trainer={"limit_val_batches": 0},
         batch_size=64,

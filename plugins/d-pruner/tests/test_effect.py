@@ -130,3 +130,80 @@ def _model_dense(seed: int) -> nn.Sequential:
     model = _net()
     model.load_state_dict(_trained(seed))
     return model
+
+
+# -- scores_from: training, the authors' procedure -------------------------------------------------
+#: the domain fine-tuning of lomo.py scaled to the toy: SGD at η = 0.03 (the code's lr), batch 8,
+#: 5 epochs, clip-grad-norm 1.0, on the training digits 5-9 the general model never saw
+FT_EPOCHS, FT_BATCH, FT_LR = 5, 8, 0.03
+
+
+@functools.cache
+def fine_tuned(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fine-tuned weights, S) after the domain fine-tuning with D-Pruner's hook before each step."""
+    model = _model_dense(seed)
+    module = HookedModule(model)
+    module.masks = pruning.add_masks(model)  # all kept, as the pruning family sets up in a fit
+    plugin = DPruner(DPrunerConfig(scores_from="training"))
+    x, y, _, _ = _digits()
+    domain = (y >= 5) & ~_seen()
+    plugin.attach({"input": x[y < 5], "target": y[y < 5]}, {"input": x[:0], "target": y[:0]})
+    xd, yd = x[domain], y[domain]
+    opt = torch.optim.SGD(model.parameters(), lr=FT_LR)
+    order = torch.Generator().manual_seed(seed)
+    ctx = StepContext(seed=seed)
+    for _ in range(FT_EPOCHS):
+        perm = torch.randperm(len(yd), generator=order)
+        for i in range(0, len(yd), FT_BATCH):
+            b = perm[i : i + FT_BATCH]
+            opt.zero_grad()
+            F.cross_entropy(model(xd[b]), yd[b]).backward()
+            plugin.lifecycle_before_optimizer_step(module=module, ctx=ctx)  # S += ..., g ← g̃
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # after the hook, as in fits
+            opt.step()
+    params = pruning.local_weights(model, module.masks)
+    S = plugin.pruning_scores(params=params, module=module, ctx=ctx)
+    return {k: v.clone() for k, v in model.state_dict().items()}, S
+
+
+def pruned_after_fine_tuning(seed: int, sparsity: float, criterion: str) -> tuple[float, float]:
+    """(domain, general) accuracy of the fine-tuned model pruned to ``sparsity`` per layer by
+    ``criterion``: ``d-pruner`` (S) or ``magnitude`` (|W| of the same weights)."""
+    state, S = fine_tuned(seed)
+    model = _net()
+    masks = pruning.add_masks(model)
+    model.load_state_dict(state)  # the fine-tuned weights, every mask still all-kept
+    params = pruning.local_weights(model, masks)
+    scores = S if criterion == "d-pruner" else pruning.magnitude_scores(params)
+    pruning.set_masks(model, masks, pruning.uniform_allocation(scores, sparsity))
+    return _accs(model)
+
+
+def test_with_scores_from_training_the_domain_is_kept_better_than_by_magnitude():
+    """The authors' procedure: S summed over the domain fine-tuning (``scores_from: training``),
+    against magnitude pruning of the same fine-tuned weights, per layer, no retraining.
+    Measured on this machine (seeds 0-5; the card has seeds 0-9), domain accuracy D-Pruner −
+    magnitude: at 50% +0.020 (behind on 1 seed), at 60% +0.037 (behind on none); general
+    accuracy at 50%: 0.672 vs 0.650. At 60% and above D-Pruner keeps less of the general
+    digits than magnitude (see the card), which this test does not cover."""
+    seeds = range(6)
+    gains, general = {}, []
+    for sparsity in (0.5, 0.6):
+        rows = [
+            (
+                pruned_after_fine_tuning(s, sparsity, "d-pruner"),
+                pruned_after_fine_tuning(s, sparsity, "magnitude"),
+            )
+            for s in seeds
+        ]
+        gains[sparsity] = [a[0] - b[0] for a, b in rows]
+        if sparsity == 0.5:
+            general = [a[1] - b[1] for a, b in rows]
+        print(sparsity, [(round(a[0], 3), round(b[0], 3)) for a, b in rows])
+    for sparsity, g in gains.items():
+        assert sum(g) / len(g) > 0, (sparsity, g)
+        assert sum(x < 0 for x in g) <= 1, (sparsity, g)  # behind on one seed at most
+    both = gains[0.5] + gains[0.6]
+    assert sum(both) / len(both) >= 0.015, both
+    # at the code's ~half sparsity the general digits are not paid for it
+    assert sum(general) / len(general) >= -0.02, general

@@ -53,6 +53,14 @@ class DPrunerConfig:
     :ivar percdamp: damping of H (0.01, SparseGPT's).
     :ivar per_layer: prune each weight matrix at the asked sparsity (the code's per-matrix
         52nd percentile); ``false`` leaves the allocation to the core or a plugin.
+    :ivar scores_from: where the domain gradients of S come from. ``training`` is the code's
+        procedure: the fit itself is the domain fine-tuning; before every optimizer step
+        (``lifecycle_before_optimizer_step``) g̃ is formed from the step's gradient, S grows
+        by one increment, and the step uses g̃, as ``LOMO.fuse_update_zero3`` does; G is
+        measured once, on the weights of the first step. The fit's data must then be the
+        domain, and the schedule must prune after some steps. ``calibration`` sums S over
+        the domain calibration batches at the moment the schedule asks for masks, with no
+        training in between.
     """
 
     general_classes: tuple[int, ...] = ()
@@ -64,8 +72,14 @@ class DPrunerConfig:
     lr: float = 0.03
     percdamp: float = 0.01
     per_layer: bool = True
+    scores_from: str = "calibration"
 
     def __post_init__(self) -> None:
+        if self.scores_from not in ("calibration", "training"):
+            raise ValueError(
+                "DPrunerConfig.scores_from must be 'calibration' or 'training', "
+                f"got {self.scores_from!r}"
+            )
         _classes("general_classes", self.general_classes)
         _classes("domain_classes", self.domain_classes)
         for key in ("general_size", "domain_size", "batch_size"):
@@ -97,10 +111,18 @@ class DPruner(Plugin):
        prunable weight, refines it to g̃ = g + 2λη²·G ⊙ g²/1000 and adds
        |g̃θ + (g̃θ)²/2000 + θ³| to S.
 
+    With ``scores_from: training`` (the authors' procedure, ``lomo.py``), step 2 runs during
+    the fit instead: the fit is the domain fine-tuning, and before every optimizer step the
+    step's own gradient g (of the weights before the step) gives g̃ and one increment of S;
+    the step then uses g̃. G is measured once, at the first step. ``pruning_scores`` returns
+    the S summed so far.
+
     Many processes: each rank takes every W-th batch of both calibration sets (whole batches,
     so S's increments are those of one process), and H, the row count and S are summed over
     ranks with ``dist.sum_over_ranks``; every rank then holds the same S and selects the same
-    masks. The model is in eval mode while it calibrates.
+    masks. With ``scores_from: training`` the gradients are already averaged over ranks
+    before the hook, so every rank adds the same increment. The model is in eval mode while
+    it calibrates.
     """
 
     Config = DPrunerConfig
@@ -126,7 +148,9 @@ class DPruner(Plugin):
         checked_against=(
             "shared/papers/resolved.md #33, from compressionOrg/D-Pruner @b3d5a7e: code/general.py (H, damping, "
             "G = W²/U_jj²), code/src/lomo.py (g̃ with λ = 0.1, S increment), code/save_model.py (per-matrix "
-            "threshold); the paper's text could not be read (re-checked in session 6: the stored arXiv HTML "
+            "threshold); code/src/lomo.py @ab87dd1 read directly for scores_from: training (all-reduce, g̃, S "
+            "with the weights before the update, clip, update by g̃); the paper's text could not be read "
+            "(re-checked in session 6: the stored arXiv HTML "
             "copy returns its opening only, other mirrors give the abstract only)"
         ),
         verified=False,
@@ -150,6 +174,27 @@ class DPruner(Plugin):
         #: the last G and S computed (layer → tensor), for inspection
         self.last_general: dict[str, torch.Tensor] = {}
         self.last_scores: dict[str, torch.Tensor] = {}
+        #: ``scores_from: training``: G (measured at the first step), S and the steps it sums
+        self._G: dict[str, torch.Tensor] = {}
+        self._S: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """``scores_from: training``: G, the running S and its step count (float64, CPU)."""
+        if self.config.scores_from != "training":
+            return {}
+        return {
+            "steps": self._steps,
+            "general": {k: v.detach().cpu().clone() for k, v in self._G.items()},
+            "scores": {k: v.detach().cpu().clone() for k, v in self._S.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        self._steps = int(state["steps"])
+        self._G = {k: v.clone() for k, v in state["general"].items()}
+        self._S = {k: v.clone() for k, v in state["scores"].items()}
 
     def attach(
         self, general: Mapping[str, torch.Tensor], domain: Mapping[str, torch.Tensor]
@@ -186,15 +231,67 @@ class DPruner(Plugin):
         return [{k: v[i : i + b].to(device) for k, v in rows.items()} for i in starts]
 
     @hookimpl
+    def lifecycle_before_optimizer_step(self, module: Any, ctx: StepContext) -> None:
+        """``scores_from: training``: S += |g̃θ + (g̃θ)²/2000 + θ³| with the step's gradient
+        (averaged over ranks, not yet clipped) and the weights before the step, then the
+        gradient is replaced by g̃ (``lomo.py``: the increment and the update both use g̃,
+        the clipping comes after)."""
+        if self.config.scores_from != "training":
+            return
+        if pruning.sharded_run(ctx):
+            raise ValueError(
+                "d-pruner: FSDP2 is not supported (the criterion needs whole weights and its own passes)"
+            )
+        masks = getattr(module, "masks", None) or {}
+        layers = pruning.prunable(module.model)
+        params = pruning.local_weights(module.model, masks)
+        names = [k for k in params if k in layers]
+        device = next(iter(params.values())).device
+        if not self._G:  # G of the weights the domain training starts from (general.py first)
+            general, _ = self._sets(module)
+            was = module.model.training
+            module.model.eval()
+            try:
+                self._G = self._general(module, layers, names, params, general, device)
+            finally:
+                module.model.train(was)
+            self._S = {
+                k: torch.zeros(params[k].shape, dtype=torch.float64, device=device) for k in names
+            }
+        c = self.config
+        for k in names:
+            grad = _weight_param(layers[k]).grad
+            if grad is None:
+                continue
+            theta = params[k].detach().to(torch.float64)
+            g = F.refined_gradient(grad.to(torch.float64), self._G[k].to(device), c.lam, c.lr)
+            self._S[k] = self._S[k].to(device) + F.dual_importance_increment(g, theta)
+            grad.copy_(g.to(grad.dtype))
+        self._steps += 1
+
+    @hookimpl
     def pruning_scores(
         self, params: Mapping[str, torch.Tensor], module: Any, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
-        """S per prunable weight (float64), from the two calibration sets; see the class docstring."""
+        """S per prunable weight (float64): from the two calibration sets, or (``scores_from:
+        training``) the sum over the training steps so far; see the class docstring."""
         if pruning.sharded_run(ctx):
             raise ValueError(
                 "d-pruner: FSDP2 is not supported (the criterion needs whole weights and its own passes)"
             )
         c = self.config
+        if c.scores_from == "training":
+            if self._steps == 0:
+                raise ValueError(
+                    f"d-pruner: scores_from 'training' sums S over training steps, and the "
+                    f"pruning schedule asked for masks at step {ctx.step}, before any: prune "
+                    "later in the fit (e.g. one-shot-pruning step: N > 0, or gradual-pruning "
+                    "begin_step > 0), or set scores_from: calibration"
+                )
+            device = next(iter(params.values())).device
+            S = {k: v.to(device).clone() for k, v in self._S.items() if k in params}
+            self.last_general, self.last_scores = dict(self._G), S
+            return S
         layers = pruning.prunable(module.model)
         names = [k for k in params if k in layers]
         device = next(iter(params.values())).device
