@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -178,6 +179,7 @@ class DPruner(Plugin):
         self._G: dict[str, torch.Tensor] = {}
         self._S: dict[str, torch.Tensor] = {}
         self._steps = 0
+        self._layers: dict[str, nn.Module] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """``scores_from: training``: G, the running S and its step count (float64, CPU)."""
@@ -242,19 +244,17 @@ class DPruner(Plugin):
             raise ValueError(
                 "d-pruner: FSDP2 is not supported (the criterion needs whole weights and its own passes)"
             )
-        masks = getattr(module, "masks", None) or {}
-        layers = pruning.prunable(module.model)
-        params = pruning.local_weights(module.model, masks)
-        names = [k for k in params if k in layers]
+        if self._layers is None:  # the masked layers: looked up once, not walked every step
+            every = pruning.prunable(module.model)
+            self._layers = {k: every[k] for k in (getattr(module, "masks", None) or {})}
+        layers = self._layers
+        params = {k: layer.weight for k, layer in layers.items()}  # effective: original ⊙ mask
+        names = list(params)
         device = next(iter(params.values())).device
         if not self._G:  # G of the weights the domain training starts from (general.py first)
             general, _ = self._sets(module)
-            was = module.model.training
-            module.model.eval()
-            try:
+            with _eval_mode(module.model):
                 self._G = self._general(module, layers, names, params, general, device)
-            finally:
-                module.model.train(was)
             self._S = {
                 k: torch.zeros(params[k].shape, dtype=torch.float64, device=device) for k in names
             }
@@ -296,9 +296,7 @@ class DPruner(Plugin):
         names = [k for k in params if k in layers]
         device = next(iter(params.values())).device
         general, domain = self._sets(module)
-        was = module.model.training
-        module.model.eval()
-        try:
+        with _eval_mode(module.model):
             G = self._general(module, layers, names, params, general, device)
             S = {k: torch.zeros(params[k].shape, dtype=torch.float64, device=device) for k in names}
             weights = [_weight_param(layers[k]) for k in names]
@@ -313,8 +311,6 @@ class DPruner(Plugin):
                         F.refined_gradient(g, G[k], c.lam, c.lr), theta
                     )
             S = dist.sum_over_ranks(S)
-        finally:
-            module.model.train(was)
         self.last_general, self.last_scores = G, S
         return S
 
@@ -383,6 +379,17 @@ class DPruner(Plugin):
         if not self.config.per_layer:
             return None
         return pruning.uniform_allocation(scores, sparsity, sharded=pruning.sharded_run(ctx))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode while it calibrates, its previous mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def _weight_param(layer: nn.Module) -> torch.Tensor:
