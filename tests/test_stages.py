@@ -120,8 +120,15 @@ def test_resume_between_and_inside_stages_is_bit_identical(recipe, stage, ckpt):
 def test_stage_errors_name_the_stage(recipe, tmp_path):
     with pytest.raises(RecipeError, match=r"stages\[1\] \(retrain\): optimizer: lr must be > 0"):
         R.load(recipe, ["stages.1.optimizer.lr=-1"])
-    with pytest.raises(RecipeError, match=r"stages\[1\] \(retrain\): unknown keys \['data'\]"):
-        R.load(recipe, ["stages.1.data={name: digits}"])
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(retrain\): unknown keys \['dataset'\]"):
+        R.load(recipe, ["stages.1.dataset={name: digits}"])
+    for key, value in (("name", "regression"), ("val_fraction", 0.5)):
+        with pytest.raises(
+            RecipeError, match=rf"stages\[1\] \(retrain\): data.{key} cannot change"
+        ):
+            R.load(recipe, [f"stages.1.data={{{key}: {value}}}"])
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(retrain\): data: .*train_classes"):
+        R.load(recipe, ["stages.1.data={train_classes: [11]}"])
     with pytest.raises(RecipeError, match=r"stages\[0\] \(prune\): .*no-such-plugin"):
         R.load(recipe, ["stages.0.plugins=[{name: no-such-plugin}]"])
     with pytest.raises(RecipeError, match="must be unique"):
@@ -130,6 +137,22 @@ def test_stage_errors_name_the_stage(recipe, tmp_path):
         R.load(recipe, ["trainer.strategy=fsdp2", "trainer.devices=2"])
     with pytest.raises(RecipeError, match="resumes from a checkpoint under RUN/stages"):
         fit(R.load(recipe), resume=str(tmp_path / "x.ckpt"))
+
+
+def test_a_stage_may_train_on_other_classes_of_the_one_split(recipe):
+    """``data`` merges like the other sections: stage 1 trains on digit 3 only, on rows of the
+    recipe's split; a stage whose data changes the model's input is refused by name."""
+    built, _ = fit(R.load(recipe, ["stages.1.data={train_classes: [3], batch_size: 8}"]))
+    dm = built.datamodule
+    assert set(dm.train_set.tensors["target"].tolist()) == {3}
+    assert dm.batch_size == 8
+    first = R.load(recipe).stages[0][1]
+    from paperhooks.tasks import build_datamodule
+
+    whole = build_datamodule("digits", first.data.config, first.seed)
+    assert torch.equal(dm.val_set.tensors["input"], whole.val_set.tensors["input"])
+    with pytest.raises(RecipeError, match="does not take the weights the stage before passed on"):
+        fit(R.load(recipe, ["stages.1.data={image_size: 4}", "name=shape"]))
 
 
 @pytest.mark.slow

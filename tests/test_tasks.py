@@ -193,6 +193,51 @@ def test_imbalance_and_duplicates() -> None:
     assert copies.min() >= 0 and copies.max() <= 1
 
 
+def test_train_classes_keep_the_split_and_leave_the_other_digits_for_calibration() -> None:
+    full = build_datamodule("digits", {}, seed=3)
+    dm = build_datamodule("digits", {"train_classes": [5, 7]}, seed=3)
+    t, ft = dm.train_set.tensors, full.train_set.tensors
+    keep = (ft["target"] == 5) | (ft["target"] == 7)
+    assert torch.equal(t["input"], ft["input"][keep])  # the same rows, in the same order
+    assert torch.equal(t["target"], ft["target"][keep])
+    assert len(dm.redundant) == len(dm.train_set)
+    assert torch.equal(dm.val_set.tensors["input"], full.val_set.tensors["input"])  # every digit
+    pool = dm.calibration_set.tensors  # the training split, the other digits included
+    assert torch.equal(pool["input"], ft["input"]) and torch.equal(pool["target"], ft["target"])
+    assert dm.info.train_classes == (5, 7) and full.info.train_classes == ()
+    assert full.calibration_set is full.train_set
+    for bad in ([10], [1, 1], [-1]):
+        with pytest.raises(ValueError, match="train_classes"):
+            build_datamodule("digits", {"train_classes": bad}, seed=0)
+
+
+def test_validation_accuracy_on_the_trained_and_the_other_classes_hand_counted(tmp_path) -> None:
+    """A model that always answers 1: digits 0 and 1 are trained (train_classes), so the
+    trained-class accuracy is n₁ / (n₀ + n₁), the other classes' 0, val/acc n₁ / n."""
+    from paperhooks import recipe as R
+    from paperhooks.run import build
+
+    raw = {
+        "name": "split-acc",
+        "model": {"name": "linear"},
+        "data": {"name": "digits", "train_classes": [0, 1], "batch_size": 32},
+        "trainer": {"max_steps": 1, "enable_progress_bar": False},
+        "run_dir": str(tmp_path),
+    }
+    built = build(R.validate(raw))
+    with torch.no_grad():
+        layer = next(m for m in built.module.model.modules() if isinstance(m, torch.nn.Linear))
+        layer.weight.zero_()
+        layer.bias.copy_(torch.nn.functional.one_hot(torch.tensor(1), 10).float())
+    built.trainer.validate(built.module, datamodule=built.datamodule, verbose=False)
+    y = built.datamodule.val_set.tensors["target"]
+    n0, n1 = int((y == 0).sum()), int((y == 1).sum())
+    got = {k: float(v) for k, v in built.trainer.callback_metrics.items()}
+    assert got["val/acc_train_classes"] == pytest.approx(n1 / (n0 + n1))
+    assert got["val/acc_other_classes"] == 0.0
+    assert got["val/acc"] == pytest.approx(n1 / len(y))
+
+
 def test_groups_correlate_with_labels() -> None:
     dm = build_datamodule("digits", {"groups": 3, "group_majority": 0.9}, seed=0)
     for ds in (dm.train_set, dm.val_set):

@@ -115,7 +115,9 @@ def build_module(recipe: Recipe, info: Any, data_sizes: tuple[int, int] = (0, 0)
         raise RecipeError(
             f"objective: only preference data takes objective settings; data {recipe.data.name!r} is {info.task}"
         )
-    return TaskModule(model, info.task, info.num_classes, **common)
+    return TaskModule(
+        model, info.task, info.num_classes, train_classes=info.train_classes, **common
+    )
 
 
 def build(recipe: Recipe, run_dir: Path | None = None, split_seed: int | None = None) -> Built:

@@ -1,8 +1,10 @@
 """Multi-stage recipes: several Lightning fits in a row, state passed from one to the next.
 
 A recipe may declare ``stages``; each is a fit of the recipe with the stage's sections
-merged over it (``trainer``, ``optimizer``, ``objective``, ``seed`` deep-merged; ``plugins``
-replaced)::
+merged over it (``trainer``, ``optimizer``, ``objective``, ``data``, ``seed`` deep-merged;
+``plugins`` replaced). A stage's ``data`` may change what the fit trains on (digits'
+``train_classes``, the batch size, label noise...) but not the dataset (``name``) or the
+train/validation split (``val_fraction``)::
 
     stages:
       - {name: prune, trainer: {max_steps: 200}, plugins: [{name: gradual-pruning, final_sparsity: 0.9}]}
@@ -50,9 +52,21 @@ import torch
 
 from paperhooks.errors import RecipeError
 
-STAGE_KEYS = {"name", "trainer", "optimizer", "objective", "seed", "plugins", "ingredients", "soup"}
+STAGE_KEYS = {
+    "name",
+    "trainer",
+    "optimizer",
+    "objective",
+    "data",
+    "seed",
+    "plugins",
+    "ingredients",
+    "soup",
+}
 INGREDIENT_KEYS = {"trainer", "optimizer", "objective", "seed", "plugins"}
-_MERGED = ("trainer", "optimizer", "objective")
+_MERGED = ("trainer", "optimizer", "objective", "data")
+#: data keys every stage shares: one dataset, one train/validation split
+_FIXED_DATA = ("name", "val_fraction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +128,15 @@ def stage_raws(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if unknown:
             raise RecipeError(
                 f"stages[{i}] ({name}): unknown keys {sorted(unknown)}; a stage may set {', '.join(sorted(STAGE_KEYS))}"
+            )
+        fixed = [
+            k for k in _FIXED_DATA if isinstance(stage.get("data"), dict) and k in stage["data"]
+        ]
+        if fixed:
+            raise RecipeError(
+                f"stages[{i}] ({name}): data.{fixed[0]} cannot change between stages: every stage trains on "
+                "the recipe's dataset and its one train/validation split; a stage may set the other data "
+                "keys (e.g. train_classes, batch_size)"
             )
         merged = _merge(base, stage, f"stages[{i}]")
         merged["name"] = f"{base.get('name', 'run')}-{name}"
@@ -192,7 +215,13 @@ def start_from(module: Any, carried: Carried | None) -> None:
     from paperhooks import pruning
 
     if carried is not None:
-        module.model.load_state_dict(carried.weights)
+        try:
+            module.model.load_state_dict(carried.weights)
+        except RuntimeError as e:
+            raise RecipeError(
+                "stages: this stage's model does not take the weights the stage before passed on "
+                f"(does its data change the input shape or the number of classes?): {e}"
+            ) from None
         if getattr(module, "reference_model", None) is not None:
             module.reference_model.load_state_dict(carried.weights)
     module.configure_model()

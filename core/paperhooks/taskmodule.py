@@ -17,13 +17,23 @@ class TaskModule(HookedModule):
     """Classification (cross-entropy, accuracy) or regression (squared error, MSE).
 
     Logs ``train/acc`` and, when labels were corrupted, ``train/clean_acc`` (accuracy
-    against the clean labels); ``val/acc`` or ``val/mse``; plus the metrics plugins add.
-    All metrics are torchmetrics metrics, reduced across ranks by torchmetrics.
+    against the clean labels); ``val/acc`` or ``val/mse``; when the fit trains on some classes
+    only (``train_classes``), ``val/acc_train_classes`` and ``val/acc_other_classes`` too;
+    plus the metrics plugins add. All metrics are torchmetrics metrics, reduced across ranks
+    by torchmetrics.
     """
 
-    def __init__(self, model: nn.Module, task: str, num_classes: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        num_classes: int,
+        train_classes: tuple[int, ...] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model, **kwargs)
         self.task = task
+        self.train_classes = tuple(train_classes)
         if task == "classification":
 
             def acc() -> torchmetrics.Metric:
@@ -32,6 +42,10 @@ class TaskModule(HookedModule):
                 )
 
             self.train_acc, self.train_clean_acc, self.val_acc = acc(), acc(), acc()
+            if not 0 < len(self.train_classes) < num_classes:
+                self.train_classes = ()  # every class (or none): val/acc says it all
+            if self.train_classes:
+                self.val_acc_train_classes, self.val_acc_other_classes = acc(), acc()
         else:
             self.val_mse = torchmetrics.MeanSquaredError()
 
@@ -68,6 +82,17 @@ class TaskModule(HookedModule):
         if self.task == "classification":
             self.val_acc(outputs["logits"], batch["target"])
             self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+            if self.train_classes:
+                seen = torch.isin(
+                    batch["target"], torch.tensor(self.train_classes, device=batch["target"].device)
+                )
+                for metric, rows, name in (
+                    (self.val_acc_train_classes, seen, "val/acc_train_classes"),
+                    (self.val_acc_other_classes, ~seen, "val/acc_other_classes"),
+                ):
+                    if rows.any():  # torchmetrics cannot take 0 rows; its sums stay as they are
+                        metric.update(outputs["logits"][rows], batch["target"][rows])
+                    self.log(name, metric, on_epoch=True)
         else:
             self.val_mse(outputs["prediction"], batch["target"])
             self.log("val/mse", self.val_mse, on_epoch=True, prog_bar=True)

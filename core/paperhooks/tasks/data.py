@@ -75,6 +75,12 @@ class DigitsConfig:
     label_noise: LabelNoise = field(default_factory=LabelNoise)
     groups: int = 0
     group_majority: float = 0.9
+    #: train on these digits only (empty: all ten). The validation split keeps every digit,
+    #: and ``val/acc_train_classes`` / ``val/acc_other_classes`` are logged beside ``val/acc``;
+    #: the training split's other digits stay available as ``datamodule.calibration_set``
+    #: (a general calibration set for criteria such as d-pruner's). Stages may change it,
+    #: e.g. a general stage on 0-4, then a domain stage on 5-9 (same split, same seed).
+    train_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_field(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
@@ -85,6 +91,13 @@ class DigitsConfig:
         check_field(self.groups >= 0, "groups", ">= 0 (0 = no groups)", self.groups)
         check_field(
             0 <= self.group_majority <= 1, "group_majority", "in [0, 1]", self.group_majority
+        )
+        check_field(
+            all(0 <= c <= 9 for c in self.train_classes)
+            and len(set(self.train_classes)) == len(self.train_classes),
+            "train_classes",
+            "distinct digits in 0-9 (empty: all)",
+            list(self.train_classes),
         )
 
 
@@ -179,6 +192,11 @@ def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
     if config.imbalance != 1.0:
         keep = _subsample_imbalanced(yt, config.imbalance, c, generator(seed, "digits.imbalance"))
         xt, yt = xt[keep], yt[keep]
+    pool = None
+    if config.train_classes:  # the rows of the other digits stay out of training only
+        pool = DictDataset({"input": xt, "target": yt})
+        keep = torch.isin(yt, torch.tensor(config.train_classes))
+        xt, yt = xt[keep], yt[keep]
     redundant = torch.zeros(len(yt), dtype=torch.bool)
     dup = config.duplicates
     n_dup = round(dup.fraction * len(yt)) if dup.copies else 0
@@ -201,7 +219,9 @@ def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
         val["group"] = _groups(
             yv, config.groups, config.group_majority, generator(seed, "digits.groups.val")
         )
-    info = DataInfo("classification", c, tuple(xt.shape[1:]))
+    info = DataInfo(
+        "classification", c, tuple(xt.shape[1:]), train_classes=tuple(config.train_classes)
+    )
     return PaperhooksDataModule(
         info,
         DictDataset(train),
@@ -210,6 +230,7 @@ def build_digits(config: DigitsConfig, seed: int) -> PaperhooksDataModule:
         seed,
         config.num_workers,
         redundant,
+        calibration_set=pool,
     )
 
 

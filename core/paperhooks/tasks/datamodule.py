@@ -22,6 +22,9 @@ class PaperhooksDataModule(pl.LightningDataModule):
         info: what the model needs (task, classes, per-sample input shape).
         train_set, val_set: the datasets, as built from the seed.
         redundant: bool mask over ``train_set``: the redundant (repeated) samples.
+        calibration_set: rows a criterion may calibrate on (``input``, ``target``): the
+            training split before a class filter (digits' ``train_classes``) left rows out,
+            so it holds the classes the fit does not train on; ``train_set`` otherwise.
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class PaperhooksDataModule(pl.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         redundant: torch.Tensor | None = None,
+        calibration_set: DictDataset | None = None,
     ) -> None:
         super().__init__()
         self.info = info
@@ -44,6 +48,7 @@ class PaperhooksDataModule(pl.LightningDataModule):
         self.redundant = (
             redundant if redundant is not None else torch.zeros(len(train_set), dtype=torch.bool)
         )
+        self.calibration_set = calibration_set if calibration_set is not None else train_set
 
     def per_process_batch_size(self) -> int:
         """``batch_size // world_size``; raises if the global batch does not split evenly."""

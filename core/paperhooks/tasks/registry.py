@@ -32,6 +32,9 @@ class DataInfo:
     #: task-specific sizes: for ``preference`` data ``vocab_size`` and ``max_length`` (causal
     #: LM) or ``prompts`` and ``responses`` (tabular policy)
     sizes: tuple[tuple[str, int], ...] = dataclasses.field(default=(), kw_only=True)
+    #: classification trained on a subset of the classes (empty: all); the task module then
+    #: reports validation accuracy on these classes and on the others apart
+    train_classes: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)
 
     def size(self, key: str) -> int:
         """One of :attr:`sizes` by name (raises naming the available ones)."""

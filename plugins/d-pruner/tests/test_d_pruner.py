@@ -185,6 +185,53 @@ def test_recipe_file_validates():
     recipe = load_recipe(RECIPE)
     assert [name for name, _ in recipe.stages] == ["general", "domain"]
     assert [p.name for p in recipe.stages[1][1].plugins] == ["one-shot-pruning", "d-pruner"]
+    training = load_recipe(RECIPE.with_name("d-pruner-training.yaml"))
+    general, domain = (stage for _, stage in training.stages)
+    assert general.data.config.train_classes == (0, 1, 2, 3, 4)
+    assert domain.data.config.train_classes == (5, 6, 7, 8, 9)
+    assert domain.plugins[1].config.scores_from == "training"
+
+
+def test_training_on_the_domain_only_takes_G_from_the_general_digits_it_does_not_train_on(tmp_path):
+    """With data.train_classes = the domain, the fit's batches hold no general digit; G is
+    measured on the training split's digits 0-4 (datamodule.calibration_set), and equals G of
+    those rows computed apart, on the same initial weights."""
+    from paperhooks import recipe as R
+    from paperhooks.run import build
+
+    raw = _raw(tmp_path, "domain-only", "training")
+    raw["data"]["train_classes"] = [5, 6, 7, 8, 9]
+    built = build(R.validate(raw))
+    built.module.configure_model()
+    model = built.module.model
+    dm = built.datamodule
+    assert set(dm.train_set.tensors["target"].tolist()) == {5, 6, 7, 8, 9}
+    pool = dm.calibration_set.tensors
+    alone = DPruner(DPrunerConfig(**CAL))
+    general = pool["target"] < 5
+    alone.attach(
+        {k: pool[k][general] for k in ("input", "target")},
+        {k: pool[k][~general] for k in ("input", "target")},
+    )
+    masks = add_masks(model)
+    module = HookedModule(model)
+    with torch.no_grad():
+        alone.pruning_scores(params=local_weights(model, masks), module=module, ctx=StepContext())
+    empty = DPruner(DPrunerConfig(**CAL))  # a split without digits 0-4: refused, not G of nothing
+    empty.attach(*[{k: pool[k][~general] for k in ("input", "target")}] * 2)
+    with pytest.raises(
+        ValueError, match=r"d-pruner: no calibration row has a class in general_classes \[0, 1"
+    ):
+        empty.pruning_scores(params=local_weights(model, masks), module=module, ctx=StepContext())
+    fitted, _ = _fit(raw)
+    (state,) = [
+        p["state"]
+        for p in load_checkpoint(fitted.run_dir)["paperhooks"]["plugins"]
+        if p["name"] == "d-pruner"
+    ]
+    assert set(state["general"]) == set(alone.last_general)
+    for k, g in alone.last_general.items():
+        assert_close(state["general"][k].to(g.dtype), g, rtol=1e-6, atol=0)
 
 
 # -- in fits ----------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ class DPrunerConfig:
     """Defaults from the authors' code (``general.py``, ``lomo.py``, ``config/args_lomo.yaml``).
 
     :ivar general_classes: the training rows whose target is one of these make the general
-        calibration set (empty: every row). The paper uses C4 as the general set.
+        calibration set (empty: every row). The paper uses C4 as the general set. The rows
+        come from ``datamodule.calibration_set``: the whole training split, also when the
+        fit trains on other classes only (digits' ``train_classes``).
     :ivar domain_classes: likewise for the domain calibration set.
     :ivar general_size: rows of the general set used (``nsamples`` 128).
     :ivar domain_size: rows of the domain set used.
@@ -209,21 +211,28 @@ class DPruner(Plugin):
         if self._rows is not None:
             general, domain = self._rows
         else:
-            rows = module.trainer.datamodule.train_set.tensors
+            dm = module.trainer.datamodule  # the training split, the classes a fit skips included
+            rows = getattr(dm, "calibration_set", dm.train_set).tensors
             general = domain = rows
 
         def pick(
-            rows: Mapping[str, torch.Tensor], classes: tuple[int, ...], n: int
+            rows: Mapping[str, torch.Tensor], classes: tuple[int, ...], n: int, key: str
         ) -> dict[str, torch.Tensor]:
             keep = torch.ones(rows["target"].shape[0], dtype=torch.bool)
             if classes:
                 keep = torch.isin(rows["target"], torch.tensor(list(classes)))
             idx = torch.nonzero(keep).flatten()[:n]
+            if idx.numel() == 0:
+                raise ValueError(
+                    f"d-pruner: no calibration row has a class in {key} {list(classes)} "
+                    "(the rows come from the training split, datamodule.calibration_set)"
+                )
             return {k: rows[k][idx] for k in ("input", "target")}
 
-        return pick(general, c.general_classes, c.general_size), pick(
-            domain, c.domain_classes, c.domain_size
-        )
+        general_rows = pick(general, c.general_classes, c.general_size, "general_classes")
+        if c.scores_from == "training":  # the domain is the fit's own data
+            return general_rows, {}
+        return general_rows, pick(domain, c.domain_classes, c.domain_size, "domain_classes")
 
     def _my_batches(
         self, rows: Mapping[str, torch.Tensor], device: torch.device
