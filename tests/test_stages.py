@@ -157,13 +157,27 @@ def test_a_stage_may_train_on_other_classes_of_the_one_split(recipe):
 
 @pytest.mark.slow
 def test_stages_on_two_processes_equal_one_process(recipe, tmp_path):
-    one = fit_cli(recipe, ["name=one"], cwd=tmp_path)
-    two = fit_cli(recipe, ["name=two", "trainer.devices=2", "trainer.strategy=ddp"], cwd=tmp_path)
+    # the retrain stage trains on digits 3-5 only and validates on all: its split metrics too
+    # (the run's metrics.json is the last stage's)
+    retrain = [
+        "stages.1.data={train_classes: [3, 4, 5]}",
+        "stages.1.trainer={max_steps: 10, checkpoint_every_n_steps: 5, limit_val_batches: 1.0}",
+    ]
+    one = fit_cli(recipe, ["name=one", *retrain], cwd=tmp_path)
+    two = fit_cli(
+        recipe,
+        ["name=two", "trainer.devices=2", "trainer.strategy=ddp", *retrain],
+        cwd=tmp_path,
+    )
     for i, name in enumerate(("prune", "retrain")):
         a, b = _stage(one, i, name)["state_dict"], _stage(two, i, name)["state_dict"]
         assert_states_close(a, b, atol=1e-6, rtol=1e-5)
         for k in _masks(a):
             assert torch.equal(a[k], b[k])
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    for key in ("val/acc", "val/acc_train_classes", "val/acc_other_classes"):
+        assert m1[key] == pytest.approx(m2[key], abs=1e-6), key
+    assert m1["val/acc_train_classes"] > m1["val/acc_other_classes"]
 
 
 SOUP = """
@@ -222,13 +236,28 @@ def test_greedy_soup_keeps_the_best_ingredient_and_never_loses(soup_recipe):
     assert metrics["val/acc"] >= max(accs) - 1e-9
 
 
-def test_resume_inside_an_ingredient_ends_with_the_same_soup(soup_recipe):
-    full, _ = fit(R.load(soup_recipe, ["name=full"]))
+@pytest.mark.parametrize("method", ["uniform", "greedy"])
+def test_resume_inside_an_ingredient_ends_with_the_same_soup(soup_recipe, method):
+    # greedy: the ingredients finished before the resume are ranked by the validation metrics
+    # their earlier fit wrote (ingredient-<j>/metrics.json), read back, not recomputed
+    soup = f"stages.1.soup.method={method}"
+    full, full_metrics = fit(R.load(soup_recipe, ["name=full", soup]))
     ckpt = full.run_dir / "stages" / "1-soup" / "ingredient-1" / "checkpoints" / "step4.ckpt"
-    resumed, _ = fit(R.load(soup_recipe, ["name=resumed"]), resume=str(ckpt))
+    resumed, metrics = fit(R.load(soup_recipe, ["name=resumed", soup]), resume=str(ckpt))
     a = torch.load(full.run_dir / "stages" / "1-soup" / "soup_weights.pt", weights_only=True)
     b = torch.load(resumed.run_dir / "stages" / "1-soup" / "soup_weights.pt", weights_only=True)
     assert_states_close(a, b, atol=0)
+    assert metrics == full_metrics
+    # every fit of a stage leaves its final metrics in its directory (the resumed run holds
+    # the fits it ran: ingredients 1 and 2)
+    for run, fits in (
+        (full, ("0-prune", "1-soup/ingredient-0", "1-soup/ingredient-2")),
+        (resumed, ("1-soup/ingredient-1", "1-soup/ingredient-2")),
+    ):
+        for where in fits:
+            assert "val/acc" in json.loads(
+                (run.run_dir / "stages" / where / "metrics.json").read_text()
+            )
 
 
 def test_batchnorm_recalibration_hand_derived():

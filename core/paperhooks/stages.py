@@ -287,7 +287,10 @@ def _fit_one(
         start_from(built.module, carried)
     kwargs = {"ckpt_path": str(ckpt), "weights_only": True} if ckpt else {}
     built.trainer.fit(built.module, datamodule=built.datamodule, **kwargs)
-    return built, final_metrics(built)
+    metrics = final_metrics(built)
+    if built.trainer.is_global_zero:  # read back when a resume starts after this fit (greedy soups)
+        (where / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return built, metrics
 
 
 def average(states: list[Carried]) -> Carried:
