@@ -124,6 +124,83 @@ def test_export_folds_pruning_masks_into_the_plain_weights(tmp_path, test_plugin
         assert torch.equal(model.eval()(x), built.module.model.eval()(x))
 
 
+STAGED = """\
+name: staged
+seed: 0
+model: {{name: mlp, hidden: [16]}}
+data: {{name: digits, batch_size: 64}}
+optimizer: {{name: sgd, lr: 0.1}}
+trainer: {{max_steps: 4, enable_progress_bar: false, log_every_n_steps: 1}}
+run_dir: {run_dir}
+stages:
+  - {{name: prune, plugins: [{{name: one-shot-pruning, sparsity: 0.5, step: 2}}]}}
+  - {{name: {last}, {body}}}
+"""
+
+
+def _exported(run: Path, out: Path) -> dict[str, torch.Tensor]:
+    assert cli.main(["export", str(run), "--out", str(out)]) == 0
+    return load_file(out / "model.safetensors")
+
+
+def test_a_staged_run_exports_what_its_last_stage_passed_on(tmp_path):
+    """The last stage's final checkpoint; its recipe has no pruning plugin, so the masks it
+    carried are put back from the checkpoint. Each stage's directory exports its own end."""
+    from huggingface_hub import ModelCard
+
+    path = tmp_path / "staged.yaml"
+    path.write_text(STAGED.format(run_dir=tmp_path / "runs", last="retrain", body="plugins: []"))
+    built, _ = fit(R.load(path))
+    run = built.run_dir
+    tensors = _exported(run, tmp_path / "out")
+    ckpt = torch.load(run / "stages/1-retrain/checkpoints/last.ckpt", weights_only=True)
+    sd = ckpt["state_dict"]
+    mask = sd["model.1.parametrizations.weight.0.mask"]
+    assert torch.equal(tensors["1.weight"], sd["model.1.parametrizations.weight.original"] * mask)
+    assert int((~mask).sum()) > 0 and bool((tensors["1.weight"][~mask] == 0).all())
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "| `one-shot-pruning` | pruning | `paperhooks==" in card.text  # a stage's plugin
+    first = _exported(run / "stages" / "0-prune", tmp_path / "first")
+    first_sd = torch.load(run / "stages/0-prune/checkpoints/last.ckpt", weights_only=True)
+    w = first_sd["state_dict"]["model.1.parametrizations.weight.original"]
+    assert torch.equal(
+        first["1.weight"], w * first_sd["state_dict"]["model.1.parametrizations.weight.0.mask"]
+    )
+    assert not torch.equal(first["1.weight"], tensors["1.weight"])  # retraining moved it
+
+    (run / "stages.json").write_text(json.dumps(json.loads((run / "stages.json").read_text())[:1]))
+    with pytest.raises(Exception, match="has not finished its stages .last finished: prune"):
+        from paperhooks.share import export
+
+        export(run, tmp_path / "unfinished")
+
+
+def test_a_soup_stage_exports_its_soup(tmp_path):
+    path = tmp_path / "soup.yaml"
+    body = "ingredients: [{seed: 1}, {seed: 2}], soup: {method: uniform, recalibrate_bn: false}"
+    path.write_text(STAGED.format(run_dir=tmp_path / "runs", last="soup", body=body))
+    built, _ = fit(R.load(path))
+    stage = built.run_dir / "stages" / "1-soup"
+    soup = torch.load(stage / "soup_weights.pt", weights_only=True)
+    masks = torch.load(stage / "soup_masks.pt", weights_only=True)
+    tensors = _exported(built.run_dir, tmp_path / "out")
+    assert set(tensors) == set(soup) and set(masks) == {"1", "3"}  # plain weights, both masked
+    for layer in ("1", "3"):
+        w = tensors[f"{layer}.weight"]
+        assert torch.equal(w, soup[f"{layer}.weight"]) and bool((w[~masks[layer]] == 0).all())
+        effective = [
+            sd[f"model.{layer}.parametrizations.weight.original"]
+            * sd[f"model.{layer}.parametrizations.weight.0.mask"]
+            for sd in (
+                torch.load(stage / f"ingredient-{j}/checkpoints/last.ckpt", weights_only=True)[
+                    "state_dict"
+                ]
+                for j in (0, 1)
+            )
+        ]
+        assert torch.allclose(w, (effective[0] + effective[1]) / 2)  # the uniform soup
+
+
 def test_export_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path)]) == 2
     assert "has no recipe.yaml" in capsys.readouterr().err

@@ -135,7 +135,12 @@ class Recipe:
 
     @property
     def plugin_versions(self) -> dict[str, str]:
-        return {p.name: f"{p.distribution}=={p.version}" for p in self.plugins}
+        """``name: distribution==version`` of every plugin, those of stages and ingredients too."""
+        out = {p.name: f"{p.distribution}=={p.version}" for p in self.plugins}
+        for _, stage in self.stages:
+            for r in (stage, *stage.ingredients):
+                out.update(r.plugin_versions)
+        return out
 
 
 TOP_KEYS = {

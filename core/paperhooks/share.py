@@ -10,12 +10,18 @@
 - ``README.md``: a model card that lists the plugins and their versions and cites every
   paper used.
 
+A run with ``stages`` exports the model its last stage passed on: that stage's final
+checkpoint, or its soup (``soup_weights.pt`` and ``soup_masks.pt``); the card lists the
+plugins of every stage. A stage's own directory (``RUN/stages/<i>-<name>``) is a run too and
+exports the model at the end of that stage.
+
 ``paperhooks push RUN OWNER/REPO`` exports (unless an up-to-date export exists) and uploads
 the folder with ``huggingface_hub``. :func:`load_model` builds the model back from a folder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -84,24 +90,62 @@ def effective_state_dict(run: Path, checkpoint: str = "last.ckpt") -> dict[str, 
     return _effective(run, checkpoint)[0]
 
 
+def _final_stage(run: Path) -> Path:
+    """The directory of the model a staged run passed on at its end: its last stage's."""
+    raw = read_run_recipe(run)
+    names = [stage["name"] for stage in raw.get("stages") or []]
+    record = run / "stages.json"
+    done = json.loads(record.read_text()) if record.is_file() else []
+    if len(done) < len(names) or any(e.get("status") != "done" for e in done[-1:]):
+        reached = done[-1]["stage"] if done else "none"
+        raise ShareError(
+            f"{run} has not finished its stages (last finished: {reached}; stages: {', '.join(names)}): "
+            f"resume it, or export one stage's directory ({run}/stages/<i>-<name>)"
+        )
+    return run / done[-1]["dir"]
+
+
+def _weights_file(run: Path, checkpoint: str = "last.ckpt") -> Path:
+    """The file the exported weights come from: the run's checkpoint, or the soup of a staged
+    run's last stage (its final checkpoint otherwise)."""
+    if not (run / "checkpoints").is_dir() and (run / "stages.json").is_file():
+        stage = _final_stage(run)
+        soup = stage / "soup_weights.pt"
+        return soup if soup.is_file() else stage / "checkpoints" / checkpoint
+    return run / "checkpoints" / checkpoint
+
+
 def _effective(
     run: Path, checkpoint: str = "last.ckpt"
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """:func:`effective_state_dict` and the keys of the weights a pruning mask was folded into."""
     import torch
 
+    from paperhooks import pruning
     from paperhooks.reparam import merge
 
-    path = run / "checkpoints" / checkpoint
-    if not path.is_file():
-        raise ShareError(f"{run} has no checkpoints/{checkpoint}; has the run trained a step?")
-    module = _build_module(_validated(read_run_recipe(run)))
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ShareError(
-            f"{path} does not match the model its recipe builds: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    path = _weights_file(run, checkpoint)
+    if path.name == "soup_weights.pt":  # plain weights + masks, as a stage passes them on
+        from paperhooks.stages import Carried, start_from
+
+        (first, *_) = sorted(path.parent.glob("ingredient-*"))
+        module = _build_module(_validated(read_run_recipe(first)))
+        load = functools.partial(torch.load, map_location="cpu", weights_only=True)
+        start_from(module, Carried(load(path), load(path.parent / "soup_masks.pt")))
+    else:
+        if not path.is_file():
+            raise ShareError(
+                f"{path.parent.parent} has no checkpoints/{checkpoint}; has the run trained a step?"
+            )
+        module = _build_module(_validated(read_run_recipe(path.parent.parent)))
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        if not module.masks and any(k.endswith(".mask") for k in state):
+            module.masks = pruning.add_masks(module.model)  # masks an earlier stage passed on
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ShareError(
+                f"{path} does not match the model its recipe builds: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
     pruned = [f"{name}.weight" for name in getattr(module, "masks", {})]
     model = merge(module.model, module.plugins)
     # Clones: safetensors refuses tensors that share memory (tied weights load back fine).
@@ -232,9 +276,17 @@ def _plugin_rows(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     versions = raw.get("plugin_versions") or {}
     found = discovery.entry_points()
-    rows = []
-    for entry in raw.get("plugins") or []:
+    entries = list(raw.get("plugins") or [])
+    for stage in raw.get("stages") or []:  # a staged run: every stage's and ingredient's plugins
+        entries += stage.get("plugins") or []
+        for ingredient in stage.get("ingredients") or []:
+            entries += ingredient.get("plugins") or []
+    rows, seen = [], set()
+    for entry in entries:
         name = entry["name"]
+        if name in seen:
+            continue
+        seen.add(name)
         cls = discovery.load(name, found)
         rows.append(
             {
@@ -370,7 +422,10 @@ def _stale(run: Path, folder: Path) -> bool:
     weights = folder / WEIGHTS
     if not all((folder / f).is_file() for f in FILES):
         return True
-    ckpt = run / "checkpoints" / "last.ckpt"
+    try:
+        ckpt = _weights_file(run)
+    except ShareError:
+        return True  # an unfinished staged run: export says why
     return ckpt.is_file() and ckpt.stat().st_mtime > weights.stat().st_mtime
 
 
