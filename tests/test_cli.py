@@ -74,6 +74,42 @@ def test_validate_cite_explain(tmp_path, test_plugins, capsys):
     assert "weighting_sample_weights: loss-reweighting -> class-weight" in explain
 
 
+STAGED = """
+name: staged
+model: {name: mlp, hidden: [8]}
+data: {name: digits}
+trainer: {max_steps: 4}
+stages:
+  - {name: prune, plugins: [{name: one-shot-pruning, sparsity: 0.5}]}
+  - name: soup
+    plugins: [{name: loss-reweighting}]
+    ingredients: [{seed: 1}, {seed: 2, plugins: [{name: class-weight}]}]
+"""
+
+
+def test_validate_cite_explain_cover_every_stage(tmp_path, test_plugins, capsys):
+    from paperhooks.cli import main
+
+    path = write_recipe(tmp_path / "staged.yaml", STAGED)
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0
+    assert (
+        "(stages: prune [one-shot-pruning]; soup [loss-reweighting, class-weight]; strategy"
+        in capsys.readouterr().out
+    )
+    assert main(["cite", str(path)]) == 0
+    cite = capsys.readouterr().out
+    for name in ("one-shot-pruning", "loss-reweighting", "class-weight"):
+        assert f"% {name}:" in cite
+    assert main(["explain", str(path)]) == 0
+    explain = capsys.readouterr().out
+    assert "stage prune: 1 plugin(s)" in explain and "stage soup: 1 plugin(s)" in explain
+    assert "stage soup, ingredient 1: 1 plugin(s)" in explain  # its own plugins
+    assert "stage soup, ingredient 0" not in explain  # the stage's plugins: said once
+    assert "pruning_schedule: one-shot-pruning" in explain
+    assert "weighting_sample_weights: class-weight" in explain
+
+
 def test_bad_recipe_exits_2_with_a_message_not_a_traceback(tmp_path, test_plugins):
     path = write_recipe(tmp_path / "r.yaml", RECIPE)
     proc = paperhooks_cli(

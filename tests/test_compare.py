@@ -116,6 +116,38 @@ def test_a_folder_of_versions_stands_for_all_its_runs(runs, tmp_path):
         find_runs([tmp_path])
 
 
+def test_a_staged_run_stands_for_itself_and_each_of_its_fits(tmp_path):
+    path = tmp_path / "staged.yaml"
+    path.write_text(
+        RECIPE.format(name="staged", run_dir=tmp_path / "runs", plugins="[]")
+        + "stages:\n"
+        + "  - {name: prune, plugins: [{name: one-shot-pruning, sparsity: 0.5, step: 2}]}\n"
+        + "  - {name: soup, ingredients: [{seed: 1}, {seed: 2}], soup: {recalibrate_bn: false}}\n"
+    )
+    built, metrics = fit(R.load(path))
+    run = built.run_dir
+    found = find_runs([run.parent])
+    assert found == [
+        run,
+        run / "stages" / "0-prune",
+        run / "stages" / "1-soup" / "ingredient-0",
+        run / "stages" / "1-soup" / "ingredient-1",
+    ]
+    loaded = [load_run(r) for r in found]
+    assert [r.label for r in loaded] == [
+        "staged/version_0",
+        "staged/version_0/0-prune",
+        "staged/version_0/1-soup/ingredient-0",
+        "staged/version_0/1-soup/ingredient-1",
+    ]
+    assert loaded[0].final == metrics and not loaded[0].series  # the soup's metrics; no logs
+    assert loaded[0].plugins[0].startswith("one-shot-pruning (paperhooks==")
+    assert all("train/loss_step" in r.series for r in loaded[1:])  # each fit's own logs
+    assert cli.main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "# Comparison of 4 run(s)" in md and "| staged/version_0/1-soup/ingredient-1 |" in md
+
+
 def test_read_csv_keeps_each_metric_with_its_epoch_and_step(tmp_path):
     # CSVLogger rows are sparse: each holds the metrics logged at that point.
     path = tmp_path / "metrics.csv"

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 STEP_ORDER = (
     ("perturb_inputs", "1. input perturbation (chained)"),
@@ -150,9 +151,17 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     return load(args.recipe, args.overrides)
 
 
+def _names(entries: Sequence[Any]) -> str:
+    return ", ".join(dict.fromkeys(p.name for p in entries)) or "no plugins"
+
+
 def _validate(args: argparse.Namespace) -> int:
     recipe = _load(args)
-    names = ", ".join(p.name for p in recipe.plugins) or "no plugins"
+    names = _names(recipe.plugins)
+    if recipe.stages:  # what each fit runs
+        names = "stages: " + "; ".join(
+            f"{name} [{_names(stage.all_plugins)}]" for name, stage in recipe.stages
+        )
     print(
         f"ok: {args.recipe} ({names}; strategy {recipe.trainer.strategy_kind}, {recipe.trainer.devices} device(s))"
     )
@@ -162,7 +171,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _cite(args: argparse.Namespace) -> int:
     recipe = _load(args)
     seen = set()
-    for p in recipe.plugins:
+    for p in recipe.all_plugins:  # every stage's too
         paper = p.cls.paper
         if paper is None or paper.bibtex in seen:
             continue
@@ -175,24 +184,38 @@ def _cite(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    fits = [("", recipe)]
+    if recipe.stages:  # each stage (and each ingredient with plugins of its own) is a fit
+        fits = []
+        for name, stage in recipe.stages:
+            fits.append((f"stage {name}", stage))
+            fits += [
+                (f"stage {name}, ingredient {j}", r)
+                for j, r in enumerate(stage.ingredients)
+                if r.plugins != stage.plugins
+            ]
+    for label, fit in fits:
+        _explain_fit(args.recipe, label, fit)
+    return 0
+
+
+def _explain_fit(path: str, label: str, recipe: Any) -> None:
     from paperhooks.manager import PluginSet
 
-    recipe = _load(args)
     plugins = []
     for e in recipe.plugins:
         p = e.cls(e.config)
         p.name = e.name
         plugins.append(p)
     order = PluginSet(plugins).order()
-    print(
-        f"recipe {args.recipe}: {len(plugins)} plugin(s), strategy {recipe.trainer.strategy_kind}"
-    )
+    where = f"recipe {path}" + (f", {label}" if label else "")
+    print(f"{where}: {len(plugins)} plugin(s), strategy {recipe.trainer.strategy_kind}")
     for hook, text in STEP_ORDER:
         if hook in order:
             print(f"{text}\n    {hook}: {' -> '.join(order[hook])}")
     if any(p.replaces_task_loss for p in plugins):
         print("the module's own losses are replaced by an objective plugin")
-    return 0
 
 
 def _quiet_lightning() -> None:

@@ -5,7 +5,10 @@
 at that point, the others are empty). A metric is plotted against the step, unless it is an
 epoch-level one: its name ends in ``_epoch``, or no run logged it more than once per epoch
 (``val/acc``, ``train/acc``); then against the epoch. A run is labelled ``NAME/version_K``;
-a folder that holds ``version_*`` run directories stands for all of them.
+a folder that holds ``version_*`` run directories stands for all of them. A run with
+``stages`` stands for itself (its final metrics: the last stage's) and for each of its fits,
+every stage and soup ingredient, labelled ``NAME/version_K/<i>-<stage>[/ingredient-<j>]``,
+each with its own logs.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     runs: list[Path] = []
     for p in map(Path, paths):
         if (p / "recipe.yaml").is_file():
-            runs.append(p)
+            runs += [p, *_fits(p)]
             continue
         versions = sorted(
             (v for v in p.glob("version_*") if (v / "recipe.yaml").is_file()),
@@ -54,8 +57,39 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
             raise CompareError(
                 f"{p} is not a run directory (no recipe.yaml) and holds no version_* runs"
             )
-        runs.extend(versions)
+        for v in versions:
+            runs += [v, *_fits(v)]
     return runs
+
+
+def _fits(run: Path) -> list[Path]:
+    """The directories of a staged run's fits: each stage's, or its ingredients'."""
+    if not (run / "stages.json").is_file():
+        return []
+    out = []
+    stages = sorted(
+        (d for d in (run / "stages").glob("*-*") if d.name.split("-")[0].isdigit()),
+        key=lambda d: int(d.name.split("-")[0]),
+    )
+    for stage in stages:
+        if (stage / "recipe.yaml").is_file():
+            out.append(stage)
+        else:
+            out += sorted(
+                (i for i in stage.glob("ingredient-*") if (i / "recipe.yaml").is_file()),
+                key=lambda i: int(i.name.split("-")[1]),
+            )
+    return out
+
+
+def _label(path: Path) -> str:
+    if path.parent.name == "stages":  # RUN/stages/<i>-<name>
+        top = path.parent.parent
+        return f"{top.parent.name}/{top.name}/{path.name}"
+    if path.parent.parent.name == "stages":  # RUN/stages/<i>-<name>/ingredient-<j>
+        top = path.parent.parent.parent
+        return f"{top.parent.name}/{top.name}/{path.parent.name}/{path.name}"
+    return f"{path.parent.name}/{path.name}"
 
 
 def read_csv(path: Path) -> dict[str, list[tuple[int, int, float]]]:
@@ -84,16 +118,19 @@ def load_run(path: Path) -> Run:
 
     recipe = OmegaConf.to_container(OmegaConf.load(path / "recipe.yaml"))
     versions = recipe.get("plugin_versions") or {}
-    plugins = [
-        f"{p['name']} ({versions[p['name']]})" if p["name"] in versions else p["name"]
-        for p in recipe.get("plugins") or []
-    ]
+    entries = list(recipe.get("plugins") or [])
+    for stage in recipe.get("stages") or []:  # a staged run: every stage's plugins
+        entries += stage.get("plugins") or []
+        for ingredient in stage.get("ingredients") or []:
+            entries += ingredient.get("plugins") or []
+    names = dict.fromkeys(p["name"] for p in entries)
+    plugins = [f"{n} ({versions[n]})" if n in versions else n for n in names]
     final = (
         json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
     )
     return Run(
         path,
-        f"{path.parent.name}/{path.name}",
+        _label(path),
         read_csv(path / "logs" / "metrics.csv"),
         final,
         plugins,

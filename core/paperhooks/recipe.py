@@ -134,13 +134,18 @@ class Recipe:
     soup: Any = None
 
     @property
+    def all_plugins(self) -> tuple[PluginEntry, ...]:
+        """The plugin entries of every fit the recipe runs: its own, then each stage's and each
+        ingredient's, in order (a plugin used by several appears once per use)."""
+        out = list(self.plugins)
+        for r in (*self.ingredients, *(stage for _, stage in self.stages)):
+            out += r.all_plugins
+        return tuple(out)
+
+    @property
     def plugin_versions(self) -> dict[str, str]:
         """``name: distribution==version`` of every plugin, those of stages and ingredients too."""
-        out = {p.name: f"{p.distribution}=={p.version}" for p in self.plugins}
-        for _, stage in self.stages:
-            for r in (stage, *stage.ingredients):
-                out.update(r.plugin_versions)
-        return out
+        return {p.name: f"{p.distribution}=={p.version}" for p in self.all_plugins}
 
 
 TOP_KEYS = {
