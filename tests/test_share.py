@@ -124,18 +124,18 @@ def test_export_folds_pruning_masks_into_the_plain_weights(tmp_path, test_plugin
         assert torch.equal(model.eval()(x), built.module.model.eval()(x))
 
 
-STAGED = """\
-name: staged
-seed: 0
-model: {{name: mlp, hidden: [16]}}
-data: {{name: digits, batch_size: 64}}
-optimizer: {{name: sgd, lr: 0.1}}
-trainer: {{max_steps: 4, enable_progress_bar: false, log_every_n_steps: 1}}
-run_dir: {run_dir}
+STAGES = """\
 stages:
   - {{name: prune, plugins: [{{name: one-shot-pruning, sparsity: 0.5, step: 2}}]}}
   - {{name: {last}, {body}}}
 """
+
+
+def write_staged(tmp: Path, last: str, body: str) -> Path:
+    path = tmp / "staged.yaml"
+    head = RECIPE.format(name="staged", run_dir=tmp / "runs", plugins="[]")
+    path.write_text(head + STAGES.format(last=last, body=body))
+    return path
 
 
 def _exported(run: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -148,8 +148,7 @@ def test_a_staged_run_exports_what_its_last_stage_passed_on(tmp_path):
     carried are put back from the checkpoint. Each stage's directory exports its own end."""
     from huggingface_hub import ModelCard
 
-    path = tmp_path / "staged.yaml"
-    path.write_text(STAGED.format(run_dir=tmp_path / "runs", last="retrain", body="plugins: []"))
+    path = write_staged(tmp_path, "retrain", "plugins: []")
     built, _ = fit(R.load(path))
     run = built.run_dir
     tensors = _exported(run, tmp_path / "out")
@@ -176,9 +175,8 @@ def test_a_staged_run_exports_what_its_last_stage_passed_on(tmp_path):
 
 
 def test_a_soup_stage_exports_its_soup(tmp_path):
-    path = tmp_path / "soup.yaml"
     body = "ingredients: [{seed: 1}, {seed: 2}], soup: {method: uniform, recalibrate_bn: false}"
-    path.write_text(STAGED.format(run_dir=tmp_path / "runs", last="soup", body=body))
+    path = write_staged(tmp_path, "soup", body)
     built, _ = fit(R.load(path))
     stage = built.run_dir / "stages" / "1-soup"
     soup = torch.load(stage / "soup_weights.pt", weights_only=True)

@@ -158,7 +158,7 @@ TOP_KEYS = {
     "trainer": "mapping",
     "plugins": "list of mappings with name",
     "objective": "mapping (preference data only: beta, reference, eval_samples)",
-    "stages": "list of mappings with name (each a fit; may set trainer, optimizer, objective, seed, plugins)",
+    "stages": "list of mappings with name (each a fit; may set trainer, optimizer, objective, data, seed, plugins, ingredients, soup)",
     "plugin_versions": "mapping written by runs (name: distribution==version)",
 }
 
