@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import write_recipe
 from paperhooks.testing import paperhooks_cli
 
@@ -108,6 +110,31 @@ def test_validate_cite_explain_cover_every_stage(tmp_path, test_plugins, capsys)
     assert "stage soup, ingredient 0" not in explain  # the stage's plugins: said once
     assert "pruning_schedule: one-shot-pruning" in explain
     assert "weighting_sample_weights: class-weight" in explain
+
+
+def test_bad_input_a_plugin_finds_mid_fit_is_one_line_and_exit_2(
+    tmp_path, test_plugins, capsys, monkeypatch
+):
+    """A ValueError raised by a plugin's own code (here at step 2) is said in one line with
+    where it was raised; PAPERHOOKS_TRACEBACK=1 lets it through with its traceback."""
+    from paperhooks.cli import main
+
+    path = write_recipe(tmp_path / "refuse.yaml", RECIPE)
+    args = [
+        "fit",
+        str(path),
+        "plugins=[{name: loss-rank, refuse_at: 2}]",
+        f"run_dir={tmp_path}/runs",
+    ]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "paperhooks: error: loss-rank: refuse_at = 2: this step's input is refused" in err
+    assert "(raised at paperhooks_testplugins:" in err and "Traceback" not in err
+    assert list((tmp_path / "runs" / "cli").glob("version_*/checkpoints/*.ckpt"))  # kept
+    monkeypatch.setenv("PAPERHOOKS_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="refuse_at = 2"):
+        main(args)
 
 
 def test_bad_recipe_exits_2_with_a_message_not_a_traceback(tmp_path, test_plugins):

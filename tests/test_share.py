@@ -199,6 +199,21 @@ def test_a_soup_stage_exports_its_soup(tmp_path):
         assert torch.allclose(w, (effective[0] + effective[1]) / 2)  # the uniform soup
 
 
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipes_module_rebuilds_outside_a_fit_as_export_does(path):
+    """``export`` rebuilds the run's module from its recipe, with no Trainer and no data
+    attached: every plugin's set-up must allow that (kernel-balancing's data check did not)."""
+    from paperhooks.share import _build_module
+
+    recipe = R.load(path)
+    for _, fit_recipe in recipe.stages or (("", recipe),):
+        for r in (fit_recipe, *fit_recipe.ingredients):
+            _build_module(r)
+
+
 def test_export_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path)]) == 2
     assert "has no recipe.yaml" in capsys.readouterr().err

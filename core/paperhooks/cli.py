@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -115,6 +116,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PaperhooksError as e:
         print(f"paperhooks: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        # bad input that only shows once a fit runs (a plugin's check of the data, the trainer
+        # settings or its own state) is raised as ValueError by paperhooks' or a plugin's own
+        # code: say it in one line, not through Lightning's and torch's frames. Errors raised
+        # anywhere else keep their traceback, and PAPERHOOKS_TRACEBACK=1 keeps every one.
+        where = _raised_by_paperhooks(e)
+        if where is None or os.environ.get("PAPERHOOKS_TRACEBACK"):
+            raise
+        print(
+            f"paperhooks: error: {e}\n  (raised at {where}; PAPERHOOKS_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _raised_by_paperhooks(e: BaseException) -> str | None:
+    """``module:line`` of the frame that raised ``e`` when it is paperhooks' or a plugin's
+    (``paperhooks_*``) code, else None."""
+    tb = e.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    if module == "paperhooks" or module.startswith(("paperhooks.", "paperhooks_")):
+        return f"{module}:{tb.tb_lineno}"
+    return None
 
 
 def _plugins(args: argparse.Namespace) -> int:

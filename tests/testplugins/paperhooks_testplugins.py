@@ -61,6 +61,7 @@ class ClassWeight(Plugin):
 class LossRankConfig:
     crash_at: int = -1  # raise at this step, to test what a crash leaves behind
     crash_rank: int = -1  # raise on this rank only (-1: on every rank)
+    refuse_at: int = -1  # raise a ValueError (bad input found mid-fit) at this step
 
 
 class LossRank(Plugin):
@@ -79,6 +80,8 @@ class LossRank(Plugin):
     def weighting_sample_weights(self, losses, batch, ctx):
         if ctx.step == self.config.crash_at and self.config.crash_rank in (-1, ctx.rank):
             raise RuntimeError(f"crash at step {ctx.step} on rank {ctx.rank}")
+        if ctx.step == self.config.refuse_at:
+            raise ValueError(f"loss-rank: refuse_at = {ctx.step}: this step's input is refused")
         self.calls += 1
         glob, mine = ctx.dist.all_gather_cat(losses)
         ranks = torch.argsort(torch.argsort(glob, stable=True), stable=True).to(losses.dtype)

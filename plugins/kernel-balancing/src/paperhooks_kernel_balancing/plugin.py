@@ -248,8 +248,10 @@ class KernelBalancing(Plugin):
     # -- hooks --------------------------------------------------------------------------------
     @hookimpl
     def lifecycle_setup(self, module: Any, ctx: StepContext) -> None:
-        """Check the data contract before training starts (the fit itself waits for step 1)."""
-        if self.weights is None:
+        """Check the data contract before training starts (the fit itself waits for step 1).
+        A module set up outside a fit (``paperhooks export`` rebuilding the model) has no data
+        to check, and needs none."""
+        if self.weights is None and _trainer_of(module) is not None:
             self._source = _observed_set(module)
 
     @hookimpl
@@ -311,13 +313,16 @@ class KernelBalancing(Plugin):
         self.diagnostics = {k: float(v) for k, v in state.items() if k != "weights"}
 
 
+def _trainer_of(module: Any) -> Any:
+    try:
+        return module.trainer
+    except (AttributeError, RuntimeError):  # not a LightningModule attached to a Trainer
+        return None
+
+
 def _observed_set(module: Any) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(pairs, ratings, num_users, num_items) of the training set the trainer fits on."""
-    try:
-        trainer = module.trainer
-    except (AttributeError, RuntimeError):  # not a LightningModule attached to a Trainer
-        trainer = None
-    dm = getattr(trainer, "datamodule", None)
+    dm = getattr(_trainer_of(module), "datamodule", None)
     info = getattr(dm, "info", None)
     train = getattr(dm, "train_set", None)
     tensors = getattr(train, "tensors", {})
