@@ -920,3 +920,31 @@ def test_export_of_a_pruned_run_holds_exact_zeros_and_reports_its_size(tmp_path,
     assert "## Size and sparsity" in card and "| `1.weight` | 2,048 | 410 | 0.7998 |" in card
     assert "Pruned weights: 474 of 2,368 nonzero, sparsity 0.7998." in card
     assert json.loads((out / "metrics.json").read_text()) is not None
+
+
+def test_has_masks_tells_pruning_masks_from_other_parametrizations_mask_buffers():
+    from torch.nn.utils import parametrize
+
+    from paperhooks.pruning import add_masks, has_masks
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert not has_masks(model.state_dict())
+    add_masks(model)
+    assert has_masks(model.state_dict())  # "0.parametrizations.weight.0.mask", bool, alone
+
+    class Kept(nn.Module):  # SARA-like: a bool "mask" beside another tensor
+        def __init__(self, shape):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+            self.register_buffer("frozen", torch.zeros(shape))
+
+        def forward(self, w):
+            return torch.where(self.mask, w, self.frozen)
+
+    other = nn.Sequential(nn.Linear(4, 3))
+    parametrize.register_parametrization(other[0], "weight", Kept(other[0].weight.shape))
+    assert not has_masks(other.state_dict())
+    state = dict(model.state_dict())
+    state["0.parametrizations.weight.0.mask"] = state["0.parametrizations.weight.0.mask"].float()
+    state["2.parametrizations.weight.0.mask"] = state["2.parametrizations.weight.0.mask"].float()
+    assert not has_masks(state)  # a float "mask" is not a keep-mask

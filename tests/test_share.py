@@ -175,7 +175,12 @@ def test_a_staged_run_exports_what_its_last_stage_passed_on(tmp_path):
 
 
 def test_a_soup_stage_exports_its_soup(tmp_path):
-    body = "ingredients: [{seed: 1}, {seed: 2}], soup: {method: uniform, recalibrate_bn: false}"
+    # the stage prunes further at its step 0 (identical masks in both ingredients, as SMS does):
+    # the export loads the soup as a stage is started, before the pruning set-up
+    body = (
+        "plugins: [{name: one-shot-pruning, sparsity: 0.7, step: 0}], "
+        "ingredients: [{seed: 1}, {seed: 2}], soup: {method: uniform, recalibrate_bn: false}"
+    )
     path = write_staged(tmp_path, "soup", body)
     built, _ = fit(R.load(path))
     stage = built.run_dir / "stages" / "1-soup"

@@ -82,6 +82,24 @@ def add_masks(model: nn.Module) -> dict[str, Mask]:
     return masks
 
 
+def has_masks(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a saved module state holds :class:`Mask` parametrizations: a boolean
+    ``….parametrizations.weight.<i>.mask`` that is the only tensor of parametrization ``i``.
+    (Other parametrizations may keep a tensor named ``mask`` too, beside others: SARA's
+    keeps ``frozen``.)"""
+    tensors_of: dict[str, int] = {}
+    for k in state:
+        head, sep, _ = k.rpartition(".")
+        if sep and ".parametrizations.weight." in head:
+            tensors_of[head] = tensors_of.get(head, 0) + 1
+    return any(
+        k.endswith(".mask")
+        and state[k].dtype == torch.bool
+        and tensors_of.get(k[: -len(".mask")]) == 1
+        for k in state
+    )
+
+
 # -- sharded weights (FSDP2) ----------------------------------------------------------------------
 def is_sharded(t: torch.Tensor) -> bool:
     """True for a DTensor (FSDP2 holds each rank's rows of a parameter as one)."""

@@ -69,14 +69,16 @@ def _validated(raw: Mapping[str, Any]) -> Recipe:
     return validate(raw)
 
 
-def _build_module(recipe: Recipe) -> nn.Module:
-    """The run's TaskModule as ``run.build`` makes it, set up (parametrizations registered)."""
+def _build_module(recipe: Recipe, configure: bool = True) -> nn.Module:
+    """The run's TaskModule as ``run.build`` makes it, set up (parametrizations registered)
+    unless ``configure`` is False."""
     from paperhooks.run import build_module
     from paperhooks.tasks import build_datamodule
 
     dm = build_datamodule(recipe.data.name, recipe.data.config, recipe.seed)
     module = build_module(recipe, dm.info, (len(dm.train_set), len(dm.val_set)))
-    module.configure_model()
+    if configure:
+        module.configure_model()
     return module
 
 
@@ -129,8 +131,9 @@ def _effective(
         from paperhooks.stages import Carried, start_from
 
         (first, *_) = sorted(path.parent.glob("ingredient-*"))
-        module = _build_module(_validated(read_run_recipe(first)))
+        module = _build_module(_validated(read_run_recipe(first)), configure=False)
         load = functools.partial(torch.load, map_location="cpu", weights_only=True)
+        # as a stage starts from what it is passed: plain weights, then set-up, then the masks
         start_from(module, Carried(load(path), load(path.parent / "soup_masks.pt")))
     else:
         if not path.is_file():
@@ -139,7 +142,7 @@ def _effective(
             )
         module = _build_module(_validated(read_run_recipe(path.parent.parent)))
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        if not module.masks and any(k.endswith(".mask") for k in state):
+        if not module.masks and pruning.has_masks(state):
             module.masks = pruning.add_masks(module.model)  # masks an earlier stage passed on
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -236,8 +236,10 @@ def start_from(module: Any, carried: Carried | None) -> None:
 
 
 def _masks_in_checkpoint(path: str | Path) -> bool:
+    from paperhooks import pruning
+
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return any(k.startswith("model.") and k.endswith(".mask") for k in state)
+    return pruning.has_masks({k: v for k, v in state.items() if k.startswith("model.")})
 
 
 _RESUME = re.compile(

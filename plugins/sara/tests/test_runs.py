@@ -70,6 +70,18 @@ def test_checkpoint_keys_are_stable_and_load_with_weights_only(tmp_path):
     total = 64 * 16 + 16 + 16 * 10 + 10
     assert metrics["model/trainable_parameters"] == total  # full-size tensors
     assert metrics["sara/trainable_parameters"] < 0.1 * total  # after the re-selection: fewer
+    # export: SARA's own ``mask`` buffers are not pruning masks (none is added); the file holds
+    # the effective weights the fitted model computes
+    from safetensors.torch import load_file
+
+    from paperhooks.share import export
+
+    tensors = load_file(export(built.run_dir) / "model.safetensors")
+    model = built.module.model
+    assert set(tensors) == {f"{i}.{t}" for i in (1, 4) for t in ("weight", "bias")}
+    for key, value in tensors.items():
+        i, t = key.split(".")
+        assert torch.equal(value, getattr(model[int(i)], t).detach().cpu()), key
 
 
 # -- the paper's effect -------------------------------------------------------------------------
