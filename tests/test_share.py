@@ -168,9 +168,9 @@ def test_a_staged_run_exports_what_its_last_stage_passed_on(tmp_path):
     assert not torch.equal(first["1.weight"], tensors["1.weight"])  # retraining moved it
 
     (run / "stages.json").write_text(json.dumps(json.loads((run / "stages.json").read_text())[:1]))
-    with pytest.raises(Exception, match="has not finished its stages .last finished: prune"):
-        from paperhooks.share import export
+    from paperhooks.share import ShareError, export
 
+    with pytest.raises(ShareError, match="has not finished its stages .last finished: prune"):
         export(run, tmp_path / "unfinished")
 
 
@@ -210,13 +210,21 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipes_module_rebuilds_outside_a_fit_as_export_does(path):
     """``export`` rebuilds the run's module from its recipe, with no Trainer and no data
-    attached: every plugin's set-up must allow that (kernel-balancing's data check did not)."""
+    attached (kernel-balancing's set-up refused that), then merges every parametrization:
+    the result must have the names and shapes of a freshly built model, which is what
+    ``load_model`` loads the export into."""
+    from paperhooks.reparam import merge
     from paperhooks.share import _build_module
 
     recipe = R.load(path)
     for _, fit_recipe in recipe.stages or (("", recipe),):
         for r in (fit_recipe, *fit_recipe.ingredients):
-            _build_module(r)
+            module = _build_module(r)
+            merged = merge(module.model, module.plugins).state_dict()
+            fresh = fresh_model(r)[0].state_dict()
+            assert {k: v.shape for k, v in merged.items()} == {
+                k: v.shape for k, v in fresh.items()
+            }, r.name
 
 
 def test_export_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):

@@ -116,14 +116,11 @@ def _int(text: str | None) -> int:
 def load_run(path: Path) -> Run:
     from omegaconf import OmegaConf
 
+    from paperhooks.recipe import raw_plugin_entries
+
     recipe = OmegaConf.to_container(OmegaConf.load(path / "recipe.yaml"))
     versions = recipe.get("plugin_versions") or {}
-    entries = list(recipe.get("plugins") or [])
-    for stage in recipe.get("stages") or []:  # a staged run: every stage's plugins
-        entries += stage.get("plugins") or []
-        for ingredient in stage.get("ingredients") or []:
-            entries += ingredient.get("plugins") or []
-    names = dict.fromkeys(p["name"] for p in entries)
+    names = dict.fromkeys(p["name"] for p in raw_plugin_entries(recipe))  # stages' too
     plugins = [f"{n} ({versions[n]})" if n in versions else n for n in names]
     final = (
         json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}

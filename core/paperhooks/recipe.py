@@ -163,6 +163,18 @@ TOP_KEYS = {
 }
 
 
+def raw_plugin_entries(raw: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The plugin entries of a resolved recipe mapping (a run's ``recipe.yaml``): its own,
+    then each stage's and each ingredient's, in order; the raw form of
+    :attr:`Recipe.all_plugins`, for readers of run directories that do not validate."""
+    entries = list(raw.get("plugins") or [])
+    for stage in raw.get("stages") or []:
+        entries += stage.get("plugins") or []
+        for ingredient in stage.get("ingredients") or []:
+            entries += ingredient.get("plugins") or []
+    return entries
+
+
 def load_raw(source: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a recipe from a file or ``hf://owner/repo/path.yaml`` and apply ``key=value`` overrides."""
     from omegaconf import OmegaConf

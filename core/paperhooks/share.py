@@ -276,16 +276,12 @@ def venue_year(paper: Any) -> str:
 def _plugin_rows(raw: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each recipe plugin with its recorded version and the installed class's paper and family."""
     from paperhooks import discovery
+    from paperhooks.recipe import raw_plugin_entries
 
     versions = raw.get("plugin_versions") or {}
     found = discovery.entry_points()
-    entries = list(raw.get("plugins") or [])
-    for stage in raw.get("stages") or []:  # a staged run: every stage's and ingredient's plugins
-        entries += stage.get("plugins") or []
-        for ingredient in stage.get("ingredients") or []:
-            entries += ingredient.get("plugins") or []
     rows, seen = [], set()
-    for entry in entries:
+    for entry in raw_plugin_entries(raw):  # a staged run: every stage's and ingredient's
         name = entry["name"]
         if name in seen:
             continue
